@@ -1,0 +1,42 @@
+// A checkpoint directory's weights: `model.safetensors`, or `model.safetensors.index.json` with its shards,
+// all memory-mapped. Models take tensors by name with the shape the config implies; every take is checked
+// (present, floating point, right shape), and after loading `check_all_used` rejects tensors nobody took.
+#pragma once
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+
+namespace blip2 {
+
+class Checkpoint {
+ public:
+  // Called once per shard as it is opened: (index, count, path).
+  using Progress = std::function<void(int, int, const std::string&)>;
+  explicit Checkpoint(const std::string& model_dir, const Progress& progress = nullptr);
+
+  bool has(const std::string& name) const;
+  // The tensor `name`, which must have exactly `shape`. Throws Error(Model) naming tensor and file.
+  Weight take(const std::string& name, const Shape& shape);
+  // The first of `names` that exists (tied aliases such as shared / encoder.embed_tokens); the others are
+  // marked used too.
+  Weight take_any(const std::vector<std::string>& names, const Shape& shape);
+  // Marks tensors that are allowed to be present but are not used (e.g. HF's ignored keys).
+  void ignore(const std::string& name);
+  // Throws Error(Model) listing tensors present in the files that no model part took.
+  void check_all_used() const;
+
+  size_t tensor_count() const { return where_.size(); }
+  uint64_t total_bytes() const;
+
+ private:
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, const SafetensorsFile*> where_;
+  std::set<std::string> used_;
+};
+
+}  // namespace blip2

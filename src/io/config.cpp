@@ -1,0 +1,227 @@
+#include "io/config.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace blip2 {
+
+using nlohmann::json;
+
+const char* activation_name(Activation a) {
+  switch (a) {
+    case Activation::GeluErf: return "gelu";
+    case Activation::GeluTanh: return "gelu_new";
+    case Activation::Relu: return "relu";
+  }
+  return "?";
+}
+
+namespace {
+
+// Reads fields of one JSON object, with the object's path for messages ("config.json: text_config.d_model").
+class Fields {
+ public:
+  Fields(const json& obj, std::string where) : obj_(obj), where_(std::move(where)) {}
+
+  [[noreturn]] void bad(const std::string& key, const std::string& why) const {
+    fail(ErrorKind::Model, where_ + "." + key + " " + why);
+  }
+  bool has(const std::string& key) const { return obj_.contains(key) && !obj_[key].is_null(); }
+
+  // A positive integer no larger than `max` (sizes: anything larger is surely a corrupt config).
+  void count(const std::string& key, int& out, int max = 1 << 20, int min = 1) const {
+    if (!has(key)) return;
+    const json& v = obj_[key];
+    if (!v.is_number_integer()) bad(key, "must be an integer, got " + v.dump());
+    const int64_t n = v.get<int64_t>();
+    if (n < min || n > max)
+      bad(key, "= " + std::to_string(n) + " is out of range [" + std::to_string(min) + ", " +
+                   std::to_string(max) + "]");
+    out = static_cast<int>(n);
+  }
+  void epsilon(const std::string& key, float& out) const {
+    if (!has(key)) return;
+    const json& v = obj_[key];
+    if (!v.is_number()) bad(key, "must be a number, got " + v.dump());
+    const double e = v.get<double>();
+    if (!(e > 0.0 && e < 1.0)) bad(key, "= " + v.dump() + " must lie in (0, 1)");
+    out = static_cast<float>(e);
+  }
+  void flag(const std::string& key, bool& out) const {
+    if (!has(key)) return;
+    if (!obj_[key].is_boolean()) bad(key, "must be true or false, got " + obj_[key].dump());
+    out = obj_[key].get<bool>();
+  }
+  std::optional<std::string> text(const std::string& key) const {
+    if (!has(key)) return std::nullopt;
+    if (!obj_[key].is_string()) bad(key, "must be a string, got " + obj_[key].dump());
+    return obj_[key].get<std::string>();
+  }
+  void activation(const std::string& key, Activation& out) const {
+    if (auto s = text(key)) out = parse_activation(key, *s);
+  }
+  Activation parse_activation(const std::string& key, const std::string& s) const {
+    if (s == "gelu") return Activation::GeluErf;
+    if (s == "gelu_new" || s == "gelu_pytorch_tanh" || s == "gelu_fast") return Activation::GeluTanh;
+    if (s == "relu") return Activation::Relu;
+    bad(key, "= \"" + s + "\" is not a supported activation (gelu, gelu_new, gelu_pytorch_tanh, relu)");
+  }
+  void token_id(const std::string& key, int& out) const { count(key, out, 1 << 30, 0); }
+  void token_id(const std::string& key, std::optional<int>& out) const {
+    if (!has(key)) return;
+    int v = 0;
+    const json& j = obj_[key];
+    // generation_config may hold a list of end ids; the first is the one the model emits
+    if (j.is_array()) {
+      if (j.empty() || !j[0].is_number_integer()) bad(key, "must be an integer or a list of integers");
+      v = j[0].get<int>();
+    } else {
+      count(key, v, 1 << 30, 0);
+    }
+    out = v;
+  }
+  Fields sub(const std::string& key) const {
+    static const json empty = json::object();
+    if (!has(key)) return Fields(empty, where_ + "." + key);
+    if (!obj_[key].is_object()) bad(key, "must be an object");
+    return Fields(obj_[key], where_ + "." + key);
+  }
+
+ private:
+  const json& obj_;
+  std::string where_;
+};
+
+void check_divisible(const std::string& where, int a, const char* an, int b, const char* bn) {
+  if (a % b != 0)
+    fail(ErrorKind::Model, where + ": " + an + " (" + std::to_string(a) + ") must be divisible by " + bn +
+                               " (" + std::to_string(b) + ")");
+}
+
+json parse_json(const std::string& text, const std::string& source) {
+  json j = json::parse(text, nullptr, false);
+  if (j.is_discarded()) fail(ErrorKind::Model, source + ": not valid JSON");
+  if (!j.is_object()) fail(ErrorKind::Model, source + ": expected a JSON object");
+  return j;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(ErrorKind::Model, path + ": cannot open (is this a BLIP-2 model directory?)");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+Blip2Config parse_config(const std::string& json_text, const std::string& source) {
+  const json j = parse_json(json_text, source);
+  Fields top(j, source + ":");
+  Blip2Config c;
+  if (auto mt = top.text("model_type"); mt && *mt != "blip-2")
+    top.bad("model_type", "= \"" + *mt + "\": this is not a BLIP-2 checkpoint");
+  top.count("num_query_tokens", c.num_query_tokens, 4096);
+  if (top.has("image_token_index")) {
+    int v = 0;
+    top.token_id("image_token_index", v);
+    c.image_token_index = v;
+  }
+
+  Fields v = top.sub("vision_config");
+  VisionConfig& vc = c.vision;
+  v.count("hidden_size", vc.hidden_size);
+  v.count("intermediate_size", vc.intermediate_size);
+  v.count("num_hidden_layers", vc.num_layers, 1024);
+  v.count("num_attention_heads", vc.num_heads, 4096);
+  v.count("image_size", vc.image_size, 8192);
+  v.count("patch_size", vc.patch_size, 8192);
+  v.epsilon("layer_norm_eps", vc.layer_norm_eps);
+  v.activation("hidden_act", vc.act);
+  v.flag("qkv_bias", vc.qkv_bias);
+  const std::string vwhere = source + ": vision_config";
+  check_divisible(vwhere, vc.hidden_size, "hidden_size", vc.num_heads, "num_attention_heads");
+  check_divisible(vwhere, vc.image_size, "image_size", vc.patch_size, "patch_size");
+
+  Fields q = top.sub("qformer_config");
+  QFormerConfig& qc = c.qformer;
+  q.count("hidden_size", qc.hidden_size);
+  q.count("intermediate_size", qc.intermediate_size);
+  q.count("num_hidden_layers", qc.num_layers, 1024);
+  q.count("num_attention_heads", qc.num_heads, 4096);
+  q.count("cross_attention_frequency", qc.cross_attention_frequency, 1024);
+  q.epsilon("layer_norm_eps", qc.layer_norm_eps);
+  q.activation("hidden_act", qc.act);
+  // Blip2Config forces the Q-Former's cross-attention width to the vision width.
+  qc.encoder_hidden_size = vc.hidden_size;
+  check_divisible(source + ": qformer_config", qc.hidden_size, "hidden_size", qc.num_heads,
+                  "num_attention_heads");
+
+  if (!j.contains("text_config") || !j["text_config"].is_object())
+    fail(ErrorKind::Model, source + ": text_config is missing (Hugging Face would default to OPT, which this "
+                                    "engine does not run yet)");
+  Fields t = top.sub("text_config");
+  const auto text_type = t.text("model_type");
+  if (!text_type || *text_type != "t5")
+    t.bad("model_type", "= \"" + text_type.value_or("") +
+                            "\": only the Flan-T5 language model (\"t5\") is supported so far");
+  T5Config& tc = c.text;
+  t.count("vocab_size", tc.vocab_size, 1 << 24);
+  t.count("d_model", tc.d_model);
+  t.count("d_kv", tc.d_kv, 1 << 16);
+  t.count("d_ff", tc.d_ff);
+  t.count("num_layers", tc.num_layers, 1024);
+  tc.num_decoder_layers = tc.num_layers;  // T5Config: defaults to num_layers
+  t.count("num_decoder_layers", tc.num_decoder_layers, 1024);
+  t.count("num_heads", tc.num_heads, 4096);
+  t.count("relative_attention_num_buckets", tc.relative_attention_num_buckets, 1 << 16, 2);
+  t.count("relative_attention_max_distance", tc.relative_attention_max_distance, 1 << 24);
+  t.epsilon("layer_norm_epsilon", tc.layer_norm_epsilon);
+  // T5Config: feed_forward_proj "gated-ACT" or "ACT"; "gated-gelu" means gelu_new for backward
+  // compatibility, but an explicit dense_act_fn (BLIP-2 stores "gelu") wins.
+  const std::string ffp = t.text("feed_forward_proj").value_or("relu");
+  const bool gated = ffp.rfind("gated-", 0) == 0;
+  const std::string act = gated ? ffp.substr(6) : ffp;
+  tc.is_gated_act = gated;
+  tc.act = (ffp == "gated-gelu") ? Activation::GeluTanh : t.parse_activation("feed_forward_proj", act);
+  t.activation("dense_act_fn", tc.act);
+  t.flag("is_gated_act", tc.is_gated_act);
+  t.token_id("pad_token_id", tc.pad_token_id);
+  t.token_id("eos_token_id", tc.eos_token_id);
+  t.token_id("decoder_start_token_id", tc.decoder_start_token_id);
+  for (int id : {tc.pad_token_id, tc.eos_token_id, tc.decoder_start_token_id})
+    if (id >= tc.vocab_size)
+      fail(ErrorKind::Model, source + ": text_config special token id " + std::to_string(id) +
+                                 " is outside the vocabulary (" + std::to_string(tc.vocab_size) + ")");
+  return c;
+}
+
+Blip2Config load_config(const std::string& model_dir) {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(model_dir))
+    fail(ErrorKind::Model, model_dir + ": model directory not found");
+  const std::string path = (fs::path(model_dir) / "config.json").string();
+  Blip2Config c = parse_config(read_text(path), path);
+  const std::string gpath = (fs::path(model_dir) / "generation_config.json").string();
+  if (fs::exists(gpath)) {
+    const json g = parse_json(read_text(gpath), gpath);
+    Fields f(g, gpath + ":");
+    GenerationDefaults& d = c.generation;
+    if (f.has("max_new_tokens")) { int v = 0; f.count("max_new_tokens", v, 1 << 20, 0); d.max_new_tokens = v; }
+    if (f.has("max_length")) { int v = 0; f.count("max_length", v, 1 << 20, 0); d.max_length = v; }
+    f.token_id("eos_token_id", d.eos_token_id);
+    f.token_id("pad_token_id", d.pad_token_id);
+    f.token_id("decoder_start_token_id", d.decoder_start_token_id);
+    T5Config& tc = c.text;
+    if (d.eos_token_id) tc.eos_token_id = *d.eos_token_id;
+    if (d.pad_token_id) tc.pad_token_id = *d.pad_token_id;
+    if (d.decoder_start_token_id) tc.decoder_start_token_id = *d.decoder_start_token_id;
+  }
+  return c;
+}
+
+}  // namespace blip2

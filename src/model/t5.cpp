@@ -1,0 +1,223 @@
+#include "model/t5.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "ops/ops.h"
+
+namespace blip2 {
+
+int t5_relative_bucket(int64_t rel, bool bidirectional, int num_buckets, int max_distance) {
+  int bucket = 0;
+  int64_t r;
+  if (bidirectional) {
+    num_buckets /= 2;
+    if (rel > 0) bucket += num_buckets;
+    r = rel < 0 ? -rel : rel;
+  } else {
+    r = rel < 0 ? -rel : 0;
+  }
+  const int max_exact = num_buckets / 2;
+  if (r < max_exact) return bucket + static_cast<int>(r);
+  // The reference computes this in float32 and truncates toward zero.
+  const float large = std::log(static_cast<float>(r) / max_exact) /
+                      static_cast<float>(std::log(static_cast<double>(max_distance) / max_exact)) *
+                      static_cast<float>(num_buckets - max_exact);
+  const int64_t v = max_exact + static_cast<int64_t>(large);
+  return bucket + static_cast<int>(std::min<int64_t>(v, num_buckets - 1));
+}
+
+T5Model::Stack T5Model::load_stack(Checkpoint& ck, const std::string& prefix, int layers, bool decoder) {
+  const int64_t d = cfg_.d_model, I = cfg_.inner_dim(), F = cfg_.d_ff;
+  Stack s;
+  for (int i = 0; i < layers; ++i) {
+    const std::string b = prefix + "block." + std::to_string(i) + ".layer.";
+    Block B;
+    const auto attn = [&](const std::string& p, const char* kind) {
+      Attention a;
+      a.ln = ck.take(p + "layer_norm.weight", {d});
+      for (auto [w, n] : {std::pair{&a.q, "q"}, {&a.k, "k"}, {&a.v, "v"}})
+        *w = ck.take(p + kind + "." + n + ".weight", {I, d});
+      a.o = ck.take(p + kind + ".o.weight", {d, I});
+      return a;
+    };
+    B.self_attn = attn(b + "0.", "SelfAttention");
+    if (i == 0)
+      s.rel_bias = ck.take(b + "0.SelfAttention.relative_attention_bias.weight",
+                           {cfg_.relative_attention_num_buckets, cfg_.num_heads});
+    if (decoder) {
+      B.cross_attn = attn(b + "1.", "EncDecAttention");
+      // Hugging Face ignores this tensor if a checkpoint carries it; so do we.
+      ck.ignore(b + "1.EncDecAttention.relative_attention_bias.weight");
+    }
+    const std::string f = b + (decoder ? "2." : "1.");
+    B.ffn.ln = ck.take(f + "layer_norm.weight", {d});
+    if (cfg_.is_gated_act) {
+      B.ffn.wi_0 = ck.take(f + "DenseReluDense.wi_0.weight", {F, d});
+      B.ffn.wi_1 = ck.take(f + "DenseReluDense.wi_1.weight", {F, d});
+    } else {
+      B.ffn.wi_0 = ck.take(f + "DenseReluDense.wi.weight", {F, d});
+    }
+    B.ffn.wo = ck.take(f + "DenseReluDense.wo.weight", {d, F});
+    s.blocks.push_back(std::move(B));
+  }
+  s.final_ln = ck.take(prefix + "final_layer_norm.weight", {d});
+  return s;
+}
+
+T5Model::T5Model(Checkpoint& ck, const T5Config& cfg) : cfg_(cfg) {
+  const int64_t V = cfg.vocab_size, d = cfg.d_model;
+  shared_ = ck.take_any({"language_model.shared.weight", "language_model.encoder.embed_tokens.weight",
+                         "language_model.decoder.embed_tokens.weight"},
+                        {V, d});
+  // An absent lm_head means the head is tied to the embedding (T5 v1.0 style), with the d^-0.5 rescale.
+  tied_ = !ck.has("language_model.lm_head.weight");
+  lm_head_ = tied_ ? shared_ : ck.take("language_model.lm_head.weight", {V, d});
+  encoder_ = load_stack(ck, "language_model.encoder.", cfg.num_layers, false);
+  decoder_ = load_stack(ck, "language_model.decoder.", cfg.num_decoder_layers, true);
+}
+
+void T5Model::embed(const int32_t* ids, int64_t n, float* out) const { ops::embedding(shared_, ids, n, out); }
+
+std::vector<float> T5Model::position_bias(const Stack& s, bool bidirectional, int64_t q0, int64_t tq,
+                                          int64_t tk) const {
+  const int H = cfg_.num_heads;
+  const std::vector<float> table = s.rel_bias.f32();  // [buckets, H]
+  std::vector<float> bias(static_cast<size_t>(H * tq * tk));
+  for (int64_t i = 0; i < tq; ++i)
+    for (int64_t j = 0; j < tk; ++j) {
+      const int bucket = t5_relative_bucket(j - (q0 + i), bidirectional, cfg_.relative_attention_num_buckets,
+                                            cfg_.relative_attention_max_distance);
+      for (int h = 0; h < H; ++h) bias[(h * tq + i) * tk + j] = table[bucket * H + h];
+    }
+  return bias;
+}
+
+void T5Model::feed_forward(const FeedForward& f, Tensor& h) const {
+  Tensor n = h;
+  ops::rms_norm(n, f.ln, cfg_.layer_norm_epsilon);
+  Tensor a = ops::linear(n, f.wi_0);
+  ops::activate(a, cfg_.act);
+  if (!f.wi_1.empty()) ops::mul(a, ops::linear(n, f.wi_1));
+  ops::add(h, ops::linear(a, f.wo));
+}
+
+Tensor T5Model::encode(Tensor x, const std::vector<uint8_t>& mask) const {
+  const int64_t B = x.dim(0), T = x.dim(1), I = cfg_.inner_dim();
+  const std::vector<float> bias = position_bias(encoder_, true, 0, T, T);
+  for (const Block& blk : encoder_.blocks) {
+    const Attention& a = blk.self_attn;
+    Tensor n = x;
+    ops::rms_norm(n, a.ln, cfg_.layer_norm_epsilon);
+    const Tensor q = ops::linear(n, a.q), k = ops::linear(n, a.k), v = ops::linear(n, a.v);
+    Tensor ctx({B, T, I});
+    for (int64_t b = 0; b < B; ++b)
+      ops::attention({.q = q.ptr() + b * T * I, .ldq = I, .tq = T, .k = k.ptr() + b * T * I, .ldk = I,
+                      .v = v.ptr() + b * T * I, .ldv = I, .tk = T, .heads = cfg_.num_heads,
+                      .head_dim = cfg_.d_kv, .scale = 1.0f, .bias = bias.data(), .key_mask = mask.data() + b * T,
+                      .out = ctx.ptr() + b * T * I, .ldo = I});
+    ops::add(x, ops::linear(ctx, a.o));
+    feed_forward(blk.ffn, x);
+  }
+  ops::rms_norm(x, encoder_.final_ln, cfg_.layer_norm_epsilon);
+  return x;
+}
+
+// The decoder's state: a self-attention key/value cache per layer and row that grows by one position per
+// step, and cross-attention keys/values computed once per batch item (shared by that item's beams).
+class T5Decoder final : public Decoder {
+ public:
+  T5Decoder(const T5Model& m, const Tensor& enc_out, const std::vector<uint8_t>& enc_mask, int expand)
+      : m_(m), items_(static_cast<int>(enc_out.dim(0))), expand_(expand), enc_len_(enc_out.dim(1)),
+        enc_mask_(enc_mask) {
+    const auto& blocks = m.decoder_.blocks;
+    cross_k_.resize(blocks.size());
+    cross_v_.resize(blocks.size());
+    for (size_t l = 0; l < blocks.size(); ++l) {
+      cross_k_[l] = ops::linear(enc_out, blocks[l].cross_attn.k);
+      cross_v_[l] = ops::linear(enc_out, blocks[l].cross_attn.v);
+    }
+    self_k_.assign(blocks.size(), std::vector<std::vector<float>>(static_cast<size_t>(rows())));
+    self_v_ = self_k_;
+  }
+
+  int rows() const override { return items_ * expand_; }
+  int64_t vocab_size() const override { return m_.cfg_.vocab_size; }
+
+  Tensor step(const std::vector<int32_t>& tokens) override {
+    const T5Config& c = m_.cfg_;
+    const int R = rows();
+    const int64_t d = c.d_model, I = c.inner_dim(), t = pos_;
+    if (static_cast<int>(tokens.size()) != R) fail(ErrorKind::Internal, "decoder step: wrong token count");
+    Tensor x({R, d});
+    m_.embed(tokens.data(), R, x.ptr());
+    const std::vector<float> bias = m_.position_bias(m_.decoder_, false, t, 1, t + 1);  // [H, 1, t+1]
+    for (size_t l = 0; l < m_.decoder_.blocks.size(); ++l) {
+      const auto& blk = m_.decoder_.blocks[l];
+      // causal self-attention over the cache (positions 0..t)
+      Tensor n = x;
+      ops::rms_norm(n, blk.self_attn.ln, c.layer_norm_epsilon);
+      const Tensor q = ops::linear(n, blk.self_attn.q), k = ops::linear(n, blk.self_attn.k),
+                   v = ops::linear(n, blk.self_attn.v);
+      Tensor ctx({R, I});
+      for (int r = 0; r < R; ++r) {
+        auto& kc = self_k_[l][r];
+        auto& vc = self_v_[l][r];
+        kc.insert(kc.end(), k.ptr() + r * I, k.ptr() + (r + 1) * I);
+        vc.insert(vc.end(), v.ptr() + r * I, v.ptr() + (r + 1) * I);
+        ops::attention({.q = q.ptr() + r * I, .ldq = I, .tq = 1, .k = kc.data(), .ldk = I, .v = vc.data(),
+                        .ldv = I, .tk = t + 1, .heads = c.num_heads, .head_dim = c.d_kv, .scale = 1.0f,
+                        .bias = bias.data(), .out = ctx.ptr() + r * I, .ldo = I});
+      }
+      ops::add(x, ops::linear(ctx, blk.self_attn.o));
+
+      // cross-attention to the encoder output of this row's batch item
+      n = x;
+      ops::rms_norm(n, blk.cross_attn.ln, c.layer_norm_epsilon);
+      const Tensor cq = ops::linear(n, blk.cross_attn.q);
+      for (int r = 0; r < R; ++r) {
+        const int64_t item = r / expand_;
+        ops::attention({.q = cq.ptr() + r * I, .ldq = I, .tq = 1, .k = cross_k_[l].ptr() + item * enc_len_ * I,
+                        .ldk = I, .v = cross_v_[l].ptr() + item * enc_len_ * I, .ldv = I, .tk = enc_len_,
+                        .heads = c.num_heads, .head_dim = c.d_kv, .scale = 1.0f,
+                        .key_mask = enc_mask_.data() + item * enc_len_, .out = ctx.ptr() + r * I, .ldo = I});
+      }
+      ops::add(x, ops::linear(ctx, blk.cross_attn.o));
+      m_.feed_forward(blk.ffn, x);
+    }
+    ops::rms_norm(x, m_.decoder_.final_ln, c.layer_norm_epsilon);
+    if (m_.tied_) ops::scale(x, 1.0f / std::sqrt(static_cast<float>(d)));
+    ++pos_;
+    return ops::linear(x, m_.lm_head_);
+  }
+
+  void reorder(const std::vector<int>& src) override {
+    // Rows whose parent is taken by one child move without a copy; only extra children copy.
+    for (size_t l = 0; l < self_k_.size(); ++l)
+      for (auto* cache : {&self_k_[l], &self_v_[l]}) {
+        std::vector<std::vector<float>> next(cache->size());
+        std::vector<int> uses(cache->size(), 0);
+        for (int s : src) ++uses[s];
+        for (size_t r = 0; r < src.size(); ++r)
+          next[r] = (--uses[src[r]] == 0) ? std::move((*cache)[src[r]]) : (*cache)[src[r]];
+        *cache = std::move(next);
+      }
+  }
+
+ private:
+  const T5Model& m_;
+  int items_, expand_;
+  int64_t enc_len_;
+  std::vector<uint8_t> enc_mask_;
+  int64_t pos_ = 0;
+  std::vector<Tensor> cross_k_, cross_v_;                       // [layer] -> [items, T_enc, I]
+  std::vector<std::vector<std::vector<float>>> self_k_, self_v_;  // [layer][row] -> [t, I]
+};
+
+std::unique_ptr<Decoder> T5Model::start_decoder(const Tensor& enc_out, const std::vector<uint8_t>& enc_mask,
+                                                int expand) const {
+  return std::make_unique<T5Decoder>(*this, enc_out, enc_mask, expand);
+}
+
+}  // namespace blip2

@@ -1,0 +1,45 @@
+// The operations every model is written in. Activations are float32 Tensors; weights are Weights in
+// whatever storage format the checkpoint (or a later conversion) gives, and each op picks the kernel for it.
+// This is the one place a new weight format, a SIMD kernel or a device backend plugs in.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+#include "io/config.h"
+
+namespace blip2::ops {
+
+// y[rows, out] = x[rows, in] · wᵀ (+ b), w stored [out, in] as in PyTorch. `b` may be empty.
+void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y);
+Tensor linear(const Tensor& x, const Weight& w, const Weight& b = {});
+
+// In-place normalisations over the last dimension.
+void layer_norm(Tensor& x, const Weight& gamma, const Weight& beta, float eps);
+void rms_norm(Tensor& x, const Weight& gamma, float eps);  // T5LayerNorm: no mean, no bias
+
+void activate(Tensor& x, Activation act);
+void add(Tensor& x, const Tensor& y);  // x += y, same shape
+void mul(Tensor& x, const Tensor& y);  // x *= y, same shape
+void scale(Tensor& x, float s);
+
+// out[i, :] = table[ids[i], :] (widened to float32).
+void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out);
+
+// Multi-head scaled dot-product attention for one sequence, the single routine behind ViT, Q-Former and
+// T5 (encoder self-, decoder self- with a cache, and cross-attention).
+//   q: Tq rows, row stride ldq; head h uses columns [h*head_dim, (h+1)*head_dim). Likewise k, v (Tk rows).
+//   scores = scale · q·kᵀ (+ bias[h][i][j] when `bias` is given, laid out [heads][Tq][Tk])
+//   keys with key_mask[j] == 0 are excluded (the reference adds the dtype's minimum: same result).
+//   out: Tq rows, stride ldo, heads concatenated in head order.
+struct AttentionArgs {
+  const float* q; int64_t ldq; int64_t tq;
+  const float* k; int64_t ldk;
+  const float* v; int64_t ldv; int64_t tk;
+  int heads; int head_dim; float scale;
+  const float* bias = nullptr;
+  const uint8_t* key_mask = nullptr;
+  float* out; int64_t ldo;
+};
+void attention(const AttentionArgs& a);
+
+}  // namespace blip2::ops

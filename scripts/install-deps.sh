@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages needed to build and test blip2. Run as root (or with sudo).
+set -euo pipefail
+packages=(
+  g++ cmake ninja-build pkg-config        # toolchain (g++ 12, cmake 3.25)
+  libopenblas-dev                         # matrix products
+  libsentencepiece-dev                    # T5 tokenizer
+  libpng-dev libjpeg62-turbo-dev          # image decoding (libjpeg-turbo: the decoder Pillow uses)
+  nlohmann-json3-dev libcli11-dev         # JSON, command line
+  libgtest-dev                            # tests
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all packages present"
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

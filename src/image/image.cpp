@@ -1,10 +1,10 @@
 #include "image/image.h"
 
 #include <png.h>
-// jpeglib.h needs FILE and size_t declared before it.
+
 #include <cerrno>
 #include <csetjmp>
-#include <cstdio>
+#include <cstdio>  // before jpeglib.h, which uses FILE and size_t without declaring them
 #include <cstring>
 #include <jerror.h>
 #include <jpeglib.h>
@@ -30,7 +30,7 @@ void check_dimensions(const std::string& name, int64_t w, int64_t h) {
     bad_image(name, "image too large (" + dims + " pixels, the limit is " + std::to_string(kMaxImagePixels) + ")");
 }
 
-// Pixel buffers can still be large (up to ~1.4 GB for a 16-bit image at the limit): running out of memory
+// Pixel buffers can still be large (raw samples plus RGB: up to ~1.3 GB at the pixel limit): running out of memory
 // is reported as a problem with this input rather than escaping as std::bad_alloc.
 std::vector<uint8_t> alloc_pixels(const std::string& name, size_t n) {
   try {

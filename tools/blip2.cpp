@@ -6,10 +6,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "core/error.h"
+#include "generate/chat.h"
 #include "generate/generate.h"
 #include "image/image.h"
 #include "io/safetensors.h"
@@ -28,12 +30,17 @@ std::string default_model_dir() {
   return (env && *env) ? env : BLIP2_BUNDLED_MODEL_DIR;
 }
 
+// Global options (before the subcommand): weight format and threads, for every command that loads a model.
+LoadOptions g_load;
+std::string g_weights = "stored";
+
 std::unique_ptr<Blip2Model> load_model(const std::string& dir) {
   const bool tty = isatty(STDERR_FILENO);
   auto progress = [&](int i, int n, const std::string& path) {
     if (tty) std::fprintf(stderr, "\rloading %s (%d/%d)%s", path.c_str(), i, n, i == n ? "\n" : "");
   };
-  return std::make_unique<Blip2Model>(dir, progress);
+  g_load.weights = parse_weight_format(g_weights);
+  return std::make_unique<Blip2Model>(dir, g_load, progress);
 }
 
 struct Pairs {
@@ -46,35 +53,168 @@ Tensor load_pixels(const Blip2Model& model, const std::vector<std::string>& path
   return preprocess_images(imgs, model.config().vision.image_size);
 }
 
-// Options shared by generate, caption and ask.
+// Options shared by generate, caption, ask and chat. Decoding options take Hugging Face's names; an option
+// left out comes from --preset, else from the checkpoint's generation_config.json, else Hugging Face's default.
 struct GenerateArgs {
   std::string model = default_model_dir();
-  GenerationOptions options;
+  std::string preset;
+  GenerationOptions given;  // the values of the options given on the command line
+  uint64_t seed = 0;
+  bool do_sample = false;
   bool json = false;
+  std::map<std::string, CLI::Option*> opts;
+  bool has(const std::string& name) const { return opts.at(name)->count() > 0; }
 };
 
 void add_generate_options(CLI::App* cmd, GenerateArgs& a) {
   cmd->add_option("--model", a.model, "Model directory (Hugging Face layout); default $BLIP2_MODEL or the bundled tiny model")
       ->capture_default_str();
-  cmd->add_option("--max-new-tokens", a.options.max_new_tokens, "Most tokens to generate, end-of-sequence included")
-      ->capture_default_str();
-  cmd->add_flag("--json", a.json, "Print one JSON object with ids, text and score of every result");
+  GenerationOptions& g = a.given;
+  const auto opt = [&](const std::string& name, auto& value, const std::string& help) {
+    a.opts[name] = cmd->add_option(name, value, help)->group("Decoding (Hugging Face names; defaults from generation_config.json)");
+  };
+  opt("--max-new-tokens", g.max_new_tokens, "Most tokens to generate, end-of-sequence included (default 20)");
+  opt("--min-new-tokens", g.min_new_tokens, "End-of-sequence is suppressed until this many tokens (default 0)");
+  opt("--min-length", g.min_length, "The same, counted with the decoder start token (default 0)");
+  opt("--num-beams", g.num_beams, "Beam search with this many beams; 1 = greedy or sampling (default 1)");
+  opt("--length-penalty", g.length_penalty,
+      "Beam search: a finished beam scores sum_logprobs / length^this; negative favours short (default 1)");
+  opt("--repetition-penalty", g.repetition_penalty, "> 1 discourages tokens already generated (default 1 = off)");
+  opt("--no-repeat-ngram-size", g.no_repeat_ngram_size, "No n-gram of this size appears twice (default 0 = off)");
+  opt("--num-return-sequences", g.num_return_sequences,
+      "Sequences per input: best beams (at most --num-beams) or independent samples (default 1)");
+  a.opts["--do-sample"] = cmd->add_flag("--do-sample", a.do_sample, "Sample instead of taking the most likely tokens")
+                              ->group("Decoding (Hugging Face names; defaults from generation_config.json)");
+  opt("--temperature", g.temperature, "Sampling: divide the logits by this, > 0 (default 1)");
+  opt("--top-k", g.top_k, "Sampling: keep the k most likely tokens; 0 = off (default 50)");
+  opt("--top-p", g.top_p, "Sampling: keep the most likely tokens holding this probability, in (0, 1] (default 1 = off)");
+  opt("--seed", a.seed, "Sampling: the random seed; the same seed gives the same text (default: a random one)");
+  a.opts["--preset"] =
+      cmd->add_option("--preset", a.preset,
+                      "LAVIS settings: caption (5 beams, <= 30 new tokens, min_length 1) or vqa (5 beams, <= 10 new "
+                      "tokens, min_length 1, length_penalty -1, prompt \"Question: {prompt} Answer:\"); options given "
+                      "with it override it")
+          ->check(CLI::IsMember({"caption", "vqa"}))
+          ->group("Decoding (Hugging Face names; defaults from generation_config.json)");
+  cmd->add_flag("--json", a.json, "Print JSON with ids, text and score of every returned sequence");
 }
 
-int run_generate(const GenerateArgs& a, const Pairs& pairs) {
+// The decoding options of a command: checkpoint defaults, then the preset, then the options given. Options the
+// chosen strategy would ignore are contradictions. Checked before any work (Error(Usage)).
+GenerationOptions resolve_options(const GenerateArgs& a) {
+  GenerationOptions o = generation_defaults(a.model);
+  if (!a.preset.empty()) apply_preset(o, a.preset);
+  const GenerationOptions& g = a.given;
+  if (a.has("--max-new-tokens")) o.max_new_tokens = g.max_new_tokens;
+  if (a.has("--min-new-tokens")) o.min_new_tokens = g.min_new_tokens;
+  if (a.has("--min-length")) o.min_length = g.min_length;
+  if (a.has("--num-beams")) o.num_beams = g.num_beams;
+  if (a.has("--length-penalty")) o.length_penalty = g.length_penalty;
+  if (a.has("--repetition-penalty")) o.repetition_penalty = g.repetition_penalty;
+  if (a.has("--no-repeat-ngram-size")) o.no_repeat_ngram_size = g.no_repeat_ngram_size;
+  if (a.has("--num-return-sequences")) o.num_return_sequences = g.num_return_sequences;
+  if (a.has("--do-sample")) o.do_sample = true;
+  if (a.has("--temperature")) o.temperature = g.temperature;
+  if (a.has("--top-k")) o.top_k = g.top_k;
+  if (a.has("--top-p")) o.top_p = g.top_p;
+  if (a.has("--seed")) o.seed = a.seed;
+  if (!o.do_sample)
+    for (const char* name : {"--temperature", "--top-k", "--top-p", "--seed"})
+      if (a.has(name)) fail(ErrorKind::Usage, std::string(name) + " only applies when sampling: add --do-sample");
+  if (o.num_beams == 1 && a.has("--length-penalty"))
+    fail(ErrorKind::Usage, "--length-penalty only applies to beam search: add --num-beams (more than 1)");
+  validate(o);
+  return o;
+}
+
+// Streams one sequence's text as its tokens come: prints what the decoded text gained since the last token,
+// holding back an unfinished UTF-8 character.
+class TextStream {
+ public:
+  explicit TextStream(const T5Tokenizer& tok) : tok_(tok) {}
+  void put(int32_t id) {
+    ids_.push_back(id);
+    emit(tok_.decode(ids_), false);
+  }
+  void end(const std::vector<int32_t>& ids) {
+    emit(tok_.decode(ids), true);
+    std::cout << "\n" << std::flush;
+  }
+
+ private:
+  void emit(const std::string& text, bool final) {
+    if (text.compare(0, printed_.size(), printed_) != 0) return;  // not an extension: wait
+    std::string add = text.substr(printed_.size());
+    if (!final) {
+      static const std::string kReplacement = "\xEF\xBF\xBD";
+      while (add.size() >= 3 && add.compare(add.size() - 3, 3, kReplacement) == 0) add.resize(add.size() - 3);
+      size_t start = add.size();  // an incomplete last character stays back
+      while (start > 0 && (static_cast<unsigned char>(add[start - 1]) & 0xC0) == 0x80) --start;
+      if (start > 0) {
+        const unsigned char lead = static_cast<unsigned char>(add[start - 1]);
+        const size_t len = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+        if (add.size() - (start - 1) < len) add.resize(start - 1);
+      }
+    }
+    std::cout << add << std::flush;
+    printed_ += add;
+  }
+  const T5Tokenizer& tok_;
+  std::vector<int32_t> ids_;
+  std::string printed_;
+};
+
+nlohmann::ordered_json sequences_json(const Blip2Model& model, const std::vector<GeneratedSequence>& seqs) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  for (const auto& s : seqs)
+    out.push_back({{"ids", s.ids}, {"text", model.tokenizer().decode(s.ids)}, {"score", s.score}});
+  return out;
+}
+
+void print_json(const nlohmann::ordered_json& j) {
+  std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n" << std::flush;
+}
+
+// Streaming is possible where a chosen token is final: greedy and sampling, one sequence, text output.
+bool can_stream(const GenerateArgs& a, const GenerationOptions& o, size_t batch) {
+  return !a.json && batch == 1 && o.num_beams == 1 && o.num_return_sequences == 1;
+}
+
+// Generates for encoded pairs and prints the results (text: one line per sequence; --json: the caller's).
+std::vector<std::vector<GeneratedSequence>> generate_and_print_text(const Blip2Model& model, const Encoded& enc,
+                                                                    const GenerateArgs& a, const GenerationOptions& o) {
+  const T5Config& tc = model.config().text;
+  const size_t batch = static_cast<size_t>(enc.encoder_last_hidden_state.dim(0));
+  const bool stream = can_stream(a, o, batch);
+  TextStream ts(model.tokenizer());
+  const auto results = generate([&](int expand) { return model.start_decoder(enc, expand); },
+                                static_cast<int>(batch), o, {tc.decoder_start_token_id, tc.eos_token_id, tc.pad_token_id},
+                                stream ? TokenCallback([&](int, int32_t tok) { ts.put(tok); }) : TokenCallback());
+  if (stream) {
+    ts.end(results[0][0].ids);
+  } else if (!a.json) {
+    for (const auto& r : results)
+      for (const auto& s : r) std::cout << model.tokenizer().decode(s.ids) << "\n";
+    std::cout << std::flush;
+  }
+  return results;
+}
+
+// `question_prompts`: the prompts are generate's --prompt values, which --preset vqa turns into its template
+// (caption and ask build their prompts themselves).
+int run_generate(const GenerateArgs& a, Pairs pairs, bool question_prompts = false) {
   if (pairs.images.empty()) fail(ErrorKind::Usage, "no (image, prompt) pairs given: pass --image and --prompt");
   if (pairs.images.size() != pairs.prompts.size())
     fail(ErrorKind::Usage, "each --image needs one --prompt (got " + std::to_string(pairs.images.size()) +
                                " images and " + std::to_string(pairs.prompts.size()) + " prompts)");
-  validate(a.options);
+  const GenerationOptions o = resolve_options(a);
+  if (question_prompts)
+    for (auto& p : pairs.prompts) p = preset_prompt(a.preset, p);
   const auto model = load_model(a.model);
   const PromptBatch prompts = model->tokenize(pairs.prompts);
   const Tensor pixels = load_pixels(*model, pairs.images);
   const Encoded enc = model->encode(pixels, prompts);
-  const T5Config& tc = model->config().text;
-  const auto results = generate([&](int expand) { return model->start_decoder(enc, expand); },
-                                static_cast<int>(prompts.batch), a.options,
-                                {tc.decoder_start_token_id, tc.eos_token_id, tc.pad_token_id});
+  const auto results = generate_and_print_text(*model, enc, a, o);
   if (a.json) {
     nlohmann::ordered_json out;
     out["results"] = nlohmann::ordered_json::array();
@@ -82,16 +222,94 @@ int run_generate(const GenerateArgs& a, const Pairs& pairs) {
       nlohmann::ordered_json r;
       r["image"] = pairs.images[i];
       r["prompt"] = pairs.prompts[i];
-      r["sequences"] = nlohmann::ordered_json::array();
-      for (const auto& s : results[i])
-        r["sequences"].push_back({{"ids", s.ids}, {"text", model->tokenizer().decode(s.ids)}, {"score", s.score}});
+      r["sequences"] = sequences_json(*model, results[i]);
       out["results"].push_back(r);
     }
-    std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-  } else {
-    for (const auto& r : results) std::cout << model->tokenizer().decode(r[0].ids) << "\n";
+    print_json(out);
   }
   return 0;
+}
+
+std::string trim(const std::string& s) {
+  const size_t b = s.find_first_not_of(" \t\r\n"), e = s.find_last_not_of(" \t\r\n");
+  return b == std::string::npos ? "" : s.substr(b, e - b + 1);
+}
+
+// A conversation about one image, one question per input line. The image is encoded once (vision encoder and
+// Q-Former); each question runs only the T5 encoder over [image queries ; conversation so far] and the decoder.
+int run_chat(const GenerateArgs& a, const std::string& first_image) {
+  const GenerationOptions o = resolve_options(a);
+  const auto model = load_model(a.model);
+  const bool interactive = isatty(STDIN_FILENO);
+  std::string image = first_image;
+  Encoded img = model->encode_image(load_pixels(*model, {image}));
+  std::vector<ChatTurn> history;
+  int status = 0, turn = 0;
+  const auto note = [&](const std::string& msg) {
+    if (interactive) std::cerr << msg << "\n";
+  };
+  const auto report = [&](const Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    status = static_cast<int>(e.kind());
+  };
+  note("Ask about " + image + ", one question per line. /reset forgets the conversation, /image PATH switches "
+       "to another image, /quit ends.");
+  std::string line;
+  while (true) {
+    if (interactive) std::cerr << "> " << std::flush;
+    if (!std::getline(std::cin, line)) break;
+    line = trim(line);
+    if (line.empty()) continue;
+    if (line == "/quit" || line == "/exit") break;
+    if (line == "/reset") {
+      history.clear();
+      note("(conversation forgotten)");
+      continue;
+    }
+    if (line == "/image" || line.rfind("/image ", 0) == 0) {
+      const std::string path = trim(line.substr(6));
+      try {
+        if (path.empty()) fail(ErrorKind::Usage, "/image needs a path: /image PATH");
+        img = model->encode_image(load_pixels(*model, {path}));
+        image = path;
+        history.clear();
+        note("(now about " + image + "; conversation forgotten)");
+      } catch (const Error& e) {
+        report(e);
+      }
+      continue;
+    }
+    if (line[0] == '/') {
+      report(Error(ErrorKind::Usage, "unknown command " + line + " (commands: /reset, /image PATH, /quit)"));
+      continue;
+    }
+    try {
+      size_t kept = 0;
+      const std::string prompt = fit_chat_prompt(
+          history, line, model->max_prompt_tokens(),
+          [&](const std::string& p) { return static_cast<int64_t>(model->tokenizer().encode(p).size()); }, &kept);
+      if (kept < history.size()) note("(the oldest " + std::to_string(history.size() - kept) + " turn(s) no longer fit)");
+      const Encoded enc = model->encode_prompts(img, model->tokenize({prompt}));
+      const auto results = generate_and_print_text(*model, enc, a, o);
+      const std::string answer = model->tokenizer().decode(results[0][0].ids);
+      ++turn;
+      if (a.json) {
+        nlohmann::ordered_json j;
+        j["turn"] = turn;
+        j["image"] = image;
+        j["question"] = line;
+        j["prompt"] = prompt;
+        j["sequences"] = sequences_json(*model, results[0]);
+        j["image_encodings"] = model->image_encodings();
+        print_json(j);
+      }
+      history.push_back({line, answer});
+    } catch (const Error& e) {
+      if (e.kind() == ErrorKind::Internal) throw;
+      report(e);
+    }
+  }
+  return status;
 }
 
 std::vector<int32_t> parse_ids(const std::string& s) {
@@ -158,6 +376,16 @@ int main(int argc, char** argv) {
                "(config.json, *.safetensors, spiece.model)."};
   app.footer(kExitCodes);
   app.require_subcommand(1);
+  app.add_option("--weights", g_weights,
+                 "Keep linear-layer weights as: stored (the file's bytes, no copy), f32, f16, bf16, int8 (per-row "
+                 "scales) or int4 (group scales); converted once at load")
+      ->capture_default_str();
+  app.add_option("--int4-group", g_load.int4_group, "int4: weights per scale along the input (32, 64 or 128)")
+      ->check(CLI::IsMember({32, 64, 128}))
+      ->capture_default_str();
+  app.add_option("--threads", g_load.threads, "Worker threads (kernels and OpenBLAS); 0 = all cores")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
 
   GenerateArgs gen;
   Pairs pairs;
@@ -183,6 +411,17 @@ int main(int argc, char** argv) {
   a->add_option("IMAGE", ask_image, "Image file")->required();
   a->add_option("QUESTION", question, "The question")->required();
 
+  GenerateArgs chat;
+  std::string chat_image;
+  auto* ch = app.add_subcommand("chat", "Talk about one image: one question per line from the terminal or a pipe");
+  add_generate_options(ch, chat);
+  ch->add_option("IMAGE", chat_image, "Image file")->required();
+  ch->footer(
+      "Each prompt holds the conversation so far: \"Question: Q1 Answer: A1. Question: Q2 Answer:\", dropping the\n"
+      "oldest turns when it would exceed the model's prompt limit. The image is encoded once per conversation.\n"
+      "Commands: /reset forgets the conversation, /image PATH switches to another image (and forgets), /quit ends.\n"
+      "--json prints one object per answer: turn, image, question, prompt, sequences, image_encodings.");
+
   std::string ins_model = default_model_dir(), ins_out;
   Pairs ins_pairs;
   std::vector<std::string> ins_dec;
@@ -206,9 +445,10 @@ int main(int argc, char** argv) {
   }
 
   try {
-    if (*g) return run_generate(gen, pairs);
+    if (*g) return run_generate(gen, pairs, true);
     if (*c) return run_generate(cap, {{cap_image}, {""}});
     if (*a) return run_generate(ask, {{ask_image}, {"Question: " + question + " Answer:"}});
+    if (*ch) return run_chat(chat, chat_image);
     if (*in) return run_inspect(ins_model, ins_pairs, ins_dec, ins_out);
   } catch (const Error& e) {
     std::cerr << "error: " << e.what() << "\n";

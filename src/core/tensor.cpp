@@ -1,6 +1,10 @@
 #include "core/tensor.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cstring>
+
+#include "core/error.h"
 
 namespace blip2 {
 
@@ -9,11 +13,46 @@ const char* dtype_name(DType t) {
     case DType::F32: return "F32";
     case DType::F16: return "F16";
     case DType::BF16: return "BF16";
+    case DType::I8: return "I8";
+    case DType::I4: return "I4";
   }
   return "?";
 }
 
-size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::F16:
+    case DType::BF16: return 2;
+    case DType::I8: return 1;
+    case DType::I4: return 0;
+  }
+  return 0;
+}
+
+const char* weight_format_name(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::AsStored: return "stored";
+    case WeightFormat::F32: return "f32";
+    case WeightFormat::F16: return "f16";
+    case WeightFormat::BF16: return "bf16";
+    case WeightFormat::I8: return "int8";
+    case WeightFormat::I4: return "int4";
+  }
+  return "?";
+}
+
+WeightFormat parse_weight_format(const std::string& text) {
+  std::string s = text;
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (s == "stored" || s == "as-stored" || s == "asstored") return WeightFormat::AsStored;
+  if (s == "f32" || s == "fp32" || s == "float32") return WeightFormat::F32;
+  if (s == "f16" || s == "fp16" || s == "float16") return WeightFormat::F16;
+  if (s == "bf16" || s == "bfloat16") return WeightFormat::BF16;
+  if (s == "int8" || s == "i8" || s == "q8") return WeightFormat::I8;
+  if (s == "int4" || s == "i4" || s == "q4") return WeightFormat::I4;
+  fail(ErrorKind::Usage, "unknown weight format '" + text + "' (choose stored, f32, f16, bf16, int8 or int4)");
+}
 
 std::string shape_str(const Shape& s) {
   std::string out = "[";
@@ -55,8 +94,69 @@ float bf16_to_f32(uint16_t h) {
   return f;
 }
 
+uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+uint16_t f32_to_f16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return sign | 0x7e00u;                  // NaN
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;                 // >= 65520 rounds to infinity
+  if (abs < 0x38800000u) {                                       // below 2^-14: subnormal (or zero)
+    if (abs < 0x33000000u) return sign;                          // below 2^-25: rounds to zero
+    const uint32_t e = abs >> 23, man = (abs & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126 - e;                              // 14..24
+    uint32_t h = man >> shift;
+    const uint32_t rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1u))) ++h;
+    return static_cast<uint16_t>(sign | h);
+  }
+  uint32_t h = ((abs - 0x38000000u) >> 13);                      // rebias exponent 127 -> 15
+  const uint32_t rem = abs & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
+}
+
+size_t Weight::nbytes() const {
+  const int64_t r = rows();
+  switch (dtype) {
+    case DType::I8: return static_cast<size_t>(r * ld + r * 4);
+    case DType::I4: return static_cast<size_t>(r * ld / 2 + r * (ld / group) * 2);
+    default: return static_cast<size_t>(numel(shape)) * dtype_size(dtype);
+  }
+}
+
 void Weight::to_f32(int64_t begin, int64_t n, float* out) const {
   switch (dtype) {
+    case DType::I8: {
+      const int64_t c = cols();
+      const auto* q = static_cast<const int8_t*>(data);
+      const auto* s = static_cast<const float*>(scales);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = (begin + i) / c, k = (begin + i) % c;
+        out[i] = static_cast<float>(q[r * ld + k]) * s[r];
+      }
+      return;
+    }
+    case DType::I4: {
+      const int64_t c = cols(), ng = ld / group;
+      const auto* q = static_cast<const uint8_t*>(data);
+      const auto* s = static_cast<const uint16_t*>(scales);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = (begin + i) / c, k = (begin + i) % c;
+        const uint8_t byte = q[r * (ld / 2) + (k / 64) * 32 + (k % 32)];
+        const int v = ((k % 64) < 32 ? (byte & 15) : (byte >> 4)) - 8;
+        out[i] = static_cast<float>(v) * f16_to_f32(s[r * ng + k / group]);
+      }
+      return;
+    }
     case DType::F32:
       std::memcpy(out, static_cast<const float*>(data) + begin, static_cast<size_t>(n) * 4);
       return;

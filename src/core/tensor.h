@@ -2,9 +2,9 @@
 //
 // Two kinds, kept apart on purpose:
 //  * Tensor: an activation. Float32, contiguous, row-major, owned. Models create and consume these.
-//  * Weight: a read-only parameter as the checkpoint stores it (F32, F16 or BF16 today). Its bytes usually
-//    live in a memory-mapped safetensors file and are used in place; `owner` keeps alive any buffer the
-//    loader had to make (a future int8/int4 conversion, a device upload).
+//  * Weight: a read-only parameter in its storage format: as the checkpoint stores it (F32, F16, BF16; the
+//    bytes then usually live in a memory-mapped safetensors file and are used in place), or converted once
+//    at load (any of those, or the quantized I8 / I4 below), in which case `owner` keeps the buffers alive.
 // Models never look at a Weight's dtype: they call ops (ops/ops.h), and the op picks the kernel. Adding a
 // storage format or a device is a change to ops and to this file, not to the models.
 #pragma once
@@ -15,10 +15,23 @@
 
 namespace blip2 {
 
-enum class DType { F32, F16, BF16 };
+// I8: symmetric int8 per output row (row r of a [rows, cols] matrix): w ≈ q · scale[r], q in [-127, 127].
+// I4: symmetric 4-bit in groups of `group` (32, 64 or 128) consecutive elements along the input dimension:
+//     w ≈ q · scale[r][g], q in [-8, 7], scale as IEEE half. Stored as unsigned nibbles q + 8, in blocks of
+//     64 elements (32 bytes): byte j of a block holds element j in its low nibble and element 32 + j in its
+//     high nibble, so one AND (and one shift) yields 32 consecutive elements.
+// Quantized rows are zero-padded to `ld` elements (a multiple of 32 for I8, of max(64, group) for I4).
+enum class DType { F32, F16, BF16, I8, I4 };
 
 const char* dtype_name(DType t);
-size_t dtype_size(DType t);
+size_t dtype_size(DType t);  // bytes per element of the unquantized formats (1 for I8, 0 for I4)
+
+// The format weights of linear layers are kept in after loading (see LoadOptions in model/blip2.h).
+enum class WeightFormat { AsStored, F32, F16, BF16, I8, I4 };
+const char* weight_format_name(WeightFormat f);
+// "stored"/"as-stored", "f32", "f16", "bf16", "int8"/"i8"/"q8", "int4"/"i4"/"q4" (any case). Throws
+// Error(Usage) naming the choices otherwise.
+WeightFormat parse_weight_format(const std::string& s);
 
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);
@@ -28,12 +41,19 @@ struct Weight {
   DType dtype = DType::F32;
   Shape shape;
   const void* data = nullptr;
-  std::shared_ptr<const void> owner;  // null when the bytes belong to a mapped file
+  std::shared_ptr<const void> owner;  // the mapped file, or the buffers a conversion made
+  // Quantized formats only (see DType): I8 scales are float [rows]; I4 scales are IEEE half [rows][ld/group].
+  const void* scales = nullptr;
+  int group = 0;    // I4: elements per scale
+  int64_t ld = 0;   // I8 / I4: elements per stored row, padding included
 
   bool empty() const { return data == nullptr; }
   int64_t rows() const { return shape.empty() ? 0 : shape[0]; }
   int64_t cols() const { return shape.empty() ? 0 : numel(shape) / shape[0]; }
-  // Widen elements [begin, begin+n) to float32.
+  bool quantized() const { return dtype == DType::I8 || dtype == DType::I4; }
+  // Bytes of the stored data and scales (what a product streams).
+  size_t nbytes() const;
+  // Widen (or dequantize) elements [begin, begin+n) to float32.
   void to_f32(int64_t begin, int64_t n, float* out) const;
   // The whole weight as float32 (a copy; for small tensors such as norms and biases).
   std::vector<float> f32() const;
@@ -55,5 +75,8 @@ struct Tensor {
 
 float f16_to_f32(uint16_t h);
 float bf16_to_f32(uint16_t h);
+// Round to nearest even; f16 overflows to infinity from 65520 up, NaN stays NaN.
+uint16_t f32_to_f16(float f);
+uint16_t f32_to_bf16(float f);
 
 }  // namespace blip2

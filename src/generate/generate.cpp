@@ -1,64 +1,460 @@
+// The generation loop. Every strategy runs the same loop: the decoder steps all rows at once, each row's
+// scores go through the logits processors (and, when sampling, the warpers), and then the strategy picks:
+//  * greedy / sampling: one token per unfinished row (argmax, or a draw from the softmax);
+//  * beam search (Hugging Face 5.x, GenerationMixin._beam_search, early_stopping=False): per batch item,
+//    the top 2·num_beams continuations over beams × vocabulary (sampled without replacement for beam
+//    sampling); those among the first num_beams that end (eos, or the length limit) are offered to the
+//    item's finished set with score sum_logprobs / generated_len^length_penalty, and the best num_beams
+//    that do not end become the running beams. An item is done when its finished set is full and the best
+//    running beam, normalised at the current length, cannot beat the worst finished one.
+// Scores follow the reference's float32 arithmetic where it decides which token wins.
 #include "generate/generate.h"
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <sstream>
 
 #include "core/error.h"
+#include "core/tensor.h"
 
 namespace blip2 {
 
-void validate(const GenerationOptions& o) {
-  if (o.max_new_tokens < 1) fail(ErrorKind::Usage, "--max-new-tokens must be at least 1");
-  if (o.max_new_tokens > 4096) fail(ErrorKind::Usage, "--max-new-tokens must be at most 4096");
-}
-
 namespace {
 
-// log_softmax(logits)[index]
-float log_prob(const float* logits, int64_t vocab, int64_t index) {
-  const float mx = *std::max_element(logits, logits + vocab);
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kMaxNewTokens = 4096, kMaxBeams = 64, kMaxReturnSequences = 64, kMaxNgram = 4096;
+// What Hugging Face adds to rule a beam out (initial beams 1.., candidates that ended).
+constexpr float kRuledOut = -1.0e9f;
+
+std::string fmt(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+[[noreturn]] void usage(const std::string& msg) { fail(ErrorKind::Usage, msg); }
+
+// log_softmax in place, as the reference computes it: (x - max) - log(sum(exp(x - max))).
+void log_softmax(float* s, int64_t V) {
+  const float mx = *std::max_element(s, s + V);
   double sum = 0.0;
-  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i] - mx));
+  for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(s[i] - mx));
+  const float lse = static_cast<float>(std::log(sum));
+  for (int64_t i = 0; i < V; ++i) s[i] = (s[i] - mx) - lse;
+}
+
+// log_softmax(logits)[index]
+float log_prob(const float* logits, int64_t V, int64_t index) {
+  const float mx = *std::max_element(logits, logits + V);
+  double sum = 0.0;
+  for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(logits[i] - mx));
   return static_cast<float>(logits[index] - mx - std::log(sum));
 }
 
-std::vector<std::vector<GeneratedSequence>> greedy(Decoder& dec, int batch, const GenerationOptions& o,
-                                                   const SpecialTokens& sp, const TokenCallback& on_token) {
-  std::vector<std::vector<GeneratedSequence>> out(static_cast<size_t>(batch), std::vector<GeneratedSequence>(1));
-  std::vector<bool> done(static_cast<size_t>(batch), false);
-  std::vector<int32_t> tokens(static_cast<size_t>(batch), sp.decoder_start);
-  const int64_t V = dec.vocab_size();
-  for (int step = 0; step < o.max_new_tokens; ++step) {
-    const Tensor logits = dec.step(tokens);
-    bool all_done = true;
-    for (int b = 0; b < batch; ++b) {
-      if (done[b]) {
-        tokens[b] = sp.pad;  // finished rows keep feeding padding, as the reference does
-        continue;
-      }
-      const float* row = logits.ptr() + b * V;
-      const int32_t next = static_cast<int32_t>(std::max_element(row, row + V) - row);  // first maximum
-      GeneratedSequence& s = out[b][0];
-      s.ids.push_back(next);
-      s.score += log_prob(row, V, next);
-      tokens[b] = next;
-      if (next == sp.eos) done[b] = true;
-      if (on_token) on_token(b, next);
-      all_done = all_done && done[b];
-    }
-    if (all_done) break;
+// Uniform in [0, 1) from 53 random bits: the same numbers on every platform for a given seed.
+double uniform01(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
+
+// A draw from weights w (>= 0, not all zero) whose sum is `total`.
+int64_t draw(const std::vector<double>& w, double total, std::mt19937_64& rng) {
+  const double u = uniform01(rng) * total;
+  double acc = 0.0;
+  int64_t last = -1;
+  for (int64_t i = 0; i < static_cast<int64_t>(w.size()); ++i) {
+    if (w[i] <= 0.0) continue;
+    acc += w[i];
+    last = i;
+    if (u < acc) return i;
+  }
+  return last;  // rounding left u at the very top
+}
+
+// Length normalisation of a beam score at `len` generated tokens, in the reference's float32 arithmetic
+// (a float32 tensor divided by a Python float).
+float normalise(float score, int len, double length_penalty) {
+  return score / static_cast<float>(std::pow(static_cast<double>(len), length_penalty));
+}
+
+// ---- beam search state ----
+
+struct Hypothesis {
+  std::vector<int32_t> tokens;  // the decoder sequence, start token included
+  float score = 0.0f;
+};
+
+struct BeamItem {
+  std::vector<float> running;        // [num_beams] sums of processed log-probabilities (beam 1.. start ruled out)
+  std::vector<Hypothesis> finished;  // best first, at most num_beams
+  bool done = false;
+};
+
+struct Candidate {
+  float score;  // running score + this token's processed log-probability
+  int beam;
+  int32_t token;
+};
+
+// The top `n` of acc (flat beams × vocab) by score, ties to the lower index, best first.
+std::vector<Candidate> top_candidates(const std::vector<float>& acc, int64_t V, int n) {
+  std::vector<int64_t> idx(acc.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + n, idx.end(), [&](int64_t a, int64_t b) {
+    return acc[a] > acc[b] || (acc[a] == acc[b] && a < b);
+  });
+  std::vector<Candidate> out;
+  for (int i = 0; i < n; ++i)
+    out.push_back({acc[idx[i]], static_cast<int>(idx[i] / V), static_cast<int32_t>(idx[i] % V)});
+  return out;
+}
+
+// `n` draws without replacement from softmax(acc), in the order drawn (beam sampling).
+std::vector<Candidate> sampled_candidates(const std::vector<float>& acc, int64_t V, int n, std::mt19937_64& rng) {
+  const float mx = *std::max_element(acc.begin(), acc.end());
+  std::vector<double> w(acc.size());
+  for (size_t i = 0; i < acc.size(); ++i) w[i] = std::exp(static_cast<double>(acc[i] - mx));
+  std::vector<Candidate> out;
+  for (int i = 0; i < n; ++i) {
+    const double total = std::accumulate(w.begin(), w.end(), 0.0);
+    if (!(total > 0.0)) fail(ErrorKind::Internal, "beam sampling ran out of tokens with non-zero probability");
+    const int64_t j = draw(w, total, rng);
+    out.push_back({acc[j], static_cast<int>(j / V), static_cast<int32_t>(j % V)});
+    w[j] = 0.0;
   }
   return out;
 }
 
+std::vector<int32_t> without_start(const std::vector<int32_t>& seq) { return {seq.begin() + 1, seq.end()}; }
+
 }  // namespace
+
+void validate(const GenerationOptions& o) {
+  const auto range = [](const char* name, int v, int lo, int hi) {
+    if (v < lo || v > hi)
+      usage(std::string(name) + " must be between " + std::to_string(lo) + " and " + std::to_string(hi) + " (got " +
+            std::to_string(v) + ")");
+  };
+  range("--max-new-tokens", o.max_new_tokens, 1, kMaxNewTokens);
+  range("--min-new-tokens", o.min_new_tokens, 0, kMaxNewTokens);
+  range("--min-length", o.min_length, 0, kMaxNewTokens + 1);
+  if (o.min_new_tokens > o.max_new_tokens)
+    usage("--min-new-tokens (" + std::to_string(o.min_new_tokens) + ") must not exceed --max-new-tokens (" +
+          std::to_string(o.max_new_tokens) + ")");
+  if (o.min_length > o.max_new_tokens + 1)
+    usage("--min-length (" + std::to_string(o.min_length) + ", counting the start token) must not exceed " +
+          "--max-new-tokens + 1 (" + std::to_string(o.max_new_tokens + 1) + ")");
+  range("--num-beams", o.num_beams, 1, kMaxBeams);
+  range("--num-return-sequences", o.num_return_sequences, 1, kMaxReturnSequences);
+  range("--no-repeat-ngram-size", o.no_repeat_ngram_size, 0, kMaxNgram);
+  if (o.num_beams > 1 && o.num_return_sequences > o.num_beams)
+    usage("--num-return-sequences (" + std::to_string(o.num_return_sequences) + ") must not exceed --num-beams (" +
+          std::to_string(o.num_beams) + "): beam search returns its best finished beams");
+  if (o.num_beams == 1 && !o.do_sample && o.num_return_sequences > 1)
+    usage("--num-return-sequences " + std::to_string(o.num_return_sequences) +
+          " needs --num-beams (at least as many) or --do-sample: greedy decoding has one answer");
+  if (!std::isfinite(o.length_penalty)) usage("--length-penalty must be a finite number (got " + fmt(o.length_penalty) + ")");
+  if (!(std::isfinite(o.repetition_penalty) && o.repetition_penalty > 0.0))
+    usage("--repetition-penalty must be a positive number, 1 for none (got " + fmt(o.repetition_penalty) + ")");
+  if (o.do_sample) {
+    if (!(std::isfinite(o.temperature) && o.temperature > 0.0))
+      usage("--temperature must be greater than 0 when sampling (got " + fmt(o.temperature) +
+            "); for the most likely tokens leave out --do-sample");
+    if (o.top_k < 0) usage("--top-k must be 0 (off) or positive (got " + std::to_string(o.top_k) + ")");
+    if (!(o.top_p > 0.0 && o.top_p <= 1.0)) usage("--top-p must be in (0, 1] (got " + fmt(o.top_p) + ")");
+  }
+}
+
+void process_scores(float* s, int64_t V, const std::vector<int32_t>& tokens, const GenerationOptions& o,
+                    const SpecialTokens& sp) {
+  // Repetition penalty (CTRL): every distinct token of the decoder's sequence so far, once. For T5 that
+  // sequence starts with the decoder start token, so it is penalised too: Hugging Face's processor sees the
+  // T5 decoder's input ids, start token included (the fixture README's "generated tokens only" holds for
+  // decoder-only models given embeddings). The fixture's greedy_rep1.5 sequences come out the same either
+  // way (the start/pad token never competes there); tests/test_generate.cpp pins this choice.
+  if (o.repetition_penalty != 1.0) {
+    const float p = static_cast<float>(o.repetition_penalty);
+    std::vector<int32_t> seen(tokens);
+    std::sort(seen.begin(), seen.end());
+    seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
+    for (int32_t id : seen) {
+      if (id < 0 || id >= V) continue;
+      float& x = s[id];
+      x = x < 0.0f ? x * p : x / p;
+    }
+  }
+  // No repeated n-gram: ban every token that once followed the sequence's last n-1 tokens.
+  const int n = o.no_repeat_ngram_size;
+  const size_t L = tokens.size();
+  if (n > 0 && L + 1 >= static_cast<size_t>(n)) {
+    const size_t m = static_cast<size_t>(n) - 1;  // prefix length
+    for (size_t i = 0; i + n <= L; ++i)
+      if (std::equal(tokens.begin() + i, tokens.begin() + i + m, tokens.end() - m)) {
+        const int32_t banned = tokens[i + m];
+        if (banned >= 0 && banned < V) s[banned] = kNegInf;
+      }
+  }
+  // Minimum lengths: end-of-sequence is impossible until then.
+  if (sp.eos >= 0 && sp.eos < V) {
+    if (static_cast<int64_t>(L) < o.min_length) s[sp.eos] = kNegInf;
+    if (static_cast<int64_t>(L) - 1 < o.min_new_tokens) s[sp.eos] = kNegInf;  // the start token is not new
+  }
+}
+
+void warp_scores(float* s, int64_t V, const GenerationOptions& o, int min_keep) {
+  if (o.temperature != 1.0) {
+    const float t = static_cast<float>(o.temperature);
+    for (int64_t i = 0; i < V; ++i) s[i] = s[i] / t;
+  }
+  if (o.top_k > 0) {
+    const int64_t k = std::min<int64_t>(std::max(o.top_k, min_keep), V);
+    std::vector<float> sorted(s, s + V);
+    std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), std::greater<float>());
+    const float kth = sorted[k - 1];
+    for (int64_t i = 0; i < V; ++i)
+      if (s[i] < kth) s[i] = kNegInf;  // ties with the k-th are kept, as the reference does
+  }
+  if (o.top_p < 1.0) {
+    // Ascending order; drop the low tokens whose cumulative probability stays <= 1 - top_p, keeping at
+    // least min_keep of the highest.
+    std::vector<int64_t> order(V);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return s[a] < s[b]; });
+    const float mx = s[order[V - 1]];
+    double sum = 0.0;
+    for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(s[i] - mx));
+    const float threshold = static_cast<float>(1.0 - o.top_p);
+    std::vector<int64_t> drop;
+    double cum = 0.0;
+    for (int64_t r = 0; r < V - min_keep; ++r) {
+      cum += static_cast<float>(std::exp(static_cast<double>(s[order[r]] - mx)) / sum);
+      if (static_cast<float>(cum) <= threshold) drop.push_back(order[r]);
+      else break;
+    }
+    for (int64_t i : drop) s[i] = kNegInf;
+  }
+}
+
+int32_t sample_token(const float* s, int64_t V, std::mt19937_64& rng) {
+  const float mx = *std::max_element(s, s + V);
+  if (mx == kNegInf || std::isnan(mx)) fail(ErrorKind::Internal, "sampling: no token has a non-zero probability");
+  std::vector<double> w(static_cast<size_t>(V));
+  double total = 0.0;
+  for (int64_t i = 0; i < V; ++i) total += (w[i] = std::exp(static_cast<double>(s[i] - mx)));
+  return static_cast<int32_t>(draw(w, total, rng));
+}
 
 std::vector<std::vector<GeneratedSequence>> generate(
     const std::function<std::unique_ptr<Decoder>(int expand)>& start, int batch, const GenerationOptions& o,
     const SpecialTokens& sp, const TokenCallback& on_token) {
   validate(o);
-  auto dec = start(1);
-  return greedy(*dec, batch, o, sp, on_token);
+  if (batch < 1) fail(ErrorKind::Internal, "generate: empty batch");
+  const bool beam = o.num_beams > 1;
+  const int E = beam ? o.num_beams : o.num_return_sequences;  // decoder rows per batch item
+  auto dec = start(E);
+  const int R = batch * E;
+  const int64_t V = dec->vocab_size();
+  if (dec->rows() != R) fail(ErrorKind::Internal, "generate: the decoder has the wrong number of rows");
+  if (beam && 2 * static_cast<int64_t>(o.num_beams) > V)
+    usage("--num-beams " + std::to_string(o.num_beams) + " is too large for a vocabulary of " + std::to_string(V));
+
+  std::mt19937_64 rng(o.seed ? *o.seed : (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}());
+
+  std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(R), std::vector<int32_t>{sp.decoder_start});
+  std::vector<int32_t> feed(static_cast<size_t>(R), sp.decoder_start);
+  std::vector<float> row_score(static_cast<size_t>(R), 0.0f);  // greedy / sampling
+  std::vector<bool> row_done(static_cast<size_t>(R), false);
+  std::vector<BeamItem> items(beam ? static_cast<size_t>(batch) : 0);
+  for (auto& it : items) {
+    it.running.assign(static_cast<size_t>(E), kRuledOut);
+    it.running[0] = 0.0f;  // only the first beam is live at the start: the others hold the same sequence
+  }
+  std::vector<float> buf(static_cast<size_t>(V));
+
+  for (int step = 0; step < o.max_new_tokens; ++step) {
+    const bool last = step + 1 == o.max_new_tokens;
+    const Tensor logits = dec->step(feed);
+    bool all_done = true;
+
+    if (!beam) {
+      for (int r = 0; r < R; ++r) {
+        if (row_done[r]) {
+          feed[r] = sp.pad;  // finished rows keep feeding padding, as the reference does
+          continue;
+        }
+        const float* raw = logits.ptr() + r * V;
+        std::copy(raw, raw + V, buf.begin());
+        process_scores(buf.data(), V, seqs[r], o, sp);
+        int32_t next;
+        if (o.do_sample) {
+          warp_scores(buf.data(), V, o, 1);
+          next = sample_token(buf.data(), V, rng);
+        } else {
+          next = static_cast<int32_t>(std::max_element(buf.begin(), buf.end()) - buf.begin());  // first maximum
+        }
+        row_score[r] += log_prob(raw, V, next);
+        seqs[r].push_back(next);
+        feed[r] = next;
+        if (next == sp.eos) row_done[r] = true;
+        if (on_token) on_token(r, next);
+        all_done = all_done && row_done[r];
+      }
+      if (all_done) break;
+      continue;
+    }
+
+    // Beam search, one batch item at a time; rows b*K .. b*K+K-1 hold item b's beams.
+    const int K = E, C = 2 * K;  // candidates kept per step: enough that K of them do not end
+    std::vector<int> src(static_cast<size_t>(R));
+    std::iota(src.begin(), src.end(), 0);
+    std::vector<float> acc(static_cast<size_t>(K * V));
+    for (int b = 0; b < batch; ++b) {
+      BeamItem& it = items[b];
+      if (it.done) {
+        for (int k = 0; k < K; ++k) feed[b * K + k] = sp.pad;  // its rows idle; nothing of theirs is used
+        continue;
+      }
+      for (int k = 0; k < K; ++k) {
+        const int r = b * K + k;
+        float* lp = acc.data() + k * V;
+        std::copy(logits.ptr() + r * V, logits.ptr() + (r + 1) * V, lp);
+        log_softmax(lp, V);  // beam search processes log-probabilities, not logits
+        process_scores(lp, V, seqs[r], o, sp);
+        if (o.do_sample) warp_scores(lp, V, o, 2);  // keep an alternative to eos
+        for (int64_t v = 0; v < V; ++v) lp[v] += it.running[k];
+      }
+      const std::vector<Candidate> cand = o.do_sample ? sampled_candidates(acc, V, C, rng) : top_candidates(acc, V, C);
+
+      // Candidates that end here: an eos, or any token at the length limit.
+      std::vector<bool> ends(static_cast<size_t>(C));
+      for (int j = 0; j < C; ++j) ends[j] = cand[j].token == sp.eos || last;
+
+      // Among the first K, those that end are offered to the finished set (after the ones already there).
+      const int generated = step + 1;
+      for (int j = 0; j < K; ++j) {
+        if (!ends[j]) continue;
+        Hypothesis h{seqs[b * K + cand[j].beam], normalise(cand[j].score, generated, o.length_penalty)};
+        h.tokens.push_back(cand[j].token);
+        it.finished.push_back(std::move(h));
+      }
+      std::stable_sort(it.finished.begin(), it.finished.end(),
+                       [](const Hypothesis& a, const Hypothesis& c) { return a.score > c.score; });
+      if (static_cast<int>(it.finished.size()) > K) it.finished.resize(static_cast<size_t>(K));
+
+      // The best K that do not end continue (ended ones are ruled out; they can only fill in at the limit).
+      std::vector<std::pair<float, int>> running;
+      for (int j = 0; j < C; ++j) running.emplace_back(cand[j].score + (ends[j] ? kRuledOut : 0.0f), j);
+      std::stable_sort(running.begin(), running.end(),
+                       [](const auto& a, const auto& c) { return a.first > c.first; });
+      std::vector<std::vector<int32_t>> next_seqs(static_cast<size_t>(K));
+      for (int k = 0; k < K; ++k) {
+        const Candidate& c = cand[running[k].second];
+        it.running[k] = running[k].first;
+        next_seqs[k] = seqs[b * K + c.beam];
+        next_seqs[k].push_back(c.token);
+        src[b * K + k] = b * K + c.beam;
+        feed[b * K + k] = c.token;
+      }
+      for (int k = 0; k < K; ++k) seqs[b * K + k] = std::move(next_seqs[k]);
+
+      // Done when the finished set is full and the best running beam, normalised at the current length,
+      // cannot beat its worst (Hugging Face's heuristic for early_stopping=False).
+      if (static_cast<int>(it.finished.size()) == K &&
+          !(normalise(it.running[0], generated, o.length_penalty) > it.finished.back().score))
+        it.done = true;
+      all_done = all_done && it.done;
+    }
+    if (all_done || last) break;
+    dec->reorder(src);
+  }
+
+  std::vector<std::vector<GeneratedSequence>> out(static_cast<size_t>(batch));
+  for (int b = 0; b < batch; ++b) {
+    for (int i = 0; i < o.num_return_sequences; ++i) {
+      GeneratedSequence g;
+      if (beam) {
+        const BeamItem& it = items[b];
+        if (i < static_cast<int>(it.finished.size())) {
+          g.ids = without_start(it.finished[i].tokens);
+          g.score = it.finished[i].score;
+        }
+      } else {
+        const int r = b * E + i;
+        g.ids = without_start(seqs[r]);
+        g.score = row_score[r];
+      }
+      out[b].push_back(std::move(g));
+    }
+  }
+  return out;
+}
+
+GenerationOptions generation_defaults(const std::string& model_dir) {
+  GenerationOptions o;
+  const std::string path = (std::filesystem::path(model_dir) / "generation_config.json").string();
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) return o;  // none (or no directory): the load reports it
+  std::ifstream in(path);
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) fail(ErrorKind::Model, path + ": not a JSON object");
+  const auto bad = [&](const char* key, const char* what) {
+    fail(ErrorKind::Model, path + ": field '" + key + "' must be " + what);
+  };
+  const auto get_int = [&](const char* key, int& v, int lo) {
+    if (!j.contains(key) || j[key].is_null()) return false;
+    if (!j[key].is_number_integer() || j[key].get<int64_t>() < lo || j[key].get<int64_t>() > (1 << 20))
+      bad(key, "an integer in range");
+    v = j[key].get<int>();
+    return true;
+  };
+  const auto get_double = [&](const char* key, double& v) {
+    if (!j.contains(key) || j[key].is_null()) return;
+    if (!j[key].is_number()) bad(key, "a number");
+    v = j[key].get<double>();
+  };
+  int max_length = 0;
+  if (!get_int("max_new_tokens", o.max_new_tokens, 1) && get_int("max_length", max_length, 1))
+    o.max_new_tokens = std::max(1, max_length - 1);  // max_length counts the decoder start token
+  get_int("min_new_tokens", o.min_new_tokens, 0);
+  get_int("min_length", o.min_length, 0);
+  get_int("num_beams", o.num_beams, 1);
+  get_int("no_repeat_ngram_size", o.no_repeat_ngram_size, 0);
+  get_int("num_return_sequences", o.num_return_sequences, 1);
+  get_int("top_k", o.top_k, 0);
+  get_double("length_penalty", o.length_penalty);
+  get_double("repetition_penalty", o.repetition_penalty);
+  get_double("temperature", o.temperature);
+  get_double("top_p", o.top_p);
+  if (j.contains("do_sample") && !j["do_sample"].is_null()) {
+    if (!j["do_sample"].is_boolean()) bad("do_sample", "true or false");
+    o.do_sample = j["do_sample"].get<bool>();
+  }
+  return o;
+}
+
+void apply_preset(GenerationOptions& o, const std::string& preset) {
+  if (preset != "caption" && preset != "vqa") usage("--preset must be caption or vqa (got '" + preset + "')");
+  // LAVIS Blip2T5.generate / predict_answers: beam search, no sampling, no penalties, one answer.
+  o.do_sample = false;
+  o.num_beams = 5;
+  o.num_return_sequences = 1;
+  o.repetition_penalty = 1.0;
+  o.no_repeat_ngram_size = 0;
+  o.min_new_tokens = 0;
+  o.min_length = 1;  // LAVIS passes min_length=1, which counts the start token: it suppresses nothing
+  if (preset == "caption") {
+    o.max_new_tokens = 30;
+    o.length_penalty = 1.0;
+  } else {
+    o.max_new_tokens = 10;
+    o.length_penalty = -1.0;
+  }
+}
+
+std::string preset_prompt(const std::string& preset, const std::string& text) {
+  return preset == "vqa" ? "Question: " + text + " Answer:" : text;
 }
 
 }  // namespace blip2

@@ -1,16 +1,36 @@
-// Text generation over any Decoder: one loop for every decoding strategy.
+// Text generation over any Decoder: one loop for every decoding strategy (greedy, sampling, beam search,
+// beam sampling), with Hugging Face transformers' logits processors, in its order and with its semantics.
 #pragma once
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <random>
+#include <string>
 #include <vector>
 
 #include "generate/decoder.h"
 
 namespace blip2 {
 
-// Decoding options, with Hugging Face's names and defaults.
+// Decoding options, with Hugging Face's names and defaults (GenerationConfig). A plain struct: fill it,
+// then validate(). Options a strategy does not use are ignored by it (e.g. temperature without do_sample).
 struct GenerationOptions {
-  int max_new_tokens = 20;  // tokens generated after the start token, end-of-sequence included
+  int max_new_tokens = 20;         // most tokens generated after the start token, end-of-sequence included
+  int min_new_tokens = 0;          // end-of-sequence is suppressed until this many tokens are generated
+  int min_length = 0;              // the same bound counted on the decoder's whole sequence, start token
+                                   // included (HF min_length: for T5, min_length 1 suppresses nothing)
+  int num_beams = 1;               // 1: greedy (or sampling); more: beam search (beam sampling with do_sample)
+  double length_penalty = 1.0;     // beam search: a finished hypothesis scores sum_logprobs / len^length_penalty,
+                                   // len = generated tokens, end-of-sequence included; negative favours short
+  double repetition_penalty = 1.0; // > 1 discourages every token already in the decoder's sequence
+  int no_repeat_ngram_size = 0;    // > 0: no n-gram of this size occurs twice in the decoder's sequence
+  int num_return_sequences = 1;    // sequences per input: the best finished beams, or independent samples
+  bool do_sample = false;          // draw from the processed distribution instead of taking the best
+  double temperature = 1.0;        // sampling: logits / temperature
+  int top_k = 50;                  // sampling: keep the k most likely tokens (0 = off)
+  double top_p = 1.0;              // sampling: keep the smallest set holding probability >= top_p (1 = off)
+  std::optional<uint64_t> seed;    // sampling: same seed, same options, same model -> same output; unset: random
 };
 
 struct SpecialTokens {
@@ -21,19 +41,49 @@ struct SpecialTokens {
 
 struct GeneratedSequence {
   std::vector<int32_t> ids;  // generated ids, without the start token, up to and including the first eos
-  float score = 0.0f;        // sum of the chosen tokens' log-probabilities
+  // Beam search: the hypothesis' score as Hugging Face reports it (sequences_scores): the sum of the
+  // processed log-probabilities of its tokens divided by len^length_penalty. Greedy and sampling: the sum
+  // of the model's log-probabilities (log_softmax of the raw logits) of the chosen tokens.
+  float score = 0.0f;
 };
 
-// Called after each step with the token chosen for each batch item (greedy) so text can stream.
-using TokenCallback = std::function<void(int item, int32_t token)>;
+// Called for greedy and sampling (not beam search, whose beams change their past) after each step, once per
+// unfinished row with the token it just chose, so text can stream. Rows are item-major:
+// row = item * num_return_sequences + sequence.
+using TokenCallback = std::function<void(int row, int32_t token)>;
 
 // Generates for `batch` items. `start(expand)` returns a fresh decoder over the batch with `expand` rows
-// per item. Returns one list of sequences per item.
+// per item (beams, or independent samples). Returns num_return_sequences sequences per item, best first
+// for beam search. Validates `options` first (Error(Usage)).
 std::vector<std::vector<GeneratedSequence>> generate(
     const std::function<std::unique_ptr<Decoder>(int expand)>& start, int batch,
     const GenerationOptions& options, const SpecialTokens& special, const TokenCallback& on_token = nullptr);
 
-// Checks options for contradictions and ranges; throws Error(Usage) with the option's name.
+// Checks options for contradictions and ranges; throws Error(Usage) naming the command-line option.
 void validate(const GenerationOptions& options);
+
+// Generation defaults of a model directory: Hugging Face's, overridden by the fields of
+// <dir>/generation_config.json that are present (max_new_tokens, or max_length counted with the start
+// token; min_new_tokens, min_length, num_beams, length_penalty, repetition_penalty, no_repeat_ngram_size,
+// num_return_sequences, do_sample, temperature, top_k, top_p). Throws Error(Model) for a malformed file.
+GenerationOptions generation_defaults(const std::string& model_dir);
+
+// The LAVIS settings behind the BLIP-2 paper's numbers, applied over `o`: "caption" (5 beams, at most 30
+// new tokens, min_length 1) and "vqa" (5 beams, at most 10 new tokens, min_length 1, length_penalty -1;
+// prompt "Question: {} Answer:"). Throws Error(Usage) for another name.
+void apply_preset(GenerationOptions& o, const std::string& preset);
+// The prompt a preset sends for `text` (vqa: "Question: {text} Answer:"; caption: text unchanged).
+std::string preset_prompt(const std::string& preset, const std::string& text);
+
+// ---- The pieces of one step, exposed for tests -------------------------------------------------------
+// Logits processors in Hugging Face's order: repetition penalty, no-repeat n-gram, min_length, min_new_tokens.
+// `scores` are raw logits (greedy, sampling) or log-probabilities (beam search); `tokens` is the row's
+// decoder sequence so far, start token included.
+void process_scores(float* scores, int64_t vocab, const std::vector<int32_t>& tokens, const GenerationOptions& o,
+                    const SpecialTokens& special);
+// Sampling warpers in Hugging Face's order: temperature, top_k, top_p (never fewer than min_keep tokens).
+void warp_scores(float* scores, int64_t vocab, const GenerationOptions& o, int min_keep = 1);
+// A draw from softmax(scores) (entries at -inf are never drawn).
+int32_t sample_token(const float* scores, int64_t vocab, std::mt19937_64& rng);
 
 }  // namespace blip2

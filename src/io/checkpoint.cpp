@@ -62,7 +62,10 @@ Weight Checkpoint::take(const std::string& name, const Shape& shape) {
     fail(ErrorKind::Model, it->second->path() + ": tensor '" + name + "' has shape " + shape_str(w.shape) +
                                " but the config implies " + shape_str(shape));
   used_.insert(name);
-  return w;
+  if (!convert_) return w;
+  Weight c = convert_(name, w);
+  if (c.data != w.data) it->second->release(name);
+  return c;
 }
 
 Weight Checkpoint::take_any(const std::vector<std::string>& names, const Shape& shape) {

@@ -19,6 +19,13 @@ class Checkpoint {
   using Progress = std::function<void(int, int, const std::string&)>;
   explicit Checkpoint(const std::string& model_dir, const Progress& progress = nullptr);
 
+  // A load-time conversion applied by take() to every tensor it hands out: given the tensor's name and the
+  // weight as stored (checked), returns the weight to use — itself, or a converted copy in buffers it owns.
+  // When the result no longer views the file, the tensor's file pages are dropped from memory right away
+  // (SafetensorsFile::release), so that converting a model needs its converted size, not that plus the file.
+  using Convert = std::function<Weight(const std::string& name, const Weight& stored)>;
+  void set_convert(Convert convert) { convert_ = std::move(convert); }
+
   bool has(const std::string& name) const;
   // The tensor `name`, which must have exactly `shape`. Throws Error(Model) naming tensor and file.
   Weight take(const std::string& name, const Shape& shape);
@@ -37,6 +44,7 @@ class Checkpoint {
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const SafetensorsFile*> where_;
   std::set<std::string> used_;
+  Convert convert_;
 };
 
 }  // namespace blip2

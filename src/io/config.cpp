@@ -25,10 +25,11 @@ namespace {
 // Reads fields of one JSON object, with the object's path for messages ("config.json: text_config.d_model").
 class Fields {
  public:
-  Fields(const json& obj, std::string where) : obj_(obj), where_(std::move(where)) {}
+  // `prefix` comes before each key in messages: "config.json: " at the top, "config.json: text_config." below.
+  Fields(const json& obj, std::string prefix) : obj_(obj), prefix_(std::move(prefix)) {}
 
   [[noreturn]] void bad(const std::string& key, const std::string& why) const {
-    fail(ErrorKind::Model, where_ + "." + key + " " + why);
+    fail(ErrorKind::Model, prefix_ + key + " " + why);
   }
   bool has(const std::string& key) const { return obj_.contains(key) && !obj_[key].is_null(); }
 
@@ -37,10 +38,11 @@ class Fields {
     if (!has(key)) return;
     const json& v = obj_[key];
     if (!v.is_number_integer()) bad(key, "must be an integer, got " + v.dump());
-    const int64_t n = v.get<int64_t>();
+    // (an unsigned value past INT64_MAX must not wrap around into range or print as negative)
+    const bool huge = v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(max);
+    const int64_t n = huge ? int64_t(max) + 1 : v.get<int64_t>();
     if (n < min || n > max)
-      bad(key, "= " + std::to_string(n) + " is out of range [" + std::to_string(min) + ", " +
-                   std::to_string(max) + "]");
+      bad(key, "= " + v.dump() + " is out of range [" + std::to_string(min) + ", " + std::to_string(max) + "]");
     out = static_cast<int>(n);
   }
   void epsilon(const std::string& key, float& out) const {
@@ -78,7 +80,9 @@ class Fields {
     // generation_config may hold a list of end ids; the first is the one the model emits
     if (j.is_array()) {
       if (j.empty() || !j[0].is_number_integer()) bad(key, "must be an integer or a list of integers");
-      v = j[0].get<int>();
+      const int64_t first = j[0].get<int64_t>();
+      if (first < 0 || first > (1 << 30)) bad(key, "= " + j.dump() + " holds an id out of range [0, 1073741824]");
+      v = static_cast<int>(first);
     } else {
       count(key, v, 1 << 30, 0);
     }
@@ -86,20 +90,27 @@ class Fields {
   }
   Fields sub(const std::string& key) const {
     static const json empty = json::object();
-    if (!has(key)) return Fields(empty, where_ + "." + key);
+    if (!has(key)) return Fields(empty, prefix_ + key + ".");
     if (!obj_[key].is_object()) bad(key, "must be an object");
-    return Fields(obj_[key], where_ + "." + key);
+    return Fields(obj_[key], prefix_ + key + ".");
   }
 
  private:
   const json& obj_;
-  std::string where_;
+  std::string prefix_;
 };
 
 void check_divisible(const std::string& where, int a, const char* an, int b, const char* bn) {
   if (a % b != 0)
     fail(ErrorKind::Model, where + ": " + an + " (" + std::to_string(a) + ") must be divisible by " + bn +
                                " (" + std::to_string(b) + ")");
+}
+
+void check_special_ids(const T5Config& tc, const std::string& where) {
+  for (int id : {tc.pad_token_id, tc.eos_token_id, tc.decoder_start_token_id})
+    if (id >= tc.vocab_size)
+      fail(ErrorKind::Model, where + " special token id " + std::to_string(id) + " is outside the vocabulary (" +
+                                 std::to_string(tc.vocab_size) + ")");
 }
 
 json parse_json(const std::string& text, const std::string& source) {
@@ -121,7 +132,7 @@ std::string read_text(const std::string& path) {
 
 Blip2Config parse_config(const std::string& json_text, const std::string& source) {
   const json j = parse_json(json_text, source);
-  Fields top(j, source + ":");
+  Fields top(j, source + ": ");
   Blip2Config c;
   if (auto mt = top.text("model_type"); mt && *mt != "blip-2")
     top.bad("model_type", "= \"" + *mt + "\": this is not a BLIP-2 checkpoint");
@@ -193,10 +204,7 @@ Blip2Config parse_config(const std::string& json_text, const std::string& source
   t.token_id("pad_token_id", tc.pad_token_id);
   t.token_id("eos_token_id", tc.eos_token_id);
   t.token_id("decoder_start_token_id", tc.decoder_start_token_id);
-  for (int id : {tc.pad_token_id, tc.eos_token_id, tc.decoder_start_token_id})
-    if (id >= tc.vocab_size)
-      fail(ErrorKind::Model, source + ": text_config special token id " + std::to_string(id) +
-                                 " is outside the vocabulary (" + std::to_string(tc.vocab_size) + ")");
+  check_special_ids(tc, source + ": text_config");
   return c;
 }
 
@@ -209,7 +217,7 @@ Blip2Config load_config(const std::string& model_dir) {
   const std::string gpath = (fs::path(model_dir) / "generation_config.json").string();
   if (fs::exists(gpath)) {
     const json g = parse_json(read_text(gpath), gpath);
-    Fields f(g, gpath + ":");
+    Fields f(g, gpath + ": ");
     GenerationDefaults& d = c.generation;
     if (f.has("max_new_tokens")) { int v = 0; f.count("max_new_tokens", v, 1 << 20, 0); d.max_new_tokens = v; }
     if (f.has("max_length")) { int v = 0; f.count("max_length", v, 1 << 20, 0); d.max_length = v; }
@@ -220,6 +228,7 @@ Blip2Config load_config(const std::string& model_dir) {
     if (d.eos_token_id) tc.eos_token_id = *d.eos_token_id;
     if (d.pad_token_id) tc.pad_token_id = *d.pad_token_id;
     if (d.decoder_start_token_id) tc.decoder_start_token_id = *d.decoder_start_token_id;
+    check_special_ids(tc, gpath + ":");  // the overrides must fit the embedding table too
   }
   return c;
 }

@@ -5,7 +5,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -39,6 +41,13 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
 
 MappedFile::~MappedFile() {
   if (data_) munmap(const_cast<uint8_t*>(data_), size_);
+}
+
+void MappedFile::release(const void* p, size_t n) const {
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;  // whole pages only
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);  // advisory: errors ignored
 }
 
 namespace {
@@ -92,7 +101,10 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(MappedFile::op
     if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned())
       bad(where + "data_offsets must be non-negative integers");
     const uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
-    if (begin > end || end > data_size)
+    if (begin > end)
+      bad(where + "data offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
+          ") are reversed (begin after end)");
+    if (end > data_size)
       bad(where + "data offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
           ") lie outside the file's " + std::to_string(data_size) + " data bytes (truncated file?)");
     if (end - begin != count * esize)
@@ -126,10 +138,14 @@ Weight SafetensorsFile::weight(const std::string& name) const {
   return w;
 }
 
+void SafetensorsFile::release(const std::string& name) const {
+  if (const TensorEntry* e = find(name)) file_->release(e->data, e->nbytes);
+}
+
 Tensor SafetensorsFile::tensor(const std::string& name) const {
   Weight w = weight(name);
   Tensor t(w.shape);
-  w.to_f32(0, t.size(), t.ptr());
+  if (t.size() > 0) w.to_f32(0, t.size(), t.ptr());  // an empty tensor has no buffer to copy into
   return t;
 }
 
@@ -151,6 +167,132 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
   for (const auto& t : tensors)
     out.write(reinterpret_cast<const char*>(t.tensor->ptr()), static_cast<std::streamsize>(t.tensor->size() * 4));
   if (!out) fail(ErrorKind::Usage, path + ": write failed");
+}
+
+uint16_t f32_to_bf16_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x0040u);  // quiet NaN
+  x += 0x7fffu + ((x >> 16) & 1u);  // round to nearest even; a carry out of the top mantissa gives inf
+  return static_cast<uint16_t>(x >> 16);
+}
+
+uint16_t f32_to_f16_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return sign | 0x7e00u | static_cast<uint16_t>((x >> 13) & 0x3ffu);  // NaN
+  if (x >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 (the tie above 65504 rounds to even: inf)
+  const uint32_t e = x >> 23, m = x & 0x7fffffu;
+  if (e < 113) {                    // below 2^-14: a subnormal half, s * 2^-24
+    if (e < 102) return sign;       // below 2^-25: rounds to zero
+    const uint32_t mant = m | 0x800000u, shift = 126 - e;  // 14..24
+    uint32_t s = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (s & 1u))) ++s;  // s == 1024 is the smallest normal, as bits
+    return sign | static_cast<uint16_t>(s);
+  }
+  uint32_t h = ((e - 112) << 10) | (m >> 13);
+  const uint32_t rem = m & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a mantissa carry bumps the exponent
+  return sign | static_cast<uint16_t>(h);
+}
+
+void SafetensorsWriter::add(const std::string& name, DType dtype, const Shape& shape) {
+  if (name.empty() || name == "__metadata__")
+    fail(ErrorKind::Internal, "safetensors writer: reserved tensor name '" + name + "'");
+  for (const auto& t : tensors_)
+    if (t.name == name) fail(ErrorKind::Internal, "safetensors writer: duplicate tensor '" + name + "'");
+  for (int64_t d : shape)
+    if (d < 0) fail(ErrorKind::Internal, "safetensors writer: tensor '" + name + "' has a negative dimension");
+  if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
+    fail(ErrorKind::Internal, "safetensors writer: tensor '" + name + "': only F32, F16 and BF16 can be written");
+  const uint64_t n = static_cast<uint64_t>(numel(shape)) * dtype_size(dtype);
+  tensors_.push_back({name, dtype, shape, data_bytes_, data_bytes_ + n});
+  data_bytes_ += n;
+}
+
+void SafetensorsWriter::set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
+
+std::string SafetensorsWriter::header() const {
+  nlohmann::ordered_json h = nlohmann::ordered_json::object();
+  h["__metadata__"] = metadata_;
+  for (const auto& t : tensors_)
+    h[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {t.begin, t.end}}};
+  std::string s = h.dump();
+  while (s.size() % 8 != 0) s.push_back(' ');  // 8 + header: the data starts 8-byte aligned
+  return s;
+}
+
+void SafetensorsWriter::write(const std::string& path, const Fill& fill, const Progress& progress,
+                              int64_t chunk_elements) const {
+  if (chunk_elements <= 0) chunk_elements = int64_t(1) << 20;
+  const std::string tmp = path + ".partial";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail(ErrorKind::Usage, tmp + ": cannot open for writing: " + std::strerror(errno));
+  // On any exception (a failed write, or one from `fill`) the partial file is closed and removed.
+  struct Guard {
+    int fd;
+    const std::string& tmp;
+    bool done = false;
+    ~Guard() {
+      if (!done) {
+        ::close(fd);
+        ::unlink(tmp.c_str());
+      }
+    }
+  } guard{fd, tmp};
+  const auto put = [&](const void* p, size_t n) {
+    const char* c = static_cast<const char*>(p);
+    while (n > 0) {
+      const ssize_t w = ::write(fd, c, n);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) fail(ErrorKind::Usage, tmp + ": write failed: " + std::strerror(w < 0 ? errno : ENOSPC));
+      c += w;
+      n -= static_cast<size_t>(w);
+    }
+  };
+  const std::string h = header();
+  const uint64_t len = h.size();
+  put(&len, 8);  // little-endian on every platform we build for
+  put(h.data(), h.size());
+
+  std::vector<float> values;
+  std::vector<uint16_t> half;
+  uint64_t written = 0;
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    const Entry& t = tensors_[i];
+    const int64_t total = numel(t.shape);
+    for (int64_t begin = 0; begin < total; begin += chunk_elements) {
+      const int64_t n = std::min(chunk_elements, total - begin);
+      values.resize(static_cast<size_t>(n));
+      fill(i, begin, n, values.data());
+      if (t.dtype == DType::F32) {
+        put(values.data(), static_cast<size_t>(n) * 4);
+      } else {
+        half.resize(static_cast<size_t>(n));
+        if (t.dtype == DType::F16)
+          for (int64_t j = 0; j < n; ++j) half[j] = f32_to_f16_bits(values[j]);
+        else
+          for (int64_t j = 0; j < n; ++j) half[j] = f32_to_bf16_bits(values[j]);
+        put(half.data(), static_cast<size_t>(n) * 2);
+      }
+      written += static_cast<uint64_t>(n) * dtype_size(t.dtype);
+      if (progress) progress(written, data_bytes_);
+    }
+  }
+  guard.done = true;
+  if (::close(fd) != 0) {
+    const std::string why = std::strerror(errno);
+    ::unlink(tmp.c_str());
+    fail(ErrorKind::Usage, tmp + ": close failed: " + why);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    ::unlink(tmp.c_str());
+    fail(ErrorKind::Usage, path + ": cannot rename " + tmp + " into place: " + why);
+  }
 }
 
 }  // namespace blip2

@@ -1,6 +1,7 @@
 // safetensors files: memory-mapped reading with every header field checked, and a small writer.
 // Layout: u64 little-endian header length N | N bytes of JSON {name: {dtype, shape, data_offsets}} | data.
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -18,6 +19,10 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  // Drops the resident pages wholly inside [p, p + n) from this mapping (madvise MADV_DONTNEED): after a
+  // tensor was converted into a buffer of its own, its file pages no longer count in the process's memory.
+  // The mapping is private and never written, so a later read simply faults the file's bytes back in.
+  void release(const void* p, size_t n) const;
 
  private:
   MappedFile() = default;
@@ -43,6 +48,8 @@ class SafetensorsFile {
   const TensorEntry* find(const std::string& name) const;
   // A floating-point tensor as a Weight viewing the mapped bytes (F32, F16 or BF16).
   Weight weight(const std::string& name) const;
+  // Drops the tensor's pages from memory (MappedFile::release); the Weight stays valid.
+  void release(const std::string& name) const;
   // A float32 copy of any F32/F16/BF16 tensor (test and tool convenience).
   Tensor tensor(const std::string& name) const;
 
@@ -57,5 +64,50 @@ struct NamedTensor {
   const Tensor* tensor;
 };
 void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors);
+
+// float32 -> IEEE half / bfloat16 bits, round to nearest even. F16: values from 65520 up overflow to
+// infinity, values below 2^-14 become subnormals (down to 2^-24), NaN stays a (quiet) NaN.
+uint16_t f32_to_f16_bits(float f);
+uint16_t f32_to_bf16_bits(float f);
+
+// A streaming safetensors writer for files larger than memory: declare every tensor first (name, dtype,
+// shape), then `write`: it computes the header (offsets in declaration order, no holes, data 8-byte
+// aligned), writes it, and then asks `fill` for each tensor's values chunk by chunk as float32, converting
+// to the declared dtype on the way. At most one chunk is held in memory, whatever the tensor sizes.
+class SafetensorsWriter {
+ public:
+  // Produce float32 values for elements [begin, begin + n) of the tensor declared `index`-th (0-based).
+  // Chunks of one tensor arrive in order, tensors in declaration order.
+  using Fill = std::function<void(size_t index, int64_t begin, int64_t n, float* out)>;
+  // After each chunk: data bytes written so far and the file's total data bytes.
+  using Progress = std::function<void(uint64_t written, uint64_t total)>;
+
+  // Throws Error(Internal) for a duplicate or reserved name or a negative dimension.
+  void add(const std::string& name, DType dtype, const Shape& shape);
+  // A string entry of the header's "__metadata__" ({"format": "pt"} is always written).
+  void set_metadata(const std::string& key, const std::string& value);
+
+  size_t size() const { return tensors_.size(); }
+  uint64_t data_bytes() const { return data_bytes_; }
+  // The header as written: JSON padded with spaces so that the data starts 8-byte aligned.
+  std::string header() const;
+  uint64_t file_bytes() const { return 8 + header().size() + data_bytes_; }
+
+  // Writes `path` through a temporary `path.partial` renamed at the end, so an interrupted run never
+  // leaves a truncated file under the final name. Throws Error(Usage) if the file cannot be written.
+  void write(const std::string& path, const Fill& fill, const Progress& progress = nullptr,
+             int64_t chunk_elements = int64_t(1) << 20) const;
+
+ private:
+  struct Entry {
+    std::string name;
+    DType dtype;
+    Shape shape;
+    uint64_t begin, end;
+  };
+  std::vector<Entry> tensors_;
+  std::map<std::string, std::string> metadata_{{"format", "pt"}};
+  uint64_t data_bytes_ = 0;
+};
 
 }  // namespace blip2

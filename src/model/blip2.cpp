@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "ops/ops.h"
+#include "ops/parallel.h"
 
 namespace blip2 {
 
@@ -25,12 +26,24 @@ int read_max_prompt_tokens(const std::string& dir) {
   return 512;
 }
 
+// Sets the thread count, then opens the checkpoint with the options' weight conversion, so that every
+// tensor the parts take arrives in its final format.
+std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOptions& options,
+                                            const Checkpoint::Progress& progress) {
+  par::set_threads(options.threads);
+  auto ck = std::make_unique<Checkpoint>(dir, progress);
+  ck->set_convert(weight_converter(options, !ck->has("language_model.lm_head.weight")));
+  return ck;
+}
+
 }  // namespace
 
 // Members are built in declaration order, each from the shared checkpoint, which checks every tensor.
-Blip2Model::Blip2Model(const std::string& dir, const Progress& progress)
+Blip2Model::Blip2Model(const std::string& dir, const Progress& progress) : Blip2Model(dir, LoadOptions{}, progress) {}
+
+Blip2Model::Blip2Model(const std::string& dir, const LoadOptions& options, const Progress& progress)
     : cfg_(load_config(dir)),
-      ckpt_(std::make_unique<Checkpoint>(dir, progress)),
+      ckpt_(open_checkpoint(dir, options, progress)),
       vision_(*ckpt_, cfg_.vision),
       qformer_(*ckpt_, cfg_.qformer, cfg_.num_query_tokens),
       proj_w_(ckpt_->take("language_projection.weight", {cfg_.text.d_model, cfg_.qformer.hidden_size})),
@@ -68,23 +81,43 @@ PromptBatch Blip2Model::tokenize(const std::vector<std::string>& prompts) const 
 }
 
 Encoded Blip2Model::encode(const Tensor& pixels, const PromptBatch& prompts) const {
-  const int64_t B = pixels.dim(0), Q = cfg_.num_query_tokens, L = prompts.length, d = cfg_.text.d_model;
-  if (prompts.batch != B) fail(ErrorKind::Usage, "each image needs exactly one prompt");
+  if (!pixels.shape.empty() && prompts.batch != pixels.dim(0))
+    fail(ErrorKind::Usage, "each image needs exactly one prompt");
+  return encode_prompts(encode_image(pixels), prompts);
+}
+
+Encoded Blip2Model::encode_image(const Tensor& pixels) const {
   const int S = cfg_.vision.image_size;
-  if (pixels.shape != Shape{B, 3, S, S})
+  const int64_t B = pixels.shape.empty() ? 0 : pixels.dim(0);
+  if (pixels.shape != Shape{B, 3, S, S} || B < 1)
     fail(ErrorKind::Input, "pixel tensor has shape " + shape_str(pixels.shape) + ", the model takes " +
-                               shape_str({B, 3, S, S}));
+                               shape_str({std::max<int64_t>(B, 1), 3, S, S}));
+  ++image_encodings_.n;
   Encoded e;
   e.vision_last_hidden_state = vision_.forward(pixels);
   e.qformer_last_hidden_state = qformer_.forward(e.vision_last_hidden_state);
   e.language_projection = ops::linear(e.qformer_last_hidden_state, proj_w_, proj_b_);
+  return e;
+}
+
+Encoded Blip2Model::encode_prompts(const Encoded& image, const PromptBatch& prompts) const {
+  const Tensor& proj = image.language_projection;
+  const int64_t Q = cfg_.num_query_tokens, L = prompts.length, d = cfg_.text.d_model;
+  const int64_t B = proj.shape.empty() ? 0 : proj.dim(0);
+  if (proj.shape != Shape{B, Q, d} || B < 1)
+    fail(ErrorKind::Internal, "encode_prompts: language projection has shape " + shape_str(proj.shape));
+  if (prompts.batch != B) fail(ErrorKind::Usage, "each image needs exactly one prompt");
+  Encoded e;
+  e.vision_last_hidden_state = image.vision_last_hidden_state;
+  e.qformer_last_hidden_state = image.qformer_last_hidden_state;
+  e.language_projection = proj;
 
   // Encoder input: [projected queries ; prompt embeddings], mask [ones ; prompt mask].
   Tensor x({B, Q + L, d});
   e.encoder_mask.assign(static_cast<size_t>(B * (Q + L)), 1);
   for (int64_t b = 0; b < B; ++b) {
     float* xb = x.ptr() + b * (Q + L) * d;
-    std::memcpy(xb, e.language_projection.ptr() + b * Q * d, static_cast<size_t>(Q * d) * 4);
+    std::memcpy(xb, proj.ptr() + b * Q * d, static_cast<size_t>(Q * d) * 4);
     t5_.embed(prompts.ids.data() + b * L, L, xb + Q * d);
     std::memcpy(e.encoder_mask.data() + b * (Q + L) + Q, prompts.mask.data() + b * L, static_cast<size_t>(L));
   }

@@ -2,6 +2,7 @@
 //   pixels ─ VisionModel ─ QFormer ─ language projection ─┐
 //   prompt ─ tokenizer ─ embedding ───────────────────────┴─ [queries ; prompt] ─ T5 encoder ─ decoder
 #pragma once
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -10,6 +11,7 @@
 #include "generate/decoder.h"
 #include "io/checkpoint.h"
 #include "io/config.h"
+#include "model/load_options.h"
 #include "model/qformer.h"
 #include "model/t5.h"
 #include "model/vision.h"
@@ -38,6 +40,9 @@ class Blip2Model {
   using Progress = Checkpoint::Progress;
   // Loads and checks a Hugging Face BLIP-2 directory. Throws Error(Model) naming what is wrong.
   explicit Blip2Model(const std::string& model_dir, const Progress& progress = nullptr);
+  // The same with load options: the format linear weights are converted to as they load, and the thread
+  // count of the kernels (and OpenBLAS) for the whole process.
+  Blip2Model(const std::string& model_dir, const LoadOptions& options, const Progress& progress = nullptr);
 
   const Blip2Config& config() const { return cfg_; }
   const T5Tokenizer& tokenizer() const { return tokenizer_; }
@@ -45,8 +50,17 @@ class Blip2Model {
   int max_prompt_tokens() const { return max_prompt_tokens_; }
 
   PromptBatch tokenize(const std::vector<std::string>& prompts) const;
-  // pixels [B,3,S,S] with one prompt per image -> every stage up to the encoder output.
+  // pixels [B,3,S,S] with one prompt per image -> every stage up to the encoder output. The same as
+  // encode_prompts(encode_image(pixels), prompts).
   Encoded encode(const Tensor& pixels, const PromptBatch& prompts) const;
+  // The image stages alone (vision, Q-Former, language projection), to reuse with several prompts (chat):
+  // the encoder fields of the result are empty.
+  Encoded encode_image(const Tensor& pixels) const;
+  // The prompt stage over an image encoding: the T5 encoder over [projected queries ; prompt embeddings],
+  // one prompt per image. The image fields are copied from `image`.
+  Encoded encode_prompts(const Encoded& image, const PromptBatch& prompts) const;
+  // How many times the image stages have run (encode_image, encode) on this model.
+  int64_t image_encodings() const { return image_encodings_.n.load(); }
   // A decoder ready to take the start token, `expand` rows per batch item.
   std::unique_ptr<Decoder> start_decoder(const Encoded& enc, int expand = 1) const;
 
@@ -59,6 +73,12 @@ class Blip2Model {
   T5Model t5_;
   T5Tokenizer tokenizer_;
   int max_prompt_tokens_ = 512;
+  struct Counter {  // copyable, so the model stays copyable and movable
+    mutable std::atomic<int64_t> n{0};
+    Counter() = default;
+    Counter(const Counter& o) : n(o.n.load()) {}
+    Counter& operator=(const Counter& o) { n = o.n.load(); return *this; }
+  } image_encodings_;
 };
 
 }  // namespace blip2

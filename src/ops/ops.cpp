@@ -4,55 +4,87 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <vector>
 
 #include "core/error.h"
+#include "ops/kernels.h"
+#include "ops/parallel.h"
 
 namespace blip2::ops {
 
 namespace {
 
-// Weight rows widened per block, so that F16/BF16 weights go through the same BLAS product as F32 ones
-// without a float32 copy of the whole matrix.
-constexpr int64_t kWidenRows = 256;
+// Weight rows widened per block for the BLAS path (F16/BF16/I8/I4 weights and more than kGemvMaxRows rows),
+// so that no float32 copy of the whole matrix is ever made.
+int64_t kWidenRows = 512;
+// Below this many multiply-adds per thread a kernel runs on the calling thread alone.
+constexpr int64_t kMinWorkPerThread = 1 << 16;
 
-void gemm_f32(const float* x, int64_t rows, int64_t in, const float* w, int64_t out, float* y, int64_t ldy) {
-  if (rows == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(out), static_cast<int>(in), 1.0f, w,
-                static_cast<int>(in), x, 1, 0.0f, y, 1);
-    return;
-  }
+void sgemm_nt(const float* x, int64_t rows, int64_t in, const float* w, int64_t out, float* y, int64_t ldy) {
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows), static_cast<int>(out),
               static_cast<int>(in), 1.0f, x, static_cast<int>(in), w, static_cast<int>(in), 0.0f, y,
               static_cast<int>(ldy));
 }
 
+// Elementwise work over [0, n) on the pool when it is large enough to pay for the hand-off.
+void for_elements(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  par::parallel_for(n, fn, kMinWorkPerThread, 16);
+}
+
 }  // namespace
+
+void set_widen_rows(int64_t rows) { kWidenRows = std::max<int64_t>(rows, 8); }
+
+Weight convert_weight(const Weight& w, WeightFormat format, int int4_group) {
+  switch (format) {
+    case WeightFormat::AsStored: return w;
+    case WeightFormat::F32: return kern::convert(w, DType::F32);
+    case WeightFormat::F16: return kern::convert(w, DType::F16);
+    case WeightFormat::BF16: return kern::convert(w, DType::BF16);
+    case WeightFormat::I8: return kern::convert(w, DType::I8);
+    case WeightFormat::I4: return kern::convert(w, DType::I4, int4_group);
+  }
+  return w;
+}
 
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y) {
   const int64_t out = w.rows(), in = w.cols();
   if (rows == 0 || out == 0) return;
-  if (w.dtype == DType::F32) {
-    gemm_f32(x, rows, in, static_cast<const float*>(w.data), out, y, out);
+  if (rows <= kGemvMaxRows) {
+    // Output channels split between threads; each thread streams its share of the weight once.
+    const int64_t min_rows = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(in * rows, 1));
+    if (w.quantized()) {
+      thread_local kern::QuantRows tls;
+      kern::QuantRows& qx = tls;  // the caller's buffer (inside the lambda `tls` would be the worker's own)
+      qx.resize(rows, w.ld, kern::act_block(w));
+      kern::quantize_rows(x, rows, in, in, qx);
+      par::parallel_for(out, [&](int64_t o0, int64_t o1) { kern::gemv_q(qx, w, o0, o1, y, out); }, min_rows, 16);
+    } else {
+      par::parallel_for(
+          out, [&](int64_t o0, int64_t o1) { kern::gemv(x, in, static_cast<int>(rows), w, o0, o1, y, out); },
+          min_rows, 16);
+    }
+  } else if (w.dtype == DType::F32) {
+    sgemm_nt(x, rows, in, static_cast<const float*>(w.data), out, y, out);
   } else {
-    std::vector<float> block(static_cast<size_t>(std::min(out, kWidenRows) * in));
-    std::vector<float> tmp(rows == 1 ? 0 : static_cast<size_t>(rows * std::min(out, kWidenRows)));
+    const int64_t nb = std::min(out, kWidenRows);
+    std::vector<float> block(static_cast<size_t>(nb * in));
     for (int64_t r0 = 0; r0 < out; r0 += kWidenRows) {
       const int64_t n = std::min(kWidenRows, out - r0);
-      w.to_f32(r0 * in, n * in, block.data());
-      if (rows == 1) {
-        gemm_f32(x, 1, in, block.data(), n, y + r0, n);
-      } else {
-        gemm_f32(x, rows, in, block.data(), n, y + r0, out);  // writes columns [r0, r0+n) of y
-      }
+      par::parallel_for(n, [&](int64_t a, int64_t e) { kern::dequant_rows(w, r0 + a, e - a, block.data() + a * in, in); },
+                        std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(in, 1)));
+      sgemm_nt(x, rows, in, block.data(), n, y + r0, out);  // writes columns [r0, r0+n) of y
     }
   }
   if (!b.empty()) {
     const std::vector<float> bias = b.f32();
-    for (int64_t r = 0; r < rows; ++r) {
-      float* yr = y + r * out;
-      for (int64_t o = 0; o < out; ++o) yr[o] += bias[o];
-    }
+    par::parallel_for(rows, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* yr = y + r * out;
+        for (int64_t o = 0; o < out; ++o) yr[o] += bias[o];
+      }
+    }, std::max<int64_t>(1, kMinWorkPerThread / out));
   }
 }
 
@@ -70,7 +102,8 @@ Tensor linear(const Tensor& x, const Weight& w, const Weight& b) {
 void layer_norm(Tensor& x, const Weight& gamma, const Weight& beta, float eps) {
   const int64_t d = x.last();
   const std::vector<float> g = gamma.f32(), bt = beta.f32();
-  for (int64_t r = 0; r < x.rows(); ++r) {
+  par::parallel_for(x.rows(), [&](int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
     float* p = x.ptr() + r * d;
     double mean = 0.0, var = 0.0;
     for (int64_t i = 0; i < d; ++i) mean += p[i];
@@ -81,49 +114,57 @@ void layer_norm(Tensor& x, const Weight& gamma, const Weight& beta, float eps) {
     const float m = static_cast<float>(mean);
     for (int64_t i = 0; i < d; ++i) p[i] = (p[i] - m) * inv * g[i] + bt[i];
   }
+  }, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(d, 1)));
 }
 
 void rms_norm(Tensor& x, const Weight& gamma, float eps) {
   const int64_t d = x.last();
   const std::vector<float> g = gamma.f32();
-  for (int64_t r = 0; r < x.rows(); ++r) {
+  par::parallel_for(x.rows(), [&](int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
     float* p = x.ptr() + r * d;
     double ss = 0.0;
     for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(p[i]) * p[i];
     const float inv = static_cast<float>(1.0 / std::sqrt(ss / d + eps));
     for (int64_t i = 0; i < d; ++i) p[i] = g[i] * (p[i] * inv);
   }
+  }, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(d, 1)));
 }
 
 void activate(Tensor& x, Activation act) {
   float* p = x.ptr();
-  const int64_t n = x.size();
-  switch (act) {
-    case Activation::GeluErf:
-      for (int64_t i = 0; i < n; ++i) p[i] = 0.5f * p[i] * (1.0f + std::erf(p[i] * 0.70710678118654752f));
-      return;
-    case Activation::GeluTanh:
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = p[i];
-        p[i] = 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-      }
-      return;
-    case Activation::Relu:
-      for (int64_t i = 0; i < n; ++i) p[i] = std::max(p[i], 0.0f);
-      return;
-  }
+  for_elements(x.size(), [&](int64_t b, int64_t e) {
+    switch (act) {
+      case Activation::GeluErf: kern::gelu_erf(p + b, e - b); return;
+      case Activation::GeluTanh: kern::gelu_tanh(p + b, e - b); return;
+      case Activation::Relu:
+        for (int64_t i = b; i < e; ++i) p[i] = std::max(p[i], 0.0f);
+        return;
+    }
+  });
 }
 
 void add(Tensor& x, const Tensor& y) {
-  for (int64_t i = 0; i < x.size(); ++i) x.data[i] += y.data[i];
+  float* p = x.ptr();
+  const float* q = y.ptr();
+  for_elements(x.size(), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) p[i] += q[i];
+  });
 }
 
 void mul(Tensor& x, const Tensor& y) {
-  for (int64_t i = 0; i < x.size(); ++i) x.data[i] *= y.data[i];
+  float* p = x.ptr();
+  const float* q = y.ptr();
+  for_elements(x.size(), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) p[i] *= q[i];
+  });
 }
 
 void scale(Tensor& x, float s) {
-  for (float& v : x.data) v *= s;
+  float* p = x.ptr();
+  for_elements(x.size(), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) p[i] *= s;
+  });
 }
 
 void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out) {
@@ -136,44 +177,69 @@ void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out) {
   }
 }
 
+namespace {
+
+// Softmax of one score row in place: bias added, masked keys given probability 0, the rest normalised.
+// A row whose keys are all masked becomes all zeros (HF would average uniformly; it never happens here).
+void softmax_row(float* p, int64_t tk, const float* bias, const uint8_t* key_mask) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < tk; ++j) {
+    if (key_mask && !key_mask[j]) {
+      p[j] = -INFINITY;
+      continue;
+    }
+    if (bias) p[j] += bias[j];
+    mx = std::max(mx, p[j]);
+  }
+  if (mx == -INFINITY) {
+    std::fill(p, p + tk, 0.0f);
+    return;
+  }
+  const float inv = 1.0f / kern::exp_sum(p, tk, mx);  // exp(-inf) = 0 for masked keys
+  for (int64_t j = 0; j < tk; ++j) p[j] *= inv;
+}
+
+}  // namespace
+
 void attention(const AttentionArgs& a) {
-  std::vector<float> p(static_cast<size_t>(a.tk));
-  for (int h = 0; h < a.heads; ++h) {
-    const int64_t off = static_cast<int64_t>(h) * a.head_dim;
-    for (int64_t i = 0; i < a.tq; ++i) {
-      const float* qi = a.q + i * a.ldq + off;
-      const float* bias = a.bias ? a.bias + (static_cast<int64_t>(h) * a.tq + i) * a.tk : nullptr;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < a.tk; ++j) {
-        if (a.key_mask && !a.key_mask[j]) {
-          p[j] = -INFINITY;
-          continue;
-        }
-        const float* kj = a.k + j * a.ldk + off;
-        float s = 0.0f;
-        for (int d = 0; d < a.head_dim; ++d) s += qi[d] * kj[d];
-        s *= a.scale;
-        if (bias) s += bias[j];
-        p[j] = s;
-        mx = std::max(mx, s);
-      }
-      float* oi = a.out + i * a.ldo + off;
-      std::fill(oi, oi + a.head_dim, 0.0f);
-      if (mx == -INFINITY) continue;  // every key masked: HF would give a uniform average; never happens here
-      float sum = 0.0f;
-      for (int64_t j = 0; j < a.tk; ++j) {
-        p[j] = (p[j] == -INFINITY) ? 0.0f : std::exp(p[j] - mx);
-        sum += p[j];
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j < a.tk; ++j) {
-        if (p[j] == 0.0f) continue;
-        const float w = p[j] * inv;
-        const float* vj = a.v + j * a.ldv + off;
-        for (int d = 0; d < a.head_dim; ++d) oi[d] += w * vj[d];
+  const int64_t tq = a.tq, tk = a.tk, hd = a.head_dim;
+  if (tq == 0) return;
+  if (tq >= 8 && tk >= 8) {
+    // Many queries (ViT, Q-Former, T5 encoder): scores and context as two sgemm per head (OpenBLAS threads
+    // them), the softmax rows on the pool.
+    std::vector<float> s(static_cast<size_t>(tq * tk));
+    for (int h = 0; h < a.heads; ++h) {
+      const int64_t off = static_cast<int64_t>(h) * hd;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tq), static_cast<int>(tk),
+                  static_cast<int>(hd), a.scale, a.q + off, static_cast<int>(a.ldq), a.k + off,
+                  static_cast<int>(a.ldk), 0.0f, s.data(), static_cast<int>(tk));
+      const float* bias = a.bias ? a.bias + static_cast<int64_t>(h) * tq * tk : nullptr;
+      par::parallel_for(tq, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) softmax_row(s.data() + i * tk, tk, bias ? bias + i * tk : nullptr, a.key_mask);
+      }, std::max<int64_t>(1, kMinWorkPerThread / 16 / tk));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(tq), static_cast<int>(hd),
+                  static_cast<int>(tk), 1.0f, s.data(), static_cast<int>(tk), a.v + off, static_cast<int>(a.ldv),
+                  0.0f, a.out + off, static_cast<int>(a.ldo));
+    }
+    return;
+  }
+  // Few queries (decoding): dot products and axpys per head, heads split between threads.
+  par::parallel_for(a.heads, [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(static_cast<size_t>(tk));
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t off = h * hd;
+      for (int64_t i = 0; i < tq; ++i) {
+        const float* qi = a.q + i * a.ldq + off;
+        for (int64_t j = 0; j < tk; ++j)
+          p[j] = (a.key_mask && !a.key_mask[j]) ? 0.0f : kern::dot(qi, a.k + j * a.ldk + off, hd) * a.scale;
+        softmax_row(p.data(), tk, a.bias ? a.bias + (h * tq + i) * tk : nullptr, a.key_mask);
+        float* oi = a.out + i * a.ldo + off;
+        std::fill(oi, oi + hd, 0.0f);
+        for (int64_t j = 0; j < tk; ++j)
+          if (p[j] != 0.0f) kern::axpy(p[j], a.v + j * a.ldv + off, oi, hd);
       }
     }
-  }
+  }, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(tq * tk * hd, 1)));
 }
 
 }  // namespace blip2::ops

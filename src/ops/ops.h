@@ -10,8 +10,19 @@
 namespace blip2::ops {
 
 // y[rows, out] = x[rows, in] · wᵀ (+ b), w stored [out, in] as in PyTorch. `b` may be empty.
+// Up to kGemvMaxRows rows (decoding: one row per beam) take the matrix-vector kernels, which read each weight
+// once for all rows (I8/I4: with the rows quantized to int8 per block); more rows take OpenBLAS's sgemm,
+// non-F32 weights widened block by block into a scratch buffer first.
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y);
 Tensor linear(const Tensor& x, const Weight& w, const Weight& b = {});
+
+constexpr int64_t kGemvMaxRows = 8;
+// Benchmark hook: weight rows widened per block on the BLAS path (default 512).
+void set_widen_rows(int64_t rows);
+
+// `w` in `format` (a load-time conversion; see LoadOptions in model/blip2.h), or `w` itself when that is
+// its format already. int4_group: 32, 64 or 128.
+Weight convert_weight(const Weight& w, WeightFormat format, int int4_group);
 
 // In-place normalisations over the last dimension.
 void layer_norm(Tensor& x, const Weight& gamma, const Weight& beta, float eps);

@@ -1,0 +1,278 @@
+// bench_kernels: the machine's ceilings and every product kernel against them.
+//   read bandwidth   a 1 GiB sum with all threads (the floor for streaming weights)
+//   sgemm            OpenBLAS at 1024³ and the ViT-g shapes (the ceiling for the many-row path), and
+//                    ops::linear on those shapes with bf16 / int8 / int4 weights (widen + sgemm)
+//   gemv             ops::linear with 1 and 5 rows on decode-sized matrices, every weight format: time per
+//                    product, weight bytes/s and the ratio to the measured bandwidth
+// Matrices are cycled through enough copies (≥ 256 MiB) that every product streams from DRAM, not the L3.
+//
+// Usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] [--only gemv|sgemm|bw]
+//                      [--i8-block B] [--widen R]
+#include <cblas.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ops/kernels.h"
+#include "ops/ops.h"
+#include "ops/parallel.h"
+
+using namespace blip2;
+using clk = std::chrono::steady_clock;
+
+namespace {
+
+double seconds(clk::time_point a, clk::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// Best over `trials` of the mean time of fn() over enough repetitions to take ≥ min_s.
+double time_best(const std::function<void(int)>& fn, int trials = 5, double min_s = 0.15) {
+  fn(0);  // warm-up
+  double best = 1e30;
+  int reps = 1;
+  {
+    const auto t0 = clk::now();
+    fn(1);
+    const double t = seconds(t0, clk::now());
+    reps = std::clamp(static_cast<int>(min_s / std::max(t, 1e-7)), 1, 100000);
+  }
+  int k = 2;
+  for (int t = 0; t < trials; ++t) {
+    const auto t0 = clk::now();
+    for (int i = 0; i < reps; ++i) fn(k++);
+    best = std::min(best, seconds(t0, clk::now()) / reps);
+  }
+  return best;
+}
+
+// Sum of n words; AVX2 where the CPU has it, so that the loop is never the limit.
+__attribute__((target("avx2"))) uint64_t sum_avx2(const uint64_t* p, int64_t n) {
+  __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_add_epi64(s0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+    s1 = _mm256_add_epi64(s1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 4)));
+    s2 = _mm256_add_epi64(s2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 8)));
+    s3 = _mm256_add_epi64(s3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 12)));
+  }
+  alignas(32) uint64_t t[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t),
+                     _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3)));
+  uint64_t s = t[0] + t[1] + t[2] + t[3];
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+uint64_t sum_scalar(const uint64_t* p, int64_t n) {
+  uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += p[i];
+    s1 += p[i + 1];
+    s2 += p[i + 2];
+    s3 += p[i + 3];
+  }
+  for (; i < n; ++i) s0 += p[i];
+  return s0 + s1 + s2 + s3;
+}
+
+double read_bandwidth() {
+  const size_t n = (size_t(1) << 30) / 8;
+  std::vector<uint64_t> buf(n);
+  par::parallel_for(static_cast<int64_t>(n), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) buf[i] = static_cast<uint64_t>(i);
+  });
+  volatile uint64_t sink = 0;
+  const double t = time_best([&](int) {
+    std::vector<uint64_t> part(64, 0);
+    par::parallel_for(static_cast<int64_t>(n), [&](int64_t b, int64_t e) {
+      const uint64_t s = kern::cpu_has_avx2() ? sum_avx2(buf.data() + b, e - b) : sum_scalar(buf.data() + b, e - b);
+      part[static_cast<size_t>(b * 8 / static_cast<int64_t>(n)) * 8] = s;
+    }, 1 << 20);
+    uint64_t s = 0;
+    for (uint64_t v : part) s += v;
+    sink = sink + s;
+  }, 5, 0.5);
+  return static_cast<double>(n * 8) / t;
+}
+
+std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::vector<float> v(n);
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+Weight f32_weight(const std::vector<float>& v, int64_t rows, int64_t cols) {
+  Weight w;
+  w.dtype = DType::F32;
+  w.shape = {rows, cols};
+  w.data = v.data();
+  return w;
+}
+
+struct Format {
+  const char* name;
+  DType dtype;
+  int group;
+  bool i8_float;  // the weight-only int8 alternative
+};
+
+void bench_sgemm(double bw) {
+  (void)bw;
+  std::printf("\n== sgemm, %d threads (GFLOP/s; OpenBLAS %s)\n", par::threads(), openblas_get_config());
+  const int shapes[][3] = {{1024, 1024, 1024}, {257, 1408, 1408}, {257, 6144, 1408}, {257, 1408, 6144},
+                           {257, 4224, 1408}, {45, 4096, 4096},   {45, 10240, 4096}};
+  std::printf("%-18s %9s %9s %9s %9s %9s\n", "M x N x K", "f32", "bf16", "f16", "int8", "int4g64");
+  for (const auto& s : shapes) {
+    const int64_t M = s[0], N = s[1], K = s[2];
+    const auto x = random_floats(static_cast<size_t>(M * K), 1);
+    const auto wv = random_floats(static_cast<size_t>(N * K), 2, 0.02f);
+    std::vector<float> y(static_cast<size_t>(M * N));
+    const Weight w32 = f32_weight(wv, N, K);
+    const double flop = 2.0 * M * N * K;
+    std::printf("%5ldx%5ldx%5ld  ", static_cast<long>(M), static_cast<long>(N), static_cast<long>(K));
+    for (const auto& f : {Format{"f32", DType::F32, 0, false}, Format{"bf16", DType::BF16, 0, false},
+                          Format{"f16", DType::F16, 0, false}, Format{"int8", DType::I8, 0, false},
+                          Format{"int4", DType::I4, 64, false}}) {
+      const Weight w = f.dtype == DType::F32 ? w32 : kern::convert(w32, f.dtype, f.group);
+      const double t = time_best([&](int) { ops::linear(x.data(), M, w, Weight{}, y.data()); }, 3, 0.3);
+      std::printf(" %9.1f", flop / t / 1e9);
+    }
+    std::printf("\n");
+  }
+}
+
+void bench_widen(const std::vector<int64_t>& blocks) {
+  std::printf("\n== widen block rows for the BLAS path (257x6144x1408 and 45x10240x4096, GFLOP/s)\n");
+  const int shapes[][3] = {{257, 6144, 1408}, {45, 10240, 4096}};
+  for (const auto& s : shapes) {
+    const int64_t M = s[0], N = s[1], K = s[2];
+    const auto x = random_floats(static_cast<size_t>(M * K), 1);
+    const auto wv = random_floats(static_cast<size_t>(N * K), 2, 0.02f);
+    std::vector<float> y(static_cast<size_t>(M * N));
+    const Weight w32 = f32_weight(wv, N, K);
+    for (DType d : {DType::BF16, DType::I8, DType::I4}) {
+      const Weight w = kern::convert(w32, d, 64);
+      std::printf("%5ldx%5ldx%5ld %-4s", static_cast<long>(M), static_cast<long>(N), static_cast<long>(K),
+                  dtype_name(d));
+      for (int64_t b : blocks) {
+        ops::set_widen_rows(b);
+        const double t = time_best([&](int) { ops::linear(x.data(), M, w, Weight{}, y.data()); }, 3, 0.3);
+        std::printf("  %4ld: %6.1f", static_cast<long>(b), 2.0 * M * N * K / t / 1e9);
+      }
+      std::printf("\n");
+    }
+  }
+  ops::set_widen_rows(512);
+}
+
+void bench_gemv(double bw, const std::vector<int>& row_counts, bool quick) {
+  std::printf("\n== gemv through ops::linear, %d threads, %s kernels; bandwidth floor %.1f GB/s\n", par::threads(),
+              kern::isa_name(), bw / 1e9);
+  std::printf("%-12s %4s %-9s %10s %10s %8s %9s\n", "out x in", "rows", "format", "us/product", "GB/s", "of bw",
+              "vs int8");
+  const int64_t shapes[][2] = {{4096, 4096}, {10240, 4096}, {4096, 10240}, {32128, 4096}};
+  std::vector<Format> formats = {{"f32", DType::F32, 0, false},     {"bf16", DType::BF16, 0, false},
+                                 {"f16", DType::F16, 0, false},     {"int8", DType::I8, 0, false},
+                                 {"int8-wf", DType::I8, 0, true},   {"int4g32", DType::I4, 32, false},
+                                 {"int4g64", DType::I4, 64, false}, {"int4g128", DType::I4, 128, false}};
+  for (const auto& s : shapes) {
+    const int64_t out = s[0], in = s[1];
+    if (quick && out == 32128) continue;
+    const auto master = random_floats(static_cast<size_t>(out * in), 7, 0.02f);
+    const Weight w32 = f32_weight(master, out, in);
+    for (int R : row_counts) {
+      const auto x = random_floats(static_cast<size_t>(R * in), 11);
+      std::vector<float> y(static_cast<size_t>(R * out));
+      double t_i8 = 0;
+      for (const auto& f : formats) {
+        // Copies so that the set exceeds any cache; the f32 master itself serves as one f32 copy.
+        std::vector<Weight> copies;
+        const Weight first = f.dtype == DType::F32 ? w32 : kern::convert(w32, f.dtype, f.group);
+        const size_t bytes = first.nbytes();
+        const int n = static_cast<int>(std::clamp<size_t>((size_t(256) << 20) / bytes + 1, 1, 16));
+        copies.push_back(first);
+        std::vector<std::vector<float>> f32_store;
+        for (int i = 1; i < n; ++i) {
+          if (f.dtype == DType::F32) {
+            f32_store.push_back(master);
+            copies.push_back(f32_weight(f32_store.back(), out, in));
+          } else {
+            copies.push_back(kern::convert(w32, f.dtype, f.group));
+          }
+        }
+        const double t = time_best([&](int k) {
+          const Weight& w = copies[static_cast<size_t>(k) % copies.size()];
+          if (f.i8_float) {
+            par::parallel_for(out, [&](int64_t o0, int64_t o1) { kern::gemv_i8_float(x.data(), in, R, w, o0, o1, y.data(), out); }, 16, 16);
+          } else {
+            ops::linear(x.data(), R, w, Weight{}, y.data());
+          }
+        });
+        if (f.dtype == DType::I8 && !f.i8_float) t_i8 = t;
+        std::printf("%5ldx%-6ld %4d %-9s %10.1f %10.2f %7.0f%% %8.2fx\n", static_cast<long>(out), static_cast<long>(in),
+                    R, f.name, t * 1e6, bytes / t / 1e9, 100.0 * bytes / t / bw, t_i8 > 0 ? t_i8 / t : 0.0);
+      }
+    }
+  }
+}
+
+std::vector<int> parse_ints(const std::string& s) {
+  std::vector<int> v;
+  size_t p = 0;
+  while (p < s.size()) {
+    const size_t q = s.find(',', p);
+    v.push_back(std::stoi(s.substr(p, q == std::string::npos ? std::string::npos : q - p)));
+    if (q == std::string::npos) break;
+    p = q + 1;
+  }
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 0;
+  bool quick = false;
+  std::string only;
+  std::vector<int> rows = {1, 5};
+  std::vector<int> widen;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const auto next = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
+    if (a == "--threads") threads = std::stoi(next());
+    else if (a == "--scalar") kern::force_scalar(true);
+    else if (a == "--quick") quick = true;
+    else if (a == "--rows") rows = parse_ints(next());
+    else if (a == "--only") only = next();
+    else if (a == "--i8-block") kern::set_i8_act_block(std::stoi(next()));
+    else if (a == "--widen") widen = parse_ints(next());
+    else {
+      std::fprintf(stderr, "usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] "
+                           "[--only gemv|sgemm|bw|widen] [--i8-block B] [--widen 128,256,...]\n");
+      return 2;
+    }
+  }
+  par::set_threads(threads);
+  std::printf("threads %d, kernels %s (cpu avx2+fma+f16c: %s)\n", par::threads(), kern::isa_name(),
+              kern::cpu_has_avx2() ? "yes" : "no");
+  const double bw = read_bandwidth();
+  std::printf("read bandwidth (1 GiB sum, %d threads): %.2f GB/s\n", par::threads(), bw / 1e9);
+  if (only.empty() || only == "sgemm") bench_sgemm(bw);
+  if (!widen.empty() || only == "widen") {
+    std::vector<int64_t> b;
+    for (int v : widen.empty() ? std::vector<int>{64, 128, 256, 512, 1024} : widen) b.push_back(v);
+    bench_widen(b);
+  }
+  if (only.empty() || only == "gemv") bench_gemv(bw, rows, quick);
+  return 0;
+}

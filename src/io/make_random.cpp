@@ -1,0 +1,461 @@
+#include "io/make_random.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+
+namespace blip2 {
+
+namespace fs = std::filesystem;
+using nlohmann::ordered_json;
+
+namespace {
+
+// The numbers that set every shape.
+struct Dims {
+  std::string name;
+  int v_hidden, v_inter, v_layers, v_heads;
+  int q_hidden, q_inter, q_layers, q_heads, q_cross_freq;
+  int num_query_tokens;
+  int d_model, d_kv, d_ff, t_heads, t_layers, t_dec_layers, vocab;
+};
+
+// Spec §1.2: ViT-g 1408/6144/39/16, Q-Former 768/3072/12/12 every 2nd layer cross, 32 queries;
+// Flan-T5 XXL d 4096, F 10240, 64 heads of 64; XL d 2048, F 5120, 32 heads of 64; 24 + 24 layers,
+// vocab 32128. tiny: models/tiny-blip2-t5/config.json.
+Dims dims_for(const std::string& canonical) {
+  if (canonical == "blip2-flan-t5-xxl")
+    return {canonical, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, 4096, 64, 10240, 64, 24, 24, 32128};
+  if (canonical == "blip2-flan-t5-xl")
+    return {canonical, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, 2048, 64, 5120, 32, 24, 24, 32128};
+  return {"tiny-blip2-t5", 64, 128, 3, 4, 64, 128, 4, 4, 2, 8, 64, 16, 128, 4, 3, 2, 1152};
+}
+
+const char* torch_dtype(DType t) {
+  if (t == DType::F16) return "float16";
+  if (t == DType::BF16) return "bfloat16";
+  return "float32";
+}
+
+// config.json as the hub has it (the Nov-2024 re-save of blip2-flan-t5-xl, spec §1.2), except
+// image_token_index: null, i.e. the legacy input convention (§5.4), because the stand-in tokenizer has no
+// `<image>` token.
+std::string make_config_json(const Dims& D, DType dtype) {
+  ordered_json vision = {
+      {"attention_dropout", 0.0},     {"dropout", 0.0},
+      {"hidden_act", "gelu"},          {"hidden_size", D.v_hidden},
+      {"image_size", 224},             {"initializer_factor", 1.0},
+      {"initializer_range", 1e-10},    {"intermediate_size", D.v_inter},
+      {"layer_norm_eps", 1e-6},        {"model_type", "blip_2_vision_model"},
+      {"num_attention_heads", D.v_heads}, {"num_channels", 3},
+      {"num_hidden_layers", D.v_layers},  {"patch_size", 14},
+      {"qkv_bias", true}};
+  ordered_json qformer = {
+      {"attention_probs_dropout_prob", 0.1}, {"classifier_dropout", nullptr},
+      {"cross_attention_frequency", D.q_cross_freq}, {"encoder_hidden_size", D.v_hidden},
+      {"hidden_act", "gelu"},            {"hidden_dropout_prob", 0.1},
+      {"hidden_size", D.q_hidden},       {"initializer_range", 0.02},
+      {"intermediate_size", D.q_inter},  {"layer_norm_eps", 1e-12},
+      {"max_position_embeddings", 512},  {"model_type", "blip_2_qformer"},
+      {"num_attention_heads", D.q_heads}, {"num_hidden_layers", D.q_layers},
+      {"pad_token_id", 0},               {"position_embedding_type", "absolute"},
+      {"use_qformer_text_input", false}, {"vocab_size", 30522}};
+  ordered_json text = {
+      {"architectures", {"T5ForConditionalGeneration"}},
+      {"bos_token_id", 1},
+      {"classifier_dropout", 0.0},
+      {"d_ff", D.d_ff},
+      {"d_kv", D.d_kv},
+      {"d_model", D.d_model},
+      {"decoder_start_token_id", 0},
+      {"dense_act_fn", "gelu"},
+      {"dropout_rate", 0.1},
+      {"eos_token_id", 1},
+      {"feed_forward_proj", "gated-gelu"},
+      {"initializer_factor", 1.0},
+      {"is_encoder_decoder", true},
+      {"is_gated_act", true},
+      {"layer_norm_epsilon", 1e-6},
+      {"model_type", "t5"},
+      {"n_positions", 512},
+      {"num_decoder_layers", D.t_dec_layers},
+      {"num_heads", D.t_heads},
+      {"num_layers", D.t_layers},
+      {"output_past", true},
+      {"pad_token_id", 0},
+      {"relative_attention_max_distance", 128},
+      {"relative_attention_num_buckets", 32},
+      {"tie_word_embeddings", false},
+      {"vocab_size", D.vocab}};
+  ordered_json c = {
+      {"_name_or_path", "random/" + D.name},
+      {"architectures", {"Blip2ForConditionalGeneration"}},
+      {"image_text_hidden_size", 256},
+      {"image_token_index", nullptr},
+      {"initializer_factor", 1.0},
+      {"initializer_range", 0.02},
+      {"is_encoder_decoder", true},
+      {"model_type", "blip-2"},
+      {"num_query_tokens", D.num_query_tokens},
+      {"qformer_config", qformer},
+      {"text_config", text},
+      {"tie_word_embeddings", false},
+      {"torch_dtype", torch_dtype(dtype)},
+      {"use_decoder_only_language_model", false},
+      {"vision_config", vision}};
+  return c.dump(2) + "\n";
+}
+
+// Tensors in the order of the model, with their initialisation. Scales keep activations O(1):
+//  * a linear weight of fan-in n has std 1/sqrt(n), so unit-scale inputs give unit-scale outputs;
+//  * in pre-norm residual stacks (ViT, T5) the projections back into the residual stream (ViT proj / fc2,
+//    T5 o / wo) are further scaled by 1/sqrt(branches), so the stream stays O(1) whatever the depth;
+//  * T5 attention has no 1/sqrt(d_kv) score scale, so q gets std 1/sqrt(d_model * d_kv) (as Hugging Face's
+//    T5 initialisation does): scores then have unit variance;
+//  * T5 embeddings have std 1 (T5 does not scale them); the untied lm_head 1/sqrt(d_model), so logits ~ 1;
+//  * norm weights 1 + 0.05 z, biases (norm biases too) 0.02 z, relative attention bias d_model^-0.5 z,
+//    ViT class/position embeddings 0.02 z, Q-Former query tokens z (layer-normed before use).
+std::vector<PlannedTensor> plan_tensors(const Blip2Config& c) {
+  std::vector<PlannedTensor> out;
+  const auto add = [&](const std::string& name, Shape shape, RandomInit init) {
+    out.push_back({name, std::move(shape), init});
+  };
+  const auto lin = [](int64_t fan_in, double extra = 1.0) {
+    return RandomInit{0.0f, static_cast<float>(extra / std::sqrt(static_cast<double>(fan_in)))};
+  };
+  const RandomInit bias{0.0f, 0.02f}, norm_w{1.0f, 0.05f}, norm_b{0.0f, 0.02f};
+
+  // Vision (spec A.1)
+  const VisionConfig& v = c.vision;
+  const int64_t dv = v.hidden_size, fv = v.intermediate_size, p = v.patch_size;
+  const double v_res = 1.0 / std::sqrt(2.0 * v.num_layers);
+  const std::string e = "vision_model.embeddings.";
+  add(e + "class_embedding", {1, 1, dv}, {0.0f, 0.02f});
+  add(e + "patch_embedding.weight", {dv, 3, p, p}, lin(3 * p * p));
+  add(e + "patch_embedding.bias", {dv}, bias);
+  add(e + "position_embedding", {1, v.num_positions(), dv}, {0.0f, 0.02f});
+  for (int i = 0; i < v.num_layers; ++i) {
+    const std::string l = "vision_model.encoder.layers." + std::to_string(i) + ".";
+    add(l + "layer_norm1.weight", {dv}, norm_w);
+    add(l + "layer_norm1.bias", {dv}, norm_b);
+    add(l + "self_attn.qkv.weight", {3 * dv, dv}, lin(dv));
+    if (v.qkv_bias) add(l + "self_attn.qkv.bias", {3 * dv}, {0.0f, 0.02f, dv, 2 * dv});  // q | 0 | v
+    add(l + "self_attn.projection.weight", {dv, dv}, lin(dv, v_res));
+    add(l + "self_attn.projection.bias", {dv}, bias);
+    add(l + "layer_norm2.weight", {dv}, norm_w);
+    add(l + "layer_norm2.bias", {dv}, norm_b);
+    add(l + "mlp.fc1.weight", {fv, dv}, lin(dv));
+    add(l + "mlp.fc1.bias", {fv}, bias);
+    add(l + "mlp.fc2.weight", {dv, fv}, lin(fv, v_res));
+    add(l + "mlp.fc2.bias", {dv}, bias);
+  }
+  add("vision_model.post_layernorm.weight", {dv}, norm_w);
+  add("vision_model.post_layernorm.bias", {dv}, norm_b);
+
+  // Q-Former and projection (spec A.2); post-norm, so no residual scaling.
+  const QFormerConfig& q = c.qformer;
+  const int64_t dq = q.hidden_size, fq = q.intermediate_size;
+  add("query_tokens", {1, c.num_query_tokens, dq}, {0.0f, 1.0f});
+  add("qformer.layernorm.weight", {dq}, norm_w);
+  add("qformer.layernorm.bias", {dq}, norm_b);
+  const auto attention = [&](const std::string& pre, int64_t kv_in) {
+    add(pre + "attention.query.weight", {dq, dq}, lin(dq));
+    add(pre + "attention.query.bias", {dq}, bias);
+    add(pre + "attention.key.weight", {dq, kv_in}, lin(kv_in));
+    add(pre + "attention.key.bias", {dq}, bias);
+    add(pre + "attention.value.weight", {dq, kv_in}, lin(kv_in));
+    add(pre + "attention.value.bias", {dq}, bias);
+    add(pre + "output.dense.weight", {dq, dq}, lin(dq));
+    add(pre + "output.dense.bias", {dq}, bias);
+    add(pre + "output.LayerNorm.weight", {dq}, norm_w);
+    add(pre + "output.LayerNorm.bias", {dq}, norm_b);
+  };
+  for (int i = 0; i < q.num_layers; ++i) {
+    const std::string l = "qformer.encoder.layer." + std::to_string(i) + ".";
+    attention(l + "attention.", dq);
+    if (i % q.cross_attention_frequency == 0) attention(l + "crossattention.", q.encoder_hidden_size);
+    add(l + "intermediate_query.dense.weight", {fq, dq}, lin(dq));
+    add(l + "intermediate_query.dense.bias", {fq}, bias);
+    add(l + "output_query.dense.weight", {dq, fq}, lin(fq));
+    add(l + "output_query.dense.bias", {dq}, bias);
+    add(l + "output_query.LayerNorm.weight", {dq}, norm_w);
+    add(l + "output_query.LayerNorm.bias", {dq}, norm_b);
+  }
+  const T5Config& t = c.text;
+  const int64_t d = t.d_model, I = t.inner_dim(), F = t.d_ff, V = t.vocab_size;
+  add("language_projection.weight", {d, dq}, lin(dq));
+  add("language_projection.bias", {d}, bias);
+
+  // Flan-T5 (spec A.3)
+  add("language_model.shared.weight", {V, d}, {0.0f, 1.0f});
+  const RandomInit rel_bias{0.0f, static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)))};
+  const auto stack = [&](const std::string& prefix, int layers, bool decoder) {
+    const double res = 1.0 / std::sqrt((decoder ? 3.0 : 2.0) * layers);
+    for (int i = 0; i < layers; ++i) {
+      const std::string b = prefix + "block." + std::to_string(i) + ".layer.";
+      const auto attn = [&](const std::string& pre, const std::string& kind) {
+        add(pre + kind + ".q.weight", {I, d}, lin(d * int64_t(t.d_kv)));
+        add(pre + kind + ".k.weight", {I, d}, lin(d));
+        add(pre + kind + ".v.weight", {I, d}, lin(d));
+        add(pre + kind + ".o.weight", {d, I}, lin(I, res));
+        if (kind == "SelfAttention" && i == 0)
+          add(pre + kind + ".relative_attention_bias.weight", {t.relative_attention_num_buckets, t.num_heads},
+              rel_bias);
+        add(pre + "layer_norm.weight", {d}, norm_w);
+      };
+      attn(b + "0.", "SelfAttention");
+      if (decoder) attn(b + "1.", "EncDecAttention");
+      const std::string f = b + (decoder ? "2." : "1.");
+      if (t.is_gated_act) {
+        add(f + "DenseReluDense.wi_0.weight", {F, d}, lin(d));
+        add(f + "DenseReluDense.wi_1.weight", {F, d}, lin(d));
+      } else {
+        add(f + "DenseReluDense.wi.weight", {F, d}, lin(d));
+      }
+      add(f + "DenseReluDense.wo.weight", {d, F}, lin(F, res));
+      add(f + "layer_norm.weight", {d}, norm_w);
+    }
+    add(prefix + "final_layer_norm.weight", {d}, norm_w);
+  };
+  stack("language_model.encoder.", t.num_layers, false);
+  stack("language_model.decoder.", t.num_decoder_layers, true);
+  add("language_model.lm_head.weight", {V, d}, lin(d));
+  return out;
+}
+
+inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
+
+std::string lower(std::string s) {
+  for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return s;
+}
+
+std::string human_bytes(uint64_t n) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f GB", static_cast<double>(n) / 1e9);
+  return buf;
+}
+
+void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << text;
+  out.close();
+  if (!out) fail(ErrorKind::Usage, path.string() + ": cannot write");
+}
+
+// Files a checkpoint directory holds, which --force may replace.
+bool is_checkpoint_file(const std::string& f) {
+  static const char* fixed[] = {"config.json", "generation_config.json", "tokenizer_config.json",
+                                "special_tokens_map.json", "tokenizer.json", "spiece.model", "README.txt",
+                                "model.safetensors", "model.safetensors.index.json"};
+  for (const char* x : fixed)
+    if (f == x) return true;
+  const auto ends = [&](const std::string& s) { return f.size() >= s.size() && f.compare(f.size() - s.size(), s.size(), s) == 0; };
+  return f.rfind("model-", 0) == 0 && (ends(".safetensors") || ends(".safetensors.partial"));
+}
+
+}  // namespace
+
+int64_t RandomCheckpointPlan::total_elements() const {
+  int64_t n = 0;
+  for (const auto& t : tensors) n += numel(t.shape);
+  return n;
+}
+
+std::string canonical_model_like(const std::string& like) {
+  std::string s = lower(like);
+  if (s.rfind("salesforce/", 0) == 0) s = s.substr(11);
+  while (!s.empty() && s.back() == '/') s.pop_back();
+  if (s == "xxl" || s == "flan-t5-xxl" || s == "blip2-flan-t5-xxl") return "blip2-flan-t5-xxl";
+  if (s == "xl" || s == "flan-t5-xl" || s == "blip2-flan-t5-xl") return "blip2-flan-t5-xl";
+  if (s == "tiny" || s == "tiny-blip2-t5") return "tiny-blip2-t5";
+  fail(ErrorKind::Usage, "--like '" + like +
+                             "': unknown model shape; choose xxl (Salesforce/blip2-flan-t5-xxl), xl "
+                             "(Salesforce/blip2-flan-t5-xl) or tiny (models/tiny-blip2-t5)");
+}
+
+DType parse_dtype_option(const std::string& dtype) {
+  const std::string s = lower(dtype);
+  if (s == "f32" || s == "fp32" || s == "float32") return DType::F32;
+  if (s == "bf16" || s == "bfloat16") return DType::BF16;
+  if (s == "f16" || s == "fp16" || s == "float16") return DType::F16;
+  fail(ErrorKind::Usage, "--dtype '" + dtype + "': choose f32, bf16 or f16");
+}
+
+RandomCheckpointPlan plan_random_checkpoint(const std::string& like, DType dtype) {
+  const Dims D = dims_for(canonical_model_like(like));
+  RandomCheckpointPlan plan;
+  plan.name = D.name;
+  plan.config_json = make_config_json(D, dtype);
+  // The shapes come from the config as the loader parses it, so config and weights cannot disagree.
+  plan.config = parse_config(plan.config_json, D.name + "/config.json");
+  plan.tensors = plan_tensors(plan.config);
+  return plan;
+}
+
+uint64_t random_tensor_key(uint64_t seed, const std::string& name) {
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a of the name
+  for (unsigned char ch : name) h = (h ^ ch) * 0x100000001b3ull;
+  return mix64(mix64(seed + kGolden) ^ h);
+}
+
+void fill_random(const RandomInit& init, uint64_t key, int64_t begin, int64_t n, float* out) {
+  // z = (sum of four 16-bit uniforms - mean) / std: Irwin-Hall(4), variance 1, |z| <= 3.46.
+  constexpr float kMean = 4 * 65535 / 2.0f;
+  const float scale = init.std / 37837.2273f;  // sqrt((65536^2 - 1) / 3)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t idx = begin + i;
+    if (idx >= init.zero_begin && idx < init.zero_end) {
+      out[i] = 0.0f;
+      continue;
+    }
+    const uint64_t u = mix64(key + static_cast<uint64_t>(idx + 1) * kGolden);
+    const uint32_t sum = static_cast<uint32_t>((u & 0xffff) + ((u >> 16) & 0xffff) + ((u >> 32) & 0xffff) + (u >> 48));
+    out[i] = init.mean + (static_cast<float>(sum) - kMean) * scale;
+  }
+}
+
+void make_random_checkpoint(const std::string& like, const std::string& out_dir, const MakeRandomOptions& opt) {
+  if (opt.dtype != DType::F32 && opt.dtype != DType::F16 && opt.dtype != DType::BF16)
+    fail(ErrorKind::Usage, std::string("make-random writes f32, bf16 or f16 weights, not ") + dtype_name(opt.dtype));
+  const RandomCheckpointPlan plan = plan_random_checkpoint(like, opt.dtype);
+  const fs::path dir(out_dir);
+  const fs::path spiece = fs::path(opt.tokenizer_dir) / "spiece.model";
+  if (!fs::is_regular_file(spiece))
+    fail(ErrorKind::Model, spiece.string() + ": tokenizer to copy is missing (the bundled tiny model's)");
+
+  // Where the weights go: shards of at most max_shard_bytes in model order (a tensor larger than that
+  // gets a shard of its own), as Hugging Face's save_pretrained does.
+  const size_t esize = dtype_size(opt.dtype);
+  std::vector<std::vector<size_t>> shards;
+  uint64_t in_shard = 0, total_bytes = 0;
+  for (size_t i = 0; i < plan.tensors.size(); ++i) {
+    const uint64_t b = static_cast<uint64_t>(numel(plan.tensors[i].shape)) * esize;
+    if (shards.empty() || (in_shard > 0 && in_shard + b > opt.max_shard_bytes)) {
+      shards.emplace_back();
+      in_shard = 0;
+    }
+    shards.back().push_back(i);
+    in_shard += b;
+    total_bytes += b;
+  }
+  const int S = static_cast<int>(shards.size());
+  const auto shard_name = [&](int s) {
+    if (S == 1) return std::string("model.safetensors");
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "model-%05d-of-%05d.safetensors", s + 1, S);
+    return std::string(buf);
+  };
+
+  // The directory: new or empty, or --force (then only checkpoint files are removed).
+  std::error_code ec;
+  if (fs::exists(dir, ec) && !fs::is_directory(dir, ec))
+    fail(ErrorKind::Usage, out_dir + ": exists and is not a directory");
+  if (fs::is_directory(dir, ec) && !fs::is_empty(dir, ec)) {
+    if (!opt.overwrite)
+      fail(ErrorKind::Usage, out_dir + ": directory is not empty (pass --force to replace a checkpoint there)");
+    for (const auto& entry : fs::directory_iterator(dir, ec))
+      if (entry.is_regular_file() && is_checkpoint_file(entry.path().filename().string()))
+        fs::remove(entry.path(), ec);
+  }
+  fs::create_directories(dir, ec);
+  if (!fs::is_directory(dir)) fail(ErrorKind::Usage, out_dir + ": cannot create directory: " + ec.message());
+  const fs::space_info space = fs::space(dir, ec);
+  const uint64_t needed = total_bytes + (uint64_t(64) << 20);
+  if (!ec && space.available < needed)
+    fail(ErrorKind::Usage, out_dir + ": needs " + human_bytes(needed) + " of free space, " +
+                               human_bytes(space.available) + " available");
+
+  MakeRandomProgress prog;
+  prog.shards = S;
+  prog.tensors_total = plan.tensors.size();
+  prog.bytes_total = total_bytes;
+  uint64_t bytes_before = 0;
+  std::map<std::string, std::string> weight_map;  // sorted by name, as Hugging Face writes it
+  for (int s = 0; s < S; ++s) {
+    SafetensorsWriter w;
+    for (size_t i : shards[s]) w.add(plan.tensors[i].name, opt.dtype, plan.tensors[i].shape);
+    std::vector<uint64_t> keys;
+    for (size_t i : shards[s]) keys.push_back(random_tensor_key(opt.seed, plan.tensors[i].name));
+    prog.shard = s + 1;
+    prog.file = shard_name(s);
+    prog.shard_finished = false;
+    const auto fill = [&](size_t k, int64_t begin, int64_t n, float* out) {
+      const PlannedTensor& t = plan.tensors[shards[s][k]];
+      fill_random(t.init, keys[k], begin, n, out);
+      if (begin + n == numel(t.shape)) ++prog.tensors_done;  // written before the progress call
+    };
+    const auto progress = [&](uint64_t written, uint64_t) {
+      prog.bytes_done = bytes_before + written;
+      if (opt.progress) opt.progress(prog);
+    };
+    w.write((dir / prog.file).string(), fill, progress);
+    bytes_before += w.data_bytes();
+    prog.bytes_done = bytes_before;
+    prog.shard_finished = true;
+    if (opt.progress) opt.progress(prog);
+    for (size_t i : shards[s]) weight_map[plan.tensors[i].name] = prog.file;
+  }
+  if (S > 1) {
+    ordered_json index;
+    index["metadata"] = {{"total_parameters", plan.total_elements()}, {"total_size", total_bytes}};
+    index["weight_map"] = weight_map;
+    write_text(dir / "model.safetensors.index.json", index.dump(2) + "\n");
+  }
+
+  fs::copy_file(spiece, dir / "spiece.model", fs::copy_options::overwrite_existing, ec);
+  if (ec) fail(ErrorKind::Usage, (dir / "spiece.model").string() + ": cannot copy the tokenizer: " + ec.message());
+  write_text(dir / "tokenizer_config.json", ordered_json({{"tokenizer_class", "T5Tokenizer"},
+                                                           {"eos_token", "</s>"},
+                                                           {"unk_token", "<unk>"},
+                                                           {"pad_token", "<pad>"},
+                                                           {"extra_ids", 100},
+                                                           {"model_max_length", 512}})
+                                                  .dump(2) + "\n");
+  write_text(dir / "generation_config.json", ordered_json({{"_from_model_config", true},
+                                                            {"bos_token_id", 1},
+                                                            {"decoder_start_token_id", 0},
+                                                            {"eos_token_id", 1},
+                                                            {"pad_token_id", 0}})
+                                                   .dump(2) + "\n");
+  const char* dt = torch_dtype(opt.dtype);
+  write_text(dir / "README.txt",
+             "RANDOM WEIGHTS - not a trained model. Made by `blip2 make-random --like " + plan.name + " --dtype " +
+                 dt + " --seed " + std::to_string(opt.seed) + "`.\n\n" +
+                 "Shapes, tensor names, config and file layout are those of " +
+                 (plan.name == "tiny-blip2-t5" ? std::string("the bundled models/tiny-blip2-t5")
+                                               : "Salesforce/" + plan.name) +
+                 " on the Hugging Face hub (" + std::to_string(plan.tensors.size()) + " tensors, " +
+                 std::to_string(plan.total_elements()) + " parameters, " + dt + ", " + std::to_string(S) +
+                 (S == 1 ? " file" : " shards") + ").\n" +
+                 "The values are random, scaled so that activations stay finite and O(1) through the whole model,\n"
+                 "so it is good for load, memory, speed and numerical-stability tests, and its output is nonsense.\n\n"
+                 "spiece.model is a STAND-IN: the bundled tiny model's 1000-piece SentencePiece model, not Flan-T5's\n"
+                 "32000-piece one. Ids beyond its 1000 pieces and 100 sentinels never come out of the tokenizer; the\n"
+                 "model still generates them, and they decode to nothing. config.json has image_token_index null\n"
+                 "(the legacy input convention: no <image> tokens in the prompt).\n");
+  write_text(dir / "config.json", plan.config_json);  // last: until now the directory does not load
+}
+
+void make_random_checkpoint(const std::string& like, const std::string& out_dir, const std::string& dtype,
+                            uint64_t seed, const MakeRandomProgressFn& progress) {
+  MakeRandomOptions opt;
+  opt.dtype = parse_dtype_option(dtype);
+  opt.seed = seed;
+  opt.progress = progress;
+  make_random_checkpoint(like, out_dir, opt);
+}
+
+}  // namespace blip2

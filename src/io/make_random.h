@@ -1,0 +1,98 @@
+// Random-weight checkpoints with the exact shapes of the real BLIP-2 models, for testing the engine at full
+// size without downloading anything: `make_random_checkpoint` writes a directory in the Hugging Face hub
+// layout (config.json, generation_config.json, tokenizer files, model.safetensors or shards + index) that
+// `Blip2Model` loads like the real thing.
+//
+// Shapes: "xxl" (Salesforce/blip2-flan-t5-xxl), "xl" (Salesforce/blip2-flan-t5-xl) and "tiny" (the bundled
+// models/tiny-blip2-t5). Values are random but scaled so that activations stay O(1) through the whole
+// model (see plan_random_checkpoint). The tokenizer is the tiny model's spiece.model (a stand-in: 1000
+// pieces instead of 32000), so captions are nonsense by design.
+//
+// Everything streams: one chunk of one tensor (4 MiB) is in memory at a time, so the 24 GB (bf16) XXL
+// checkpoint is written on a machine with less memory than that.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/config.h"
+
+namespace blip2 {
+
+// How a tensor's values are drawn: mean + std * z, z approximately standard normal (a sum of four
+// uniforms: bounded, |z| < 3.47, so nothing overflows even in F16), except elements [zero_begin,
+// zero_end), which are exactly 0 (the key third of the ViT qkv bias, as in the real checkpoints).
+struct RandomInit {
+  float mean = 0.0f;
+  float std = 0.0f;
+  int64_t zero_begin = 0, zero_end = 0;
+};
+
+struct PlannedTensor {
+  std::string name;
+  Shape shape;
+  RandomInit init;
+};
+
+// Everything about a random checkpoint except its bytes: no weights are made.
+struct RandomCheckpointPlan {
+  std::string name;          // "blip2-flan-t5-xxl", "blip2-flan-t5-xl" or "tiny-blip2-t5"
+  std::string config_json;   // config.json as written
+  Blip2Config config;        // parse_config(config_json): the shapes below derive from it
+  std::vector<PlannedTensor> tensors;  // model order: vision, Q-Former, projection, language model
+  int64_t total_elements() const;
+};
+
+// "xxl", "blip2-flan-t5-xxl", "Salesforce/blip2-flan-t5-xxl" (any case) -> "blip2-flan-t5-xxl"; likewise
+// xl; "tiny" / "tiny-blip2-t5" -> "tiny-blip2-t5". Throws Error(Usage) naming the choices otherwise.
+std::string canonical_model_like(const std::string& like);
+// "f32" / "float32" / "fp32", "bf16" / "bfloat16", "f16" / "fp16" / "float16". Throws Error(Usage).
+DType parse_dtype_option(const std::string& dtype);
+
+// Names, shapes and initialisation of every tensor the loader takes, with the config they follow from.
+// `dtype` only sets config.json's "torch_dtype". Tensor names are the hub's (Appendix A of the spec):
+// `language_model.shared.weight` and an untied `language_model.lm_head.weight` are planned; the
+// encoder/decoder embed_tokens aliases are not. Totals: XXL 12,229,596,672 and XL 3,942,446,592 elements.
+RandomCheckpointPlan plan_random_checkpoint(const std::string& like, DType dtype = DType::F32);
+
+// The random stream: a tensor's values depend only on (seed, tensor name, element index), so any tensor
+// can be regenerated alone, in any order or chunking. Counter-based (splitmix64 finaliser).
+uint64_t random_tensor_key(uint64_t seed, const std::string& name);
+void fill_random(const RandomInit& init, uint64_t key, int64_t begin, int64_t n, float* out);
+
+struct MakeRandomProgress {
+  int shard = 0, shards = 0;      // the shard being written (1-based) and how many there are
+  std::string file;               // its file name
+  bool shard_finished = false;    // set on the one call made after the shard is complete on disk
+  size_t tensors_done = 0, tensors_total = 0;
+  uint64_t bytes_done = 0, bytes_total = 0;  // tensor data bytes, all shards together
+};
+using MakeRandomProgressFn = std::function<void(const MakeRandomProgress&)>;
+
+// 2 GB (decimal, as Hugging Face counts): several shards even for XL in bf16 (4) so that the sharded path
+// is what gets exercised; small enough to copy, checksum or re-make one file at a time; big enough that
+// XXL is a dozen files, not hundreds. Any single tensor (the largest is 526 MB) fits.
+constexpr uint64_t kDefaultMaxShardBytes = 2'000'000'000;
+
+struct MakeRandomOptions {
+  DType dtype = DType::BF16;
+  uint64_t seed = 0;
+  // Allow a non-empty out_dir: files a checkpoint directory holds (config, tokenizer, weights, index,
+  // README.txt) are replaced; anything else there is left alone. Without it a non-empty out_dir is refused.
+  bool overwrite = false;
+  uint64_t max_shard_bytes = kDefaultMaxShardBytes;  // one file when everything fits: model.safetensors
+  std::string tokenizer_dir = BLIP2_BUNDLED_MODEL_DIR;  // where spiece.model is copied from
+  MakeRandomProgressFn progress;
+};
+
+// Writes the checkpoint. Throws Error(Usage) for a bad `like`, an occupied or unwritable out_dir, or too
+// little free space (checked before anything is written); Error(Model) if the tokenizer source is missing.
+// config.json is written last, so an interrupted run leaves a directory that does not load.
+void make_random_checkpoint(const std::string& like, const std::string& out_dir, const MakeRandomOptions& options);
+// The same with dtype given as text ("f32", "bf16", "f16").
+void make_random_checkpoint(const std::string& like, const std::string& out_dir, const std::string& dtype,
+                            uint64_t seed, const MakeRandomProgressFn& progress = nullptr);
+
+}  // namespace blip2

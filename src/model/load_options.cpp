@@ -1,0 +1,48 @@
+#include "model/load_options.h"
+
+#include "core/error.h"
+#include "ops/ops.h"
+
+namespace blip2 {
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_head) {
+  if (shape.size() != 2) return false;  // patch embedding (4-D), class/position embeddings, query tokens (3-D)
+  static const char* const kLinear[] = {
+      // ViT
+      ".self_attn.qkv.weight", ".self_attn.projection.weight", ".mlp.fc1.weight", ".mlp.fc2.weight",
+      // Q-Former (attention q/k/v and output dense, query FFN)
+      ".attention.query.weight", ".attention.key.weight", ".attention.value.weight", ".output.dense.weight",
+      ".intermediate_query.dense.weight", ".output_query.dense.weight",
+      // T5 attention and feed-forward
+      "Attention.q.weight", "Attention.k.weight", "Attention.v.weight", "Attention.o.weight",
+      ".DenseReluDense.wi.weight", ".DenseReluDense.wi_0.weight", ".DenseReluDense.wi_1.weight",
+      ".DenseReluDense.wo.weight"};
+  if (name == "language_projection.weight" || name == "language_model.lm_head.weight") return true;
+  if (name.rfind("vision_model.", 0) == 0 || name.rfind("qformer.", 0) == 0 || name.rfind("language_model.", 0) == 0)
+    for (const char* s : kLinear)
+      if (ends_with(name, s)) return true;
+  if (tied_lm_head && (name == "language_model.shared.weight" || name == "language_model.encoder.embed_tokens.weight" ||
+                       name == "language_model.decoder.embed_tokens.weight"))
+    return true;
+  return false;
+}
+
+Checkpoint::Convert weight_converter(const LoadOptions& o, bool tied_lm_head) {
+  if (o.weights == WeightFormat::I4 && o.int4_group != 32 && o.int4_group != 64 && o.int4_group != 128)
+    fail(ErrorKind::Usage, "int4 group size must be 32, 64 or 128 (got " + std::to_string(o.int4_group) + ")");
+  if (o.weights == WeightFormat::AsStored) return nullptr;
+  return [o, tied_lm_head](const std::string& name, const Weight& w) -> Weight {
+    if (!converts_tensor(name, w.shape, tied_lm_head)) return w;
+    return ops::convert_weight(w, o.weights, o.int4_group);
+  };
+}
+
+}  // namespace blip2

@@ -1,0 +1,33 @@
+// How a model is loaded: the storage format of its linear layers' weights and the thread count. The one
+// place that decides which tensors a format applies to is weight_converter() (load_options.cpp).
+#pragma once
+#include <string>
+
+#include "core/tensor.h"
+#include "io/checkpoint.h"
+
+namespace blip2 {
+
+// Group size of int4 weights when none is given (see docs/ARCHITECTURE.md, "Weight formats", for the
+// measured speed/accuracy trade-off of 32, 64 and 128).
+constexpr int kDefaultInt4Group = 64;
+
+struct LoadOptions {
+  // Format of the linear layers' matrices after loading. AsStored uses the file's bytes in place (no copy);
+  // anything else converts each matrix once, as it is taken, from whatever the file holds (F32/F16/BF16).
+  WeightFormat weights = WeightFormat::AsStored;
+  int int4_group = kDefaultInt4Group;  // 32, 64 or 128 elements per scale along the input dimension
+  int threads = 0;                     // worker threads for the kernels and OpenBLAS; 0 = all cores
+};
+
+// True for the tensors a weight format converts: the matrices of linear layers — ViT qkv / projection /
+// fc1 / fc2, every Q-Former dense layer, the language projection, T5 q/k/v/o and wi/wi_0/wi_1/wo, lm_head —
+// and the T5 embedding when it doubles as the (tied) lm_head. Everything else stays as stored: norms,
+// biases, the patch embedding, class / position embeddings, query tokens, relative attention bias and an
+// untied T5 embedding (a lookup touches only the rows it needs, so the file's pages serve it best).
+bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_head);
+
+// The Checkpoint::Convert hook for `options` (null for AsStored). Validates int4_group.
+Checkpoint::Convert weight_converter(const LoadOptions& options, bool tied_lm_head);
+
+}  // namespace blip2

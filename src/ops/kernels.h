@@ -1,0 +1,70 @@
+// Compute kernels behind ops (ops.h), one set per instruction set: AVX2+FMA+F16C (kernels_avx2.cpp, built
+// with those flags and chosen at run time when the CPU has them) and a portable scalar fallback
+// (kernels.cpp) that gives the same results within float rounding. Integer parts (the quantized dot
+// products) are exact in both, so the two differ only in the order float partial sums are added.
+//
+// Models never call these; ops does, and so do the kernel tests and the micro-benchmark.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace blip2::kern {
+
+// ---- instruction set ------------------------------------------------------------------------------------
+bool cpu_has_avx2();          // __builtin_cpu_supports("avx2") && "fma" && "f16c"
+void force_scalar(bool on);   // tests and benchmarks: use the scalar fallback even where AVX2 is present
+bool using_avx2();            // what the kernels use now
+const char* isa_name();       // "avx2" or "scalar"
+
+// ---- activations quantized for the integer products -----------------------------------------------------
+// Each row of x[rows, cols] in blocks of `block` elements (a multiple of 32, zero-padded to `ld`):
+// q = round(x / scale), scale = max|x| / 127 over the block, q in [-127, 127]; `sum` is the block's Σq and
+// `corr` = 8 · scale · sum (the I4 kernels' offset correction, exact in the scalar one, float in AVX2).
+struct QuantRows {
+  int64_t rows = 0, ld = 0;
+  int block = 0;
+  std::vector<int8_t> q;      // [rows][ld]
+  std::vector<float> scale;   // [rows][ld / block]
+  std::vector<int32_t> sum;   // [rows][ld / block]
+  std::vector<float> corr;    // [rows][ld / block]
+  void resize(int64_t rows, int64_t ld, int block);
+};
+void quantize_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, QuantRows& out);
+
+// The activation block each quantized format multiplies with: the I4 group; for I8 the setting below
+// (default kI8ActBlock; 0 = one scale per row).
+int act_block(const Weight& w);
+constexpr int kI8ActBlock = 128;
+void set_i8_act_block(int block);  // benchmark/tests: a multiple of 32, or 0
+
+// ---- matrix-vector products for a few rows (decoding) ---------------------------------------------------
+// y[r * ldy + o] = Σ_i x[r][i] · w[o][i] for rows r < R and output channels o in [o0, o1). Each weight row
+// is read once for all R rows. F32/F16/BF16 weights take float x (row stride ldx); I8/I4 take quantized
+// rows (QuantRows with block == act_block(w)).
+void gemv(const float* x, int64_t ldx, int R, const Weight& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
+void gemv_q(const QuantRows& x, const Weight& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
+// I8 alternative kept for the benchmark: weights widened to float and multiplied with float x (no
+// activation quantization).
+void gemv_i8_float(const float* x, int64_t ldx, int R, const Weight& w, int64_t o0, int64_t o1, float* y,
+                   int64_t ldy);
+
+// ---- widening for the BLAS path -------------------------------------------------------------------------
+// out[r][c] (row stride ldo >= cols) = w[r0 + r][c] as float32, for r < n.
+void dequant_rows(const Weight& w, int64_t r0, int64_t n, float* out, int64_t ldo);
+
+// ---- element-wise and row operations --------------------------------------------------------------------
+void gelu_erf(float* p, int64_t n);
+void gelu_tanh(float* p, int64_t n);
+// p[i] = exp(p[i] - mx), returns the sum (of the float values written).
+float exp_sum(float* p, int64_t n, float mx);
+float dot(const float* a, const float* b, int64_t n);
+void axpy(float a, const float* x, float* y, int64_t n);  // y += a·x
+
+// ---- conversion at load ---------------------------------------------------------------------------------
+// A [rows, cols] matrix (any stored dtype) as `to` (F32, F16, BF16, I8 or I4 with `group`), in new buffers
+// owned by the result. Rows are converted in parallel on the pool.
+Weight convert(const Weight& w, DType to, int group = 64);
+
+}  // namespace blip2::kern

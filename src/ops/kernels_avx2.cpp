@@ -1,0 +1,535 @@
+// AVX2 + FMA + F16C kernels. This file alone is compiled with -mavx2 -mfma -mf16c (CMakeLists.txt); the
+// dispatcher in kernels.cpp only calls into it when the CPU reports all three.
+//
+// Matrix-vector products read each weight row once for all activation rows (in chunks of up to 5 rows; a
+// second chunk finds the row in L1).
+// Integer products (I8, I4) use vpmaddubsw (unsigned × signed bytes → int16 pairs) and vpmaddwd:
+//   I8: |w| × sign(a, w) (w, a in [-127, 127]: pair sums ≤ 32258, never saturate), int32 per block of
+//       activations, then one float multiply-add per block with the activation scale; the weight's
+//       per-row scale multiplies the final sum.
+//   I4: stored nibbles are u = q + 8 in [0, 15], used directly as the unsigned operand: Σ u·a = Σ q·a + 8 Σ a,
+//       and the offset is removed with the block's Σa (computed when quantizing the activations). Pair sums
+//       are ≤ 2·15·127 = 3810, so the int16 products of a whole group (up to 4 vectors) are added before the
+//       one vpmaddwd per group. Unpacking is an AND and a shift per 64 weights (see DType::I4's layout).
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "ops/kernels_impl.h"
+
+namespace blip2::kern::detail {
+
+namespace {
+
+inline int imin(int a, int b) { return a < b ? a : b; }
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// ---- float weights (F32, F16, BF16) ---------------------------------------------------------------------
+
+template <DType D>
+inline __m256 load8(const void* p, int64_t i) {
+  if constexpr (D == DType::F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else if constexpr (D == DType::F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <DType D>
+inline float load1(const void* p, int64_t i) {
+  if constexpr (D == DType::F32) return static_cast<const float*>(p)[i];
+  else if constexpr (D == DType::F16) return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+  else return bf16_bits_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+
+// Every kernel below walks one output row at a time: a thread's share of the matrix is then one sequential
+// stream, which the hardware prefetchers follow at full speed (measured: interleaving 2–8 rows per pass
+// streams 25–50 % slower). The activation rows (≤ 8, a few KiB each) stay in L1/L2 and are re-read per row.
+
+// Activation rows are split into chunks of at most kMaxNR (balanced: 6 → 3+3, 7 → 4+3, 8 → 4+4).
+constexpr int kMaxNR = 5;
+inline int chunk_rows(int R, int r0) {
+  const int left = R - r0;
+  if (left <= kMaxNR) return left;
+  const int chunks = (left + 3) / 4;
+  return (left + chunks - 1) / chunks;
+}
+
+template <DType D, int NR>
+void float_row(const float* x, int64_t ldx, const void* w, int64_t in, int64_t o, float* y, int64_t ldy) {
+  constexpr int U = NR <= 2 ? 4 : (NR <= 4 ? 2 : 1);  // independent accumulators per row
+  __m256 acc[NR][U];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+  const int64_t step = 8 * U, in_main = in / step * step;
+  const int64_t base = o * in;
+  for (int64_t i = 0; i < in_main; i += step) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = load8<D>(w, base + i + 8 * u);
+      for (int r = 0; r < NR; ++r) acc[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + i + 8 * u), acc[r][u]);
+    }
+  }
+  int64_t i = in_main;
+  for (; i + 8 <= in; i += 8) {
+    const __m256 wv = load8<D>(w, base + i);
+    for (int r = 0; r < NR; ++r) acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + i), acc[r][0]);
+  }
+  for (int r = 0; r < NR; ++r) {
+    __m256 t = acc[r][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[r][u]);
+    float s = hsum(t);
+    for (int64_t k = i; k < in; ++k) s += load1<D>(w, base + k) * x[r * ldx + k];
+    y[r * ldy + o] = s;
+  }
+}
+
+template <DType D>
+void float_rows(const float* x, int64_t ldx, int R, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  const int64_t in = w.cols;
+  for (int64_t o = o0; o < o1; ++o)
+    for (int r0 = 0; r0 < R;) {
+      const int nr = chunk_rows(R, r0);
+      const float* xr = x + r0 * ldx;
+      float* yr = y + r0 * ldy;
+      switch (nr) {
+        case 1: float_row<D, 1>(xr, ldx, w.data, in, o, yr, ldy); break;
+        case 2: float_row<D, 2>(xr, ldx, w.data, in, o, yr, ldy); break;
+        case 3: float_row<D, 3>(xr, ldx, w.data, in, o, yr, ldy); break;
+        case 4: float_row<D, 4>(xr, ldx, w.data, in, o, yr, ldy); break;
+        default: float_row<D, 5>(xr, ldx, w.data, in, o, yr, ldy); break;
+      }
+      r0 += nr;
+    }
+}
+
+void gemv_float_avx2(const float* x, int64_t ldx, int R, const WView& w, int64_t o0, int64_t o1, float* y,
+                     int64_t ldy) {
+  switch (w.dtype) {
+    case DType::F32: float_rows<DType::F32>(x, ldx, R, w, o0, o1, y, ldy); return;
+    case DType::F16: float_rows<DType::F16>(x, ldx, R, w, o0, o1, y, ldy); return;
+    case DType::BF16: float_rows<DType::BF16>(x, ldx, R, w, o0, o1, y, ldy); return;
+    default: return;
+  }
+}
+
+// ---- I8 weights × quantized activations -----------------------------------------------------------------
+
+template <int NR>
+void i8_row(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int64_t ldy) {
+  const int64_t ld = w.ld, B = x.block, nb = ld / B;
+  const auto* wq = static_cast<const int8_t*>(w.data) + o * ld;
+  const int8_t* aq = x.q + r0 * ld;
+  const float* as = x.scale + r0 * nb;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i s32[NR];
+    for (int r = 0; r < NR; ++r) s32[r] = _mm256_setzero_si256();
+    for (int64_t i = b * B; i < (b + 1) * B; i += 32) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + i));
+      const __m256i aw = _mm256_abs_epi8(wv);
+      for (int r = 0; r < NR; ++r) {
+        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + r * ld + i));
+        const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(av, wv));
+        s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(p, ones));
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_set1_ps(as[r * nb + b]), acc[r]);
+  }
+  const float sw = static_cast<const float*>(w.scales)[o];
+  for (int r = 0; r < NR; ++r) y[(r0 + r) * ldy + o] = hsum(acc[r]) * sw;
+}
+
+void gemv_i8_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  const int R = static_cast<int>(x.rows);
+  for (int64_t o = o0; o < o1; ++o)
+    for (int r0 = 0; r0 < R;) {
+      const int nr = chunk_rows(R, r0);
+      switch (nr) {
+        case 1: i8_row<1>(x, r0, w, o, y, ldy); break;
+        case 2: i8_row<2>(x, r0, w, o, y, ldy); break;
+        case 3: i8_row<3>(x, r0, w, o, y, ldy); break;
+        case 4: i8_row<4>(x, r0, w, o, y, ldy); break;
+        default: i8_row<5>(x, r0, w, o, y, ldy); break;
+      }
+      r0 += nr;
+    }
+}
+
+// ---- I4 weights × quantized activations -----------------------------------------------------------------
+
+// One output row against NR activation rows, groups of G = 32·NV. Per group and activation row: the
+// unsigned-nibble dot d_u = Σ u·a (vpmaddubsw over the group's vectors, int16 adds, one vpmaddwd), then
+// acc += d_u · (s_w · s_a), the product of scales prepared per chunk of 64 groups with vector multiplies.
+// The offset Σ 8·a·s_w·s_a = Σ_g s_w[g]·corr[g] is subtracted once at the end.
+template <int NV, int NR>
+void i4_row(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int64_t ldy) {
+  constexpr int G = 32 * NV;
+  constexpr int kUnit = NV == 4 ? 128 : 64;  // elements per step: one 32-byte block (two for G = 128)
+  constexpr int kVec = kUnit / 32, kGroups = kUnit / G;
+  constexpr int kChunk = 64;  // groups whose scale products are prepared at once
+  const int64_t ld = w.ld, ng = ld / G;
+  const uint8_t* wq = static_cast<const uint8_t*>(w.data) + o * (ld / 2);
+  const uint16_t* s16 = static_cast<const uint16_t*>(w.scales) + o * ng;
+  const int8_t* aq = x.q + r0 * ld;
+  const float* as = x.scale + r0 * ng;
+  const float* ac = x.corr + r0 * ng;
+  const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  __m256 acc[NR], corr[NR];
+  float corr_tail[NR];
+  for (int r = 0; r < NR; ++r) {
+    acc[r] = corr[r] = _mm256_setzero_ps();
+    corr_tail[r] = 0.0f;
+  }
+  alignas(32) float P[NR][kChunk];
+  for (int64_t g0 = 0; g0 < ng; g0 += kChunk) {
+    const int64_t gn = imin(static_cast<int64_t>(kChunk), ng - g0);
+    int64_t g = 0;
+    for (; g + 8 <= gn; g += 8) {
+      const __m256 swv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + g0 + g)));
+      for (int r = 0; r < NR; ++r) {
+        _mm256_store_ps(&P[r][g], _mm256_mul_ps(swv, _mm256_loadu_ps(as + r * ng + g0 + g)));
+        corr[r] = _mm256_fmadd_ps(swv, _mm256_loadu_ps(ac + r * ng + g0 + g), corr[r]);
+      }
+    }
+    for (; g < gn; ++g) {
+      const float sw = _cvtsh_ss(s16[g0 + g]);
+      for (int r = 0; r < NR; ++r) {
+        P[r][g] = sw * as[r * ng + g0 + g];
+        corr_tail[r] += sw * ac[r * ng + g0 + g];
+      }
+    }
+    for (int64_t e = g0 * G; e < (g0 + gn) * G; e += kUnit) {
+      __m256i wv[kVec];
+      for (int s = 0; s < kVec / 2; ++s) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + e / 2 + 32 * s));
+        wv[2 * s] = _mm256_and_si256(b, m4);
+        wv[2 * s + 1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+      }
+      for (int gi = 0; gi < kGroups; ++gi) {
+        const int64_t gl = (e - g0 * G) / G + gi;  // group index within the chunk
+        for (int r = 0; r < NR; ++r) {
+          const int8_t* a = aq + r * ld + e + gi * G;
+          __m256i t = _mm256_maddubs_epi16(wv[gi * NV], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+          for (int v = 1; v < NV; ++v)
+            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(wv[gi * NV + v],
+                                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * v))));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(t, ones)), _mm256_set1_ps(P[r][gl]), acc[r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) y[(r0 + r) * ldy + o] = hsum(acc[r]) - (hsum(corr[r]) + corr_tail[r]);
+}
+
+template <int NV>
+void i4_rows(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  const int R = static_cast<int>(x.rows);
+  for (int64_t o = o0; o < o1; ++o)
+    for (int r0 = 0; r0 < R;) {
+      const int nr = chunk_rows(R, r0);
+      switch (nr) {
+        case 1: i4_row<NV, 1>(x, r0, w, o, y, ldy); break;
+        case 2: i4_row<NV, 2>(x, r0, w, o, y, ldy); break;
+        case 3: i4_row<NV, 3>(x, r0, w, o, y, ldy); break;
+        case 4: i4_row<NV, 4>(x, r0, w, o, y, ldy); break;
+        default: i4_row<NV, 5>(x, r0, w, o, y, ldy); break;
+      }
+      r0 += nr;
+    }
+}
+
+void gemv_i4_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  switch (w.group) {
+    case 32: i4_rows<1>(x, w, o0, o1, y, ldy); return;
+    case 64: i4_rows<2>(x, w, o0, o1, y, ldy); return;
+    default: i4_rows<4>(x, w, o0, o1, y, ldy); return;
+  }
+}
+
+// ---- I8 weights widened to float (the weight-only alternative) ------------------------------------------
+
+template <int NR>
+void i8f_row(const float* x, int64_t ldx, const int8_t* wq, int64_t in, float sw, float* y, int64_t ldy) {
+  __m256 acc[NR][2];
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const int64_t in16 = in & ~int64_t(15);
+  for (int64_t i = 0; i < in16; i += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + i));
+    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
+    for (int r = 0; r < NR; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + i), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * ldx + i + 8), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+    for (int64_t i = in16; i < in; ++i) s += static_cast<float>(wq[i]) * x[r * ldx + i];
+    y[r * ldy] = s * sw;
+  }
+}
+
+void gemv_i8_float_avx2(const float* x, int64_t ldx, int R, const WView& w, int64_t o0, int64_t o1, float* y,
+                        int64_t ldy) {
+  const int64_t in = w.cols, ld = w.ld;
+  const auto* q = static_cast<const int8_t*>(w.data);
+  const auto* sw = static_cast<const float*>(w.scales);
+  for (int64_t o = o0; o < o1; ++o)
+    for (int r0 = 0; r0 < R; r0 += 4) {
+      const float* xr = x + r0 * ldx;
+      float* yr = y + r0 * ldy + o;
+      switch (imin(4, R - r0)) {
+        case 1: i8f_row<1>(xr, ldx, q + o * ld, in, sw[o], yr, ldy); break;
+        case 2: i8f_row<2>(xr, ldx, q + o * ld, in, sw[o], yr, ldy); break;
+        case 3: i8f_row<3>(xr, ldx, q + o * ld, in, sw[o], yr, ldy); break;
+        default: i8f_row<4>(xr, ldx, q + o * ld, in, sw[o], yr, ldy); break;
+      }
+    }
+}
+
+// ---- activation quantization ----------------------------------------------------------------------------
+
+void quantize_rows_avx2(const float* x, int64_t rows, int64_t cols, int64_t ldx, const QOut& out) {
+  const int64_t ld = out.ld, B = out.block, nb = ld / B;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  alignas(32) float tail[32];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    // Pointer to 32 floats at i: the row itself, or a zero-padded copy where the row ends.
+    const auto chunk = [&](int64_t i) -> const float* {
+      if (i + 32 <= cols) return xr + i;
+      memset(tail, 0, sizeof tail);
+      if (i < cols) memcpy(tail, xr + i, static_cast<size_t>(cols - i) * 4);
+      return tail;
+    };
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256 mx = _mm256_setzero_ps();
+      for (int64_t i = b * B; i < (b + 1) * B; i += 32) {
+        const float* p = chunk(i);
+        for (int k = 0; k < 4; ++k) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(p + 8 * k), absmask));
+      }
+      __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+      m = _mm_max_ss(m, _mm_movehdup_ps(m));
+      const float amax = _mm_cvtss_f32(m);
+      const float inv_s = amax > 0.0f ? 127.0f / amax : 0.0f;
+      const __m256 inv = _mm256_set1_ps(inv_s);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t i = b * B; i < (b + 1) * B; i += 32) {
+        const float* p = chunk(i);
+        __m256i v[4];
+        for (int k = 0; k < 4; ++k) {
+          v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 8 * k), inv));
+          sum = _mm256_add_epi32(sum, v[k]);
+        }
+        const __m256i p16 = _mm256_packs_epi32(v[0], v[1]), p16b = _mm256_packs_epi32(v[2], v[3]);
+        const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16, p16b), perm);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q + r * ld + i), p8);
+      }
+      const int32_t isum = hsum_i32(sum);
+      out.scale[r * nb + b] = amax / 127.0f;
+      out.sum[r * nb + b] = isum;
+      out.corr[r * nb + b] = 8.0f * (amax / 127.0f) * static_cast<float>(isum);
+    }
+  }
+}
+
+// ---- widening for the BLAS path -------------------------------------------------------------------------
+
+void dequant_rows_avx2(const WView& w, int64_t r0, int64_t n, float* out, int64_t ldo) {
+  const int64_t c = w.cols;
+  switch (w.dtype) {
+    case DType::F32:
+      for (int64_t r = 0; r < n; ++r)
+        memcpy(out + r * ldo, static_cast<const float*>(w.data) + (r0 + r) * c, static_cast<size_t>(c) * 4);
+      return;
+    case DType::F16:
+    case DType::BF16:
+      for (int64_t r = 0; r < n; ++r) {
+        const auto* src = static_cast<const uint16_t*>(w.data) + (r0 + r) * c;
+        float* dst = out + r * ldo;
+        int64_t i = 0;
+        if (w.dtype == DType::F16) {
+          for (; i + 8 <= c; i += 8) _mm256_storeu_ps(dst + i, load8<DType::F16>(src, i));
+          for (; i < c; ++i) dst[i] = _cvtsh_ss(src[i]);
+        } else {
+          for (; i + 8 <= c; i += 8) _mm256_storeu_ps(dst + i, load8<DType::BF16>(src, i));
+          for (; i < c; ++i) dst[i] = bf16_bits_to_f32(src[i]);
+        }
+      }
+      return;
+    case DType::I8:
+      for (int64_t r = 0; r < n; ++r) {
+        const auto* src = static_cast<const int8_t*>(w.data) + (r0 + r) * w.ld;
+        const float s = static_cast<const float*>(w.scales)[r0 + r];
+        const __m256 sv = _mm256_set1_ps(s);
+        float* dst = out + r * ldo;
+        int64_t i = 0;
+        for (; i + 8 <= c; i += 8) {
+          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
+          _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sv));
+        }
+        for (; i < c; ++i) dst[i] = static_cast<float>(src[i]) * s;
+      }
+      return;
+    case DType::I4: {
+      const int64_t ld = w.ld, G = w.group, ng = ld / G;
+      alignas(32) float tmp[64];
+      const __m256i m4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi32(8);
+      for (int64_t r = 0; r < n; ++r) {
+        const auto* src = static_cast<const uint8_t*>(w.data) + (r0 + r) * (ld / 2);
+        const auto* sc = static_cast<const uint16_t*>(w.scales) + (r0 + r) * ng;
+        float* dst = out + r * ldo;
+        for (int64_t s = 0; s * 64 < c; ++s) {
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * s));
+          alignas(32) uint8_t u[64];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(u), _mm256_and_si256(b, m4));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(u + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), m4));
+          float* d = (s * 64 + 64 <= c) ? dst + s * 64 : tmp;
+          for (int k = 0; k < 8; ++k) {
+            const int64_t e = s * 64 + 8 * k;
+            const __m256 scale = _mm256_set1_ps(_cvtsh_ss(sc[e / G]));
+            const __m256i v = _mm256_sub_epi32(
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + 8 * k))), eight);
+            _mm256_storeu_ps(d + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
+          }
+          if (d == tmp) memcpy(dst + s * 64, tmp, static_cast<size_t>(c - s * 64) * 4);
+        }
+      }
+      return;
+    }
+  }
+}
+
+// ---- element-wise ---------------------------------------------------------------------------------------
+
+// exp(x) for x <= 88.7 (Cephes' single-precision polynomial; about 1 ulp). Inputs below -87.3 give 0.
+inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(under, y);
+}
+
+// 0.5·x·(1 + erf(x/√2)). erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), as PyTorch's vectorised GELU.
+inline __m256 gelu_erf8(__m256 x) {
+  const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 sign = _mm256_and_ps(z, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u))));
+  const __m256 az = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u))), z);
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), az, _mm256_set1_ps(1.0f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  p = _mm256_mul_ps(p, t);
+  const __m256 e = exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), az), az));
+  const __m256 erf_abs = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f));
+  const __m256 erf = _mm256_or_ps(erf_abs, sign);
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.0f), erf));
+}
+
+void gelu_erf_avx2(float* p, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, gelu_erf8(_mm256_loadu_ps(p + i)));
+  for (; i < n; ++i) p[i] = 0.5f * p[i] * (1.0f + erff(p[i] * 0.70710678118654752f));
+}
+
+// tanh(u) = 1 - 2 / (exp(2u) + 1)
+void gelu_tanh_avx2(float* p, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(p + i);
+    const __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+    const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), v3, v));
+    const __m256 e = exp256(_mm256_min_ps(_mm256_mul_ps(two, u), _mm256_set1_ps(80.0f)));
+    const __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+    _mm256_storeu_ps(p + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(one, th)));
+  }
+  for (; i < n; ++i) {
+    const float v = p[i];
+    p[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  }
+}
+
+float exp_sum_avx2(float* p, int64_t n, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 s = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + i), m));
+    _mm256_storeu_ps(p + i, e);
+    s = _mm256_add_ps(s, e);
+  }
+  float t = hsum(s);
+  for (; i < n; ++i) {
+    p[i] = expf(p[i] - mx);
+    t += p[i];
+  }
+  return t;
+}
+
+float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  float s = hsum(_mm256_add_ps(s0, s1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy_avx2(float a, const float* x, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+const Impl kAvx2 = {"avx2",          gemv_float_avx2,   gemv_i8_avx2,    gemv_i4_avx2,
+                    gemv_i8_float_avx2, quantize_rows_avx2, dequant_rows_avx2, gelu_erf_avx2,
+                    gelu_tanh_avx2, exp_sum_avx2,       dot_avx2,         axpy_avx2};
+
+}  // namespace
+
+const Impl* avx2_impl() { return &kAvx2; }
+
+}  // namespace blip2::kern::detail

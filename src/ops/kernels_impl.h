@@ -1,0 +1,70 @@
+// Private to kernels.cpp / kernels_avx2.cpp: the table of functions one instruction set provides.
+//
+// The table takes plain views (pointers and sizes), not Weight or std::vector: kernels_avx2.cpp is compiled
+// with AVX2 code generation, and any inline library function it instantiated (vector::resize, ...) could be
+// picked by the linker for the whole program and run on a CPU without AVX2. That file uses no C++ library
+// templates at all.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace blip2::kern::detail {
+
+struct WView {  // a [rows, cols] weight
+  DType dtype;
+  const void* data;
+  const void* scales;  // I8 / I4
+  int64_t rows, cols, ld;
+  int group;
+};
+
+struct QView {  // quantized activation rows (see QuantRows)
+  const int8_t* q;
+  const float* scale;
+  const int32_t* sum;
+  const float* corr;
+  int64_t rows, ld;
+  int block;
+};
+
+struct QOut {
+  int8_t* q;
+  float* scale;
+  int32_t* sum;
+  float* corr;
+  int64_t rows, ld;
+  int block;
+};
+
+struct Impl {
+  const char* name;
+  // F32 / F16 / BF16 weights
+  void (*gemv_float)(const float* x, int64_t ldx, int R, const WView& w, int64_t o0, int64_t o1, float* y,
+                     int64_t ldy);
+  void (*gemv_i8)(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
+  void (*gemv_i4)(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
+  void (*gemv_i8_float)(const float* x, int64_t ldx, int R, const WView& w, int64_t o0, int64_t o1, float* y,
+                        int64_t ldy);
+  void (*quantize_rows)(const float* x, int64_t rows, int64_t cols, int64_t ldx, const QOut& out);
+  void (*dequant_rows)(const WView& w, int64_t r0, int64_t n, float* out, int64_t ldo);
+  void (*gelu_erf)(float* p, int64_t n);
+  void (*gelu_tanh)(float* p, int64_t n);
+  float (*exp_sum)(float* p, int64_t n, float mx);
+  float (*dot)(const float* a, const float* b, int64_t n);
+  void (*axpy)(float a, const float* x, float* y, int64_t n);
+};
+
+extern const Impl kScalar;
+// Null when the library was built without the AVX2 file (non-x86 targets).
+const Impl* avx2_impl();
+
+// Scalar helpers for both files; static, so that each file keeps its own copy.
+static inline float bits_to_f32(uint32_t b) {
+  float f;
+  __builtin_memcpy(&f, &b, 4);
+  return f;
+}
+static inline float bf16_bits_to_f32(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
+
+}  // namespace blip2::kern::detail

@@ -1,0 +1,23 @@
+// The engine's thread pool: a fixed set of persistent workers and a static parallel_for over index ranges.
+// One pool per process, sized by set_threads (LoadOptions::threads, the CLI's --threads); OpenBLAS is told
+// the same count, so the two never run more threads than cores.
+//
+// Workers spin briefly after each job (decoding issues hundreds of small jobs per token) and then sleep, so
+// that an idle pool leaves the cores to OpenBLAS. A parallel_for issued from inside a job runs serially.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace blip2::par {
+
+// n <= 0: all cores (std::thread::hardware_concurrency). Also sets OpenBLAS's thread count.
+void set_threads(int n);
+int threads();
+
+// Calls fn(begin, end) on disjoint ranges covering [0, n), one contiguous range per thread (the calling
+// thread takes the first). Ranges are multiples of `align` (but the last); no range is smaller than
+// `min_chunk` (fewer threads are used instead). Returns when every range is done.
+void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t min_chunk = 1,
+                  int64_t align = 1);
+
+}  // namespace blip2::par

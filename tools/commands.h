@@ -1,0 +1,10 @@
+// Subcommands of the blip2 tool that live in their own files. Each registers itself on the app; its
+// callback does the work during parsing and reports failures as blip2::Error (the kind sets the exit status).
+#pragma once
+
+namespace CLI {
+class App;
+}
+
+// `blip2 make-random --like xxl|xl|tiny --out DIR [--dtype f32|bf16|f16] [--seed N] [--force]`
+void add_make_random_command(CLI::App& app);

@@ -16,6 +16,7 @@
 #include "image/image.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
+#include "commands.h"
 
 using namespace blip2;
 
@@ -437,19 +438,18 @@ int main(int argc, char** argv) {
       "Tensors (float32): vision_last_hidden_state [B,T_img,Dv], qformer_last_hidden_state [B,Q,Dq],\n"
       "language_projection [B,Q,d], encoder_last_hidden_state [B,Q+L,d], logits [B,len(ids),vocab].");
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int rc = app.exit(e);
-    return rc == 0 ? 0 : static_cast<int>(ErrorKind::Usage);
-  }
+  add_make_random_command(app);  // runs its work inside parse(), hence one try block for both
 
   try {
+    app.parse(argc, argv);
     if (*g) return run_generate(gen, pairs, true);
     if (*c) return run_generate(cap, {{cap_image}, {""}});
     if (*a) return run_generate(ask, {{ask_image}, {"Question: " + question + " Answer:"}});
     if (*ch) return run_chat(chat, chat_image);
     if (*in) return run_inspect(ins_model, ins_pairs, ins_dec, ins_out);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    return rc == 0 ? 0 : static_cast<int>(ErrorKind::Usage);
   } catch (const Error& e) {
     std::cerr << "error: " << e.what() << "\n";
     return static_cast<int>(e.kind());

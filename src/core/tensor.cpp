@@ -134,6 +134,7 @@ size_t Weight::nbytes() const {
 }
 
 void Weight::to_f32(int64_t begin, int64_t n, float* out) const {
+  if (n <= 0) return;  // empty tensors: no bytes to read (and memcpy with null pointers is undefined)
   switch (dtype) {
     case DType::I8: {
       const int64_t c = cols();

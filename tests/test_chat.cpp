@@ -3,16 +3,19 @@
 // before any work.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "core/error.h"
 #include "generate/chat.h"
@@ -66,8 +69,16 @@ CliRun run_cli(const std::vector<std::string>& args, const std::string& input = 
   CliRun r;
   pid_t pid = 0;
   if (posix_spawn(&pid, BLIP2_CLI_PATH, &fa, nullptr, argv.data(), environ) == 0) {
+    // A hung child fails its test instead of stalling the suite.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
     int st = 0;
-    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+    pid_t done = 0;
+    while ((done = waitpid(pid, &st, WNOHANG)) == 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    if (done == 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &st, 0);
+      ADD_FAILURE() << "timed out: blip2 " << ::testing::PrintToString(args);
     }
     r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
   }

@@ -6,12 +6,15 @@
 //                    product, weight bytes/s and the ratio to the measured bandwidth
 // Matrices are cycled through enough copies (≥ 256 MiB) that every product streams from DRAM, not the L3.
 //
-// Usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] [--only gemv|sgemm|bw]
-//                      [--i8-block B] [--widen R]
+// Usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] [--only gemv|sgemm|bw|widen]
+//                      [--i8-block B] [--widen R1,R2,...] [--rounds N] [--gemv-rows N]
 #include <cblas.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -52,7 +55,10 @@ double time_best(const std::function<void(int)>& fn, int trials = 5, double min_
   return best;
 }
 
+uint64_t sum_scalar(const uint64_t* p, int64_t n);
+
 // Sum of n words; AVX2 where the CPU has it, so that the loop is never the limit.
+#if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2"))) uint64_t sum_avx2(const uint64_t* p, int64_t n) {
   __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
   int64_t i = 0;
@@ -69,6 +75,9 @@ __attribute__((target("avx2"))) uint64_t sum_avx2(const uint64_t* p, int64_t n) 
   for (; i < n; ++i) s += p[i];
   return s;
 }
+#else
+uint64_t sum_avx2(const uint64_t* p, int64_t n) { return sum_scalar(p, n); }
+#endif
 
 uint64_t sum_scalar(const uint64_t* p, int64_t n) {
   uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -91,14 +100,11 @@ double read_bandwidth() {
   });
   volatile uint64_t sink = 0;
   const double t = time_best([&](int) {
-    std::vector<uint64_t> part(64, 0);
+    std::atomic<uint64_t> total{0};
     par::parallel_for(static_cast<int64_t>(n), [&](int64_t b, int64_t e) {
-      const uint64_t s = kern::cpu_has_avx2() ? sum_avx2(buf.data() + b, e - b) : sum_scalar(buf.data() + b, e - b);
-      part[static_cast<size_t>(b * 8 / static_cast<int64_t>(n)) * 8] = s;
+      total += kern::cpu_has_avx2() ? sum_avx2(buf.data() + b, e - b) : sum_scalar(buf.data() + b, e - b);
     }, 1 << 20);
-    uint64_t s = 0;
-    for (uint64_t v : part) s += v;
-    sink = sink + s;
+    sink = sink + total.load();
   }, 5, 0.5);
   return static_cast<double>(n * 8) / t;
 }
@@ -172,56 +178,106 @@ void bench_widen(const std::vector<int64_t>& blocks) {
       std::printf("\n");
     }
   }
-  ops::set_widen_rows(512);
+  ops::set_widen_rows(1024);
 }
 
-void bench_gemv(double bw, const std::vector<int>& row_counts, bool quick) {
-  std::printf("\n== gemv through ops::linear, %d threads, %s kernels; bandwidth floor %.1f GB/s\n", par::threads(),
-              kern::isa_name(), bw / 1e9);
+// One read of `bytes` of a buffer with all threads: the streaming floor measured next to each product.
+double sum_seconds(const std::vector<uint64_t>& buf) {
+  const auto t0 = clk::now();
+  std::atomic<uint64_t> total{0};
+  par::parallel_for(static_cast<int64_t>(buf.size()), [&](int64_t b, int64_t e) {
+    total += kern::cpu_has_avx2() ? sum_avx2(buf.data() + b, e - b) : sum_scalar(buf.data() + b, e - b);
+  }, 1 << 18);
+  static volatile uint64_t sink = 0;
+  sink = sink + total.load();
+  return seconds(t0, clk::now());
+}
+
+// Every format of one shape and row count, interleaved: each round times every format once (a batch of
+// products on rotating copies) and a 512 MiB streaming sum; the best round of each is kept. Other processes
+// on the machine then slow all of them alike, and the best rounds are the undisturbed ones.
+void bench_gemv(double bw, const std::vector<int>& row_counts, bool quick, int rounds) {
+  std::printf("\n== gemv through ops::linear, %d threads, %s kernels, best of %d interleaved rounds\n", par::threads(),
+              kern::isa_name(), rounds);
+  std::printf("   'of bw': weight bytes/s over the best streaming sum of the same rounds (1 GiB sum alone: %.1f GB/s)\n",
+              bw / 1e9);
   std::printf("%-12s %4s %-9s %10s %10s %8s %9s\n", "out x in", "rows", "format", "us/product", "GB/s", "of bw",
               "vs int8");
   const int64_t shapes[][2] = {{4096, 4096}, {10240, 4096}, {4096, 10240}, {32128, 4096}};
-  std::vector<Format> formats = {{"f32", DType::F32, 0, false},     {"bf16", DType::BF16, 0, false},
-                                 {"f16", DType::F16, 0, false},     {"int8", DType::I8, 0, false},
-                                 {"int8-wf", DType::I8, 0, true},   {"int4g32", DType::I4, 32, false},
-                                 {"int4g64", DType::I4, 64, false}, {"int4g128", DType::I4, 128, false}};
+  const std::vector<Format> formats = {{"f32", DType::F32, 0, false},     {"bf16", DType::BF16, 0, false},
+                                       {"f16", DType::F16, 0, false},     {"int8", DType::I8, 0, false},
+                                       {"int8-wf", DType::I8, 0, true},   {"int4g32", DType::I4, 32, false},
+                                       {"int4g64", DType::I4, 64, false}, {"int4g128", DType::I4, 128, false}};
+  std::vector<uint64_t> stream((size_t(512) << 20) / 8, 1);
   for (const auto& s : shapes) {
     const int64_t out = s[0], in = s[1];
     if (quick && out == 32128) continue;
     const auto master = random_floats(static_cast<size_t>(out * in), 7, 0.02f);
     const Weight w32 = f32_weight(master, out, in);
+    // Copies so that each format's set exceeds any cache; the f32 master itself serves as one f32 copy.
+    std::vector<std::vector<Weight>> copies(formats.size());
+    std::vector<std::vector<float>> f32_store;
+    f32_store.reserve(16);
+    for (size_t fi = 0; fi < formats.size(); ++fi) {
+      const Format& f = formats[fi];
+      if (f.i8_float) {
+        copies[fi] = copies[fi - 1];
+        continue;
+      }
+      copies[fi].push_back(f.dtype == DType::F32 ? w32 : kern::convert(w32, f.dtype, f.group));
+      const size_t bytes = copies[fi][0].nbytes();
+      const int n = static_cast<int>(std::clamp<size_t>((size_t(256) << 20) / bytes + 1, 1, 16));
+      for (int i = 1; i < n; ++i) {
+        if (f.dtype == DType::F32) {
+          f32_store.push_back(master);
+          copies[fi].push_back(f32_weight(f32_store.back(), out, in));
+        } else {
+          copies[fi].push_back(kern::convert(w32, f.dtype, f.group));
+        }
+      }
+    }
     for (int R : row_counts) {
       const auto x = random_floats(static_cast<size_t>(R * in), 11);
       std::vector<float> y(static_cast<size_t>(R * out));
-      double t_i8 = 0;
-      for (const auto& f : formats) {
-        // Copies so that the set exceeds any cache; the f32 master itself serves as one f32 copy.
-        std::vector<Weight> copies;
-        const Weight first = f.dtype == DType::F32 ? w32 : kern::convert(w32, f.dtype, f.group);
-        const size_t bytes = first.nbytes();
-        const int n = static_cast<int>(std::clamp<size_t>((size_t(256) << 20) / bytes + 1, 1, 16));
-        copies.push_back(first);
-        std::vector<std::vector<float>> f32_store;
-        for (int i = 1; i < n; ++i) {
-          if (f.dtype == DType::F32) {
-            f32_store.push_back(master);
-            copies.push_back(f32_weight(f32_store.back(), out, in));
-          } else {
-            copies.push_back(kern::convert(w32, f.dtype, f.group));
+      std::vector<double> best(formats.size(), 1e30);
+      double best_stream = 1e30;
+      std::vector<int> reps(formats.size(), 0);
+      int k = 0;
+      for (int round = 0; round < rounds; ++round) {
+        best_stream = std::min(best_stream, sum_seconds(stream));
+        for (size_t fi = 0; fi < formats.size(); ++fi) {
+          const Format& f = formats[fi];
+          const auto run = [&] {
+            const Weight& w = copies[fi][static_cast<size_t>(k++) % copies[fi].size()];
+            if (f.i8_float) {
+              par::parallel_for(out, [&](int64_t o0, int64_t o1) { kern::gemv_i8_float(x.data(), in, R, w, o0, o1, y.data(), out); }, 16, 16);
+            } else {
+              ops::linear(x.data(), R, w, Weight{}, y.data());
+            }
+          };
+          if (reps[fi] == 0) {  // first round: warm up and size the batch to ~30 ms
+            run();
+            const auto t0 = clk::now();
+            run();
+            reps[fi] = std::clamp(static_cast<int>(0.03 / std::max(seconds(t0, clk::now()), 1e-7)), 1, 10000);
           }
+          const auto t0 = clk::now();
+          for (int i = 0; i < reps[fi]; ++i) run();
+          best[fi] = std::min(best[fi], seconds(t0, clk::now()) / reps[fi]);
         }
-        const double t = time_best([&](int k) {
-          const Weight& w = copies[static_cast<size_t>(k) % copies.size()];
-          if (f.i8_float) {
-            par::parallel_for(out, [&](int64_t o0, int64_t o1) { kern::gemv_i8_float(x.data(), in, R, w, o0, o1, y.data(), out); }, 16, 16);
-          } else {
-            ops::linear(x.data(), R, w, Weight{}, y.data());
-          }
-        });
+      }
+      const double floor_bw = static_cast<double>(stream.size() * 8) / best_stream;
+      double t_i8 = 0;
+      for (size_t fi = 0; fi < formats.size(); ++fi) {
+        const Format& f = formats[fi];
+        const double t = best[fi];
+        const size_t bytes = copies[fi][0].nbytes();
         if (f.dtype == DType::I8 && !f.i8_float) t_i8 = t;
         std::printf("%5ldx%-6ld %4d %-9s %10.1f %10.2f %7.0f%% %8.2fx\n", static_cast<long>(out), static_cast<long>(in),
-                    R, f.name, t * 1e6, bytes / t / 1e9, 100.0 * bytes / t / bw, t_i8 > 0 ? t_i8 / t : 0.0);
+                    R, f.name, t * 1e6, bytes / t / 1e9, 100.0 * bytes / t / floor_bw, t_i8 > 0 ? t_i8 / t : 0.0);
       }
+      std::printf("%5ldx%-6ld %4d %-9s %10s %10.2f\n", static_cast<long>(out), static_cast<long>(in), R, "(stream)", "",
+                  floor_bw / 1e9);
     }
   }
 }
@@ -246,6 +302,7 @@ int main(int argc, char** argv) {
   std::string only;
   std::vector<int> rows = {1, 5};
   std::vector<int> widen;
+  int rounds = 9;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const auto next = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
@@ -256,9 +313,11 @@ int main(int argc, char** argv) {
     else if (a == "--only") only = next();
     else if (a == "--i8-block") kern::set_i8_act_block(std::stoi(next()));
     else if (a == "--widen") widen = parse_ints(next());
+    else if (a == "--rounds") rounds = std::max(1, std::stoi(next()));
+    else if (a == "--gemv-rows") ops::set_gemv_max_rows_quant(std::stoi(next()));
     else {
       std::fprintf(stderr, "usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] "
-                           "[--only gemv|sgemm|bw|widen] [--i8-block B] [--widen 128,256,...]\n");
+                           "[--only gemv|sgemm|bw|widen] [--i8-block B] [--widen 128,256,...] [--rounds N] [--gemv-rows N]\n");
       return 2;
     }
   }
@@ -273,6 +332,6 @@ int main(int argc, char** argv) {
     for (int v : widen.empty() ? std::vector<int>{64, 128, 256, 512, 1024} : widen) b.push_back(v);
     bench_widen(b);
   }
-  if (only.empty() || only == "gemv") bench_gemv(bw, rows, quick);
+  if (only.empty() || only == "gemv") bench_gemv(bw, rows, quick, rounds);
   return 0;
 }

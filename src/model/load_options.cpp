@@ -1,11 +1,29 @@
 #include "model/load_options.h"
 
+#include <cstring>
+
 #include "core/error.h"
 #include "ops/ops.h"
 
 namespace blip2 {
 
 namespace {
+
+// A copy of a tensor kept in its stored format, in memory of its own (so that its file pages can be dropped).
+Weight copy_weight(const Weight& w) {
+  const size_t n = w.nbytes();
+  std::shared_ptr<uint8_t[]> buf(new uint8_t[n == 0 ? 1 : n]);
+  if (n) std::memcpy(buf.get(), w.data, n);
+  Weight c = w;
+  c.data = buf.get();
+  c.owner = std::shared_ptr<const void>(buf, buf.get());
+  return c;
+}
+
+bool is_lookup_embedding(const std::string& name) {
+  return name == "language_model.shared.weight" || name == "language_model.encoder.embed_tokens.weight" ||
+         name == "language_model.decoder.embed_tokens.weight";
+}
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -29,9 +47,7 @@ bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_h
   if (name.rfind("vision_model.", 0) == 0 || name.rfind("qformer.", 0) == 0 || name.rfind("language_model.", 0) == 0)
     for (const char* s : kLinear)
       if (ends_with(name, s)) return true;
-  if (tied_lm_head && (name == "language_model.shared.weight" || name == "language_model.encoder.embed_tokens.weight" ||
-                       name == "language_model.decoder.embed_tokens.weight"))
-    return true;
+  if (tied_lm_head && is_lookup_embedding(name)) return true;
   return false;
 }
 
@@ -40,8 +56,12 @@ Checkpoint::Convert weight_converter(const LoadOptions& o, bool tied_lm_head) {
     fail(ErrorKind::Usage, "int4 group size must be 32, 64 or 128 (got " + std::to_string(o.int4_group) + ")");
   if (o.weights == WeightFormat::AsStored) return nullptr;
   return [o, tied_lm_head](const std::string& name, const Weight& w) -> Weight {
-    if (!converts_tensor(name, w.shape, tied_lm_head)) return w;
-    return ops::convert_weight(w, o.weights, o.int4_group);
+    if (converts_tensor(name, w.shape, tied_lm_head)) return ops::convert_weight(w, o.weights, o.int4_group);
+    // The small tensors that stay as stored (norms, biases, position tables: a few MB in all) are copied too,
+    // so that once loading is done no page of the file is needed in memory. An untied embedding stays in the
+    // file: a lookup reads only the rows it needs.
+    if (is_lookup_embedding(name)) return w;
+    return copy_weight(w);
   };
 }
 

@@ -27,7 +27,9 @@ struct LoadOptions {
 // untied T5 embedding (a lookup touches only the rows it needs, so the file's pages serve it best).
 bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_head);
 
-// The Checkpoint::Convert hook for `options` (null for AsStored). Validates int4_group.
+// The Checkpoint::Convert hook for `options` (null for AsStored: every tensor is used in place). With a
+// conversion, the tensors that are not converted are copied as stored (all but an untied embedding), so
+// that no file page is needed after loading. Validates int4_group.
 Checkpoint::Convert weight_converter(const LoadOptions& options, bool tied_lm_head);
 
 }  // namespace blip2

@@ -147,6 +147,45 @@ void dequant_rows_scalar(const WView& w, int64_t r0, int64_t n, float* out, int6
   }
 }
 
+void quantize_weight_i8_scalar(const float* x, int64_t cols, int64_t ld, int8_t* q, float* scale) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int64_t i = 0; i < cols; ++i)
+    q[i] = static_cast<int8_t>(std::clamp(static_cast<int>(nearbyintf(x[i] * inv)), -127, 127));
+  std::memset(q + cols, 0, static_cast<size_t>(ld - cols));
+  *scale = amax / 127.0f;
+}
+
+// Groups of G: the element of largest magnitude maps to -8 exactly (llama.cpp's Q4_0 rule), so the
+// 16 levels span [-8d, 7d] with d = -m/8; the scale is rounded to half first and the levels computed from
+// the rounded scale.
+void quantize_weight_i4_scalar(const float* x, int64_t cols, int64_t ld, int G, uint8_t* out, uint16_t* scales) {
+  std::vector<uint8_t> u(static_cast<size_t>(ld), 8);
+  for (int64_t g = 0; g < ld / G; ++g) {
+    float m = 0.0f, amax = 0.0f;
+    for (int64_t i = g * G; i < std::min(cols, (g + 1) * G); ++i)
+      if (std::fabs(x[i]) > amax) {
+        amax = std::fabs(x[i]);
+        m = x[i];
+      }
+    const float d = std::clamp(m / -8.0f, -65504.0f, 65504.0f);
+    const uint16_t h = f32_to_f16(d);
+    const float dr = f16_to_f32(h);
+    const float inv = dr != 0.0f ? 1.0f / dr : 0.0f;
+    scales[g] = h;
+    for (int64_t i = g * G; i < std::min(cols, (g + 1) * G); ++i)
+      u[i] = static_cast<uint8_t>(std::clamp(static_cast<int>(nearbyintf(x[i] * inv)), -8, 7) + 8);
+  }
+  for (int64_t s = 0; s < ld / 64; ++s)
+    for (int j = 0; j < 32; ++j)
+      out[s * 32 + j] = static_cast<uint8_t>(u[s * 64 + j] | (u[s * 64 + 32 + j] << 4));
+}
+
+void round_half_scalar(const float* x, int64_t n, uint16_t* out, bool f16) {
+  for (int64_t i = 0; i < n; ++i) out[i] = f16 ? f32_to_f16(x[i]) : f32_to_bf16(x[i]);
+}
+
 void gelu_erf_scalar(float* p, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = 0.5f * p[i] * (1.0f + std::erf(p[i] * 0.70710678118654752f));
 }
@@ -179,9 +218,21 @@ void axpy_scalar(float a, const float* x, float* y, int64_t n) {
 
 }  // namespace
 
-const Impl kScalar = {"scalar",          gemv_float_scalar,   gemv_i8_scalar, gemv_i4_scalar,
-                      gemv_i8_float_scalar, quantize_rows_scalar, dequant_rows_scalar, gelu_erf_scalar,
-                      gelu_tanh_scalar,  exp_sum_scalar,      dot_scalar,     axpy_scalar};
+const Impl kScalar = {"scalar",
+                      gemv_float_scalar,
+                      gemv_i8_scalar,
+                      gemv_i4_scalar,
+                      gemv_i8_float_scalar,
+                      quantize_rows_scalar,
+                      dequant_rows_scalar,
+                      quantize_weight_i8_scalar,
+                      quantize_weight_i4_scalar,
+                      round_half_scalar,
+                      gelu_erf_scalar,
+                      gelu_tanh_scalar,
+                      exp_sum_scalar,
+                      dot_scalar,
+                      axpy_scalar};
 
 #ifndef BLIP2_HAVE_AVX2_KERNELS
 const Impl* avx2_impl() { return nullptr; }
@@ -301,41 +352,6 @@ std::shared_ptr<uint8_t> alloc_aligned(size_t bytes) {
   return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(p), [](uint8_t* q) { std::free(q); });
 }
 
-void quantize_row_i8(const float* x, int64_t cols, int64_t ld, int8_t* q, float* scale) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-  for (int64_t i = 0; i < cols; ++i)
-    q[i] = static_cast<int8_t>(std::clamp(static_cast<int>(std::nearbyint(x[i] * inv)), -127, 127));
-  std::memset(q + cols, 0, static_cast<size_t>(ld - cols));
-  *scale = amax / 127.0f;
-}
-
-// Groups of G: the element of largest magnitude maps to -8 exactly (llama.cpp's Q4_0 rule), so the
-// 16 levels span [-8d, 7d] with d = -m/8; the scale is rounded to half first and the levels computed from
-// the rounded scale.
-void quantize_row_i4(const float* x, int64_t cols, int64_t ld, int G, uint8_t* out, uint16_t* scales) {
-  std::vector<uint8_t> u(static_cast<size_t>(ld), 8);
-  for (int64_t g = 0; g < ld / G; ++g) {
-    float m = 0.0f, amax = 0.0f;
-    for (int64_t i = g * G; i < std::min(cols, (g + 1) * G); ++i)
-      if (std::fabs(x[i]) > amax) {
-        amax = std::fabs(x[i]);
-        m = x[i];
-      }
-    const float d = std::clamp(m / -8.0f, -65504.0f, 65504.0f);
-    const uint16_t h = f32_to_f16(d);
-    const float dr = f16_to_f32(h);
-    const float inv = dr != 0.0f ? 1.0f / dr : 0.0f;
-    scales[g] = h;
-    for (int64_t i = g * G; i < std::min(cols, (g + 1) * G); ++i)
-      u[i] = static_cast<uint8_t>(std::clamp(static_cast<int>(std::nearbyint(x[i] * inv)), -8, 7) + 8);
-  }
-  for (int64_t s = 0; s < ld / 64; ++s)
-    for (int j = 0; j < 32; ++j)
-      out[s * 32 + j] = static_cast<uint8_t>(u[s * 64 + j] | (u[s * 64 + 32 + j] << 4));
-}
-
 }  // namespace
 
 Weight convert(const Weight& w, DType to, int group) {
@@ -370,8 +386,7 @@ Weight convert(const Weight& w, DType to, int group) {
         if (to == DType::F32) {
           std::memcpy(reinterpret_cast<float*>(base) + r * cols, x, static_cast<size_t>(cols) * 4);
         } else {
-          uint16_t* d = reinterpret_cast<uint16_t*>(base) + r * cols;
-          for (int64_t i = 0; i < cols; ++i) d[i] = to == DType::F16 ? f32_to_f16(x[i]) : f32_to_bf16(x[i]);
+          impl().round_half(x, cols, reinterpret_cast<uint16_t*>(base) + r * cols, to == DType::F16);
         }
       });
       out.data = base;
@@ -382,7 +397,7 @@ Weight convert(const Weight& w, DType to, int group) {
       buf = alloc_aligned(static_cast<size_t>(data_bytes + rows * 4));
       auto* q = reinterpret_cast<int8_t*>(buf.get());
       auto* s = reinterpret_cast<float*>(buf.get() + data_bytes);
-      for_rows([&](int64_t r, const float* x) { quantize_row_i8(x, cols, ld, q + r * ld, s + r); });
+      for_rows([&](int64_t r, const float* x) { impl().quantize_weight_i8(x, cols, ld, q + r * ld, s + r); });
       out.data = q;
       out.scales = s;
       out.ld = ld;
@@ -394,7 +409,7 @@ Weight convert(const Weight& w, DType to, int group) {
       buf = alloc_aligned(static_cast<size_t>(data_bytes + rows * ng * 2));
       auto* q = buf.get();
       auto* s = reinterpret_cast<uint16_t*>(buf.get() + data_bytes);
-      for_rows([&](int64_t r, const float* x) { quantize_row_i4(x, cols, ld, group, q + r * (ld / 2), s + r * ng); });
+      for_rows([&](int64_t r, const float* x) { impl().quantize_weight_i4(x, cols, ld, group, q + r * (ld / 2), s + r * ng); });
       out.data = q;
       out.scales = s;
       out.ld = ld;

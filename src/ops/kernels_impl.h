@@ -48,6 +48,10 @@ struct Impl {
                         int64_t ldy);
   void (*quantize_rows)(const float* x, int64_t rows, int64_t cols, int64_t ldx, const QOut& out);
   void (*dequant_rows)(const WView& w, int64_t r0, int64_t n, float* out, int64_t ldo);
+  // Load-time conversion of one float row (see kern::convert; both paths give identical bytes).
+  void (*quantize_weight_i8)(const float* x, int64_t cols, int64_t ld, int8_t* q, float* scale);
+  void (*quantize_weight_i4)(const float* x, int64_t cols, int64_t ld, int group, uint8_t* out, uint16_t* scales);
+  void (*round_half)(const float* x, int64_t n, uint16_t* out, bool f16);  // f16 or bf16, nearest even
   void (*gelu_erf)(float* p, int64_t n);
   void (*gelu_tanh)(float* p, int64_t n);
   float (*exp_sum)(float* p, int64_t n, float mx);

@@ -15,9 +15,9 @@ namespace blip2::ops {
 
 namespace {
 
-// Weight rows widened per block for the BLAS path (F16/BF16/I8/I4 weights and more than kGemvMaxRows rows),
+// Weight rows widened per block for the BLAS path (F16/BF16/I8/I4 weights and more than gemv_max_rows rows),
 // so that no float32 copy of the whole matrix is ever made.
-int64_t kWidenRows = 512;
+int64_t kWidenRows = 1024;
 // Below this many multiply-adds per thread a kernel runs on the calling thread alone.
 constexpr int64_t kMinWorkPerThread = 1 << 16;
 
@@ -33,6 +33,10 @@ void for_elements(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
 }
 
 }  // namespace
+
+static int64_t g_gemv_rows_quant = kGemvMaxRowsQuant;
+void set_gemv_max_rows_quant(int64_t rows) { g_gemv_rows_quant = rows > 0 ? rows : kGemvMaxRowsQuant; }
+int64_t gemv_max_rows(const Weight& w) { return w.quantized() ? g_gemv_rows_quant : kGemvMaxRows; }
 
 void set_widen_rows(int64_t rows) { kWidenRows = std::max<int64_t>(rows, 8); }
 
@@ -51,7 +55,7 @@ Weight convert_weight(const Weight& w, WeightFormat format, int int4_group) {
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y) {
   const int64_t out = w.rows(), in = w.cols();
   if (rows == 0 || out == 0) return;
-  if (rows <= kGemvMaxRows) {
+  if (rows <= gemv_max_rows(w)) {
     // Output channels split between threads; each thread streams its share of the weight once.
     const int64_t min_rows = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(in * rows, 1));
     if (w.quantized()) {

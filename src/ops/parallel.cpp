@@ -23,6 +23,7 @@ namespace blip2::par {
 namespace {
 
 constexpr auto kSpin = std::chrono::microseconds(200);  // how long an idle worker polls before sleeping
+constexpr int64_t kChunksPerThread = 4;
 
 thread_local bool t_in_job = false;
 
@@ -167,14 +168,22 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, in
   align = std::max<int64_t>(align, 1);
   Pool& p = pool();
   const int64_t units = (n + align - 1) / align;
-  const int nt = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(n / min_chunk, units), 1, p.size()));
+  // At most this many chunks: then every chunk but the last (cut by n) spans at least min_chunk.
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(n / (min_chunk + align - 1), units));
+  const int nt = static_cast<int>(std::clamp<int64_t>(most, 1, p.size()));
   if (nt == 1 || t_in_job) {
     fn(0, n);
     return;
   }
-  p.run(nt, [&](int t) {
-    const int64_t b = std::min(n, units * t / nt * align), e = std::min(n, units * (t + 1) / nt * align);
-    if (b < e) fn(b, e);
+  // A few chunks per thread, taken in turn: a thread the OS delays (other processes, OpenBLAS's spinning
+  // workers) leaves its remaining chunks to the others instead of holding everyone up.
+  const int64_t chunks = std::min<int64_t>(most, static_cast<int64_t>(nt) * kChunksPerThread);
+  std::atomic<int64_t> next{0};
+  p.run(nt, [&](int) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      const int64_t b = std::min(n, units * c / chunks * align), e = std::min(n, units * (c + 1) / chunks * align);
+      if (b < e) fn(b, e);
+    }
   });
 }
 

@@ -14,9 +14,10 @@ namespace blip2::par {
 void set_threads(int n);
 int threads();
 
-// Calls fn(begin, end) on disjoint ranges covering [0, n), one contiguous range per thread (the calling
-// thread takes the first). Ranges are multiples of `align` (but the last); no range is smaller than
-// `min_chunk` (fewer threads are used instead). Returns when every range is done.
+// Calls fn(begin, end) on disjoint contiguous ranges covering [0, n), a few per thread, taken in turn by the
+// threads (the calling thread among them). Ranges start at multiples of `align`; no range but the last is
+// smaller than `min_chunk` (fewer ranges and threads are used instead). Returns when every range is done. fn must not
+// throw.
 void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t min_chunk = 1,
                   int64_t align = 1);
 

@@ -118,10 +118,10 @@ TEST(HalfConversion, EveryF16ValueRoundTrips) {
   for (uint32_t h = 0; h < 0x10000; ++h) {
     const float f = f16_to_f32(static_cast<uint16_t>(h));
     if (std::isnan(f)) {
-      EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16_bits(f)))) << h;
+      EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(f)))) << h;
       continue;
     }
-    ASSERT_EQ(f32_to_f16_bits(f), h) << "f16 bits " << h << " value " << f;
+    ASSERT_EQ(f32_to_f16(f), h) << "f16 bits " << h << " value " << f;
   }
 }
 
@@ -138,38 +138,38 @@ TEST(HalfConversion, F16RoundsToNearestEvenLikeTheCompiler) {
     const _Float16 want = static_cast<_Float16>(f);
     uint16_t wb;
     std::memcpy(&wb, &want, 2);
-    ASSERT_EQ(f32_to_f16_bits(f), wb) << "value " << f << " bits " << bits_of(f);
+    ASSERT_EQ(f32_to_f16(f), wb) << "value " << f << " bits " << bits_of(f);
   }
   // Named edges: max, overflow threshold (ties to even -> inf), smallest subnormal and its half (tie -> 0).
-  EXPECT_EQ(f32_to_f16_bits(65504.0f), 0x7bff);
-  EXPECT_EQ(f32_to_f16_bits(65519.996f), 0x7bff);
-  EXPECT_EQ(f32_to_f16_bits(65520.0f), 0x7c00);
-  EXPECT_EQ(f32_to_f16_bits(-1e9f), 0xfc00);
-  EXPECT_EQ(f32_to_f16_bits(std::ldexp(1.0f, -24)), 0x0001);
-  EXPECT_EQ(f32_to_f16_bits(std::ldexp(1.0f, -25)), 0x0000);
-  EXPECT_EQ(f32_to_f16_bits(std::ldexp(1.5f, -25)), 0x0001);
-  EXPECT_EQ(f32_to_f16_bits(std::ldexp(3.0f, -25)), 0x0002);  // 1.5 ulp: tie -> even (2)
-  EXPECT_EQ(f32_to_f16_bits(std::ldexp(1023.5f, -24)), 0x0400);  // rounds up into the smallest normal
-  EXPECT_EQ(f32_to_f16_bits(-0.0f), 0x8000);
-  EXPECT_EQ(f32_to_f16_bits(1.0f + std::ldexp(1.0f, -11)), 0x3c00);  // tie -> even
-  EXPECT_EQ(f32_to_f16_bits(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3c02);
+  EXPECT_EQ(f32_to_f16(65504.0f), 0x7bff);
+  EXPECT_EQ(f32_to_f16(65519.996f), 0x7bff);
+  EXPECT_EQ(f32_to_f16(65520.0f), 0x7c00);
+  EXPECT_EQ(f32_to_f16(-1e9f), 0xfc00);
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -24)), 0x0001);
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -25)), 0x0000);
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.5f, -25)), 0x0001);
+  EXPECT_EQ(f32_to_f16(std::ldexp(3.0f, -25)), 0x0002);  // 1.5 ulp: tie -> even (2)
+  EXPECT_EQ(f32_to_f16(std::ldexp(1023.5f, -24)), 0x0400);  // rounds up into the smallest normal
+  EXPECT_EQ(f32_to_f16(-0.0f), 0x8000);
+  EXPECT_EQ(f32_to_f16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);  // tie -> even
+  EXPECT_EQ(f32_to_f16(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3c02);
 }
 
 TEST(HalfConversion, Bf16RoundsToNearestEven) {
-  EXPECT_EQ(f32_to_bf16_bits(1.0f), 0x3f80);
-  EXPECT_EQ(f32_to_bf16_bits(float_of(0x3f808000)), 0x3f80);  // tie, even below
-  EXPECT_EQ(f32_to_bf16_bits(float_of(0x3f818000)), 0x3f82);  // tie, even above
-  EXPECT_EQ(f32_to_bf16_bits(float_of(0x3f808001)), 0x3f81);
-  EXPECT_EQ(f32_to_bf16_bits(float_of(0x7f7fffff)), 0x7f80);  // rounds up to inf
-  EXPECT_EQ(f32_to_bf16_bits(-INFINITY), 0xff80);
-  EXPECT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16_bits(float_of(0x7f800001)))));  // NaN stays NaN
-  EXPECT_EQ(f32_to_bf16_bits(float_of(0x00010000)), 0x0001);  // subnormal
+  EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
+  EXPECT_EQ(f32_to_bf16(float_of(0x3f808000)), 0x3f80);  // tie, even below
+  EXPECT_EQ(f32_to_bf16(float_of(0x3f818000)), 0x3f82);  // tie, even above
+  EXPECT_EQ(f32_to_bf16(float_of(0x3f808001)), 0x3f81);
+  EXPECT_EQ(f32_to_bf16(float_of(0x7f7fffff)), 0x7f80);  // rounds up to inf
+  EXPECT_EQ(f32_to_bf16(-INFINITY), 0xff80);
+  EXPECT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16(float_of(0x7f800001)))));  // NaN stays NaN
+  EXPECT_EQ(f32_to_bf16(float_of(0x00010000)), 0x0001);  // subnormal
   std::mt19937 rng(3);
   std::uniform_int_distribution<uint32_t> any;
   for (int i = 0; i < 1000000; ++i) {
     const float f = float_of(any(rng));
     if (!std::isfinite(f) || std::fabs(f) > 3e38f) continue;
-    const uint16_t b = f32_to_bf16_bits(f);
+    const uint16_t b = f32_to_bf16(f);
     const double got = bf16_to_f32(b);
     // the nearest of the two neighbours, and even on a tie
     const double lo = bf16_to_f32(static_cast<uint16_t>(bits_of(f) >> 16));
@@ -226,7 +226,7 @@ TEST(SafetensorsWriter, WritesWhatTheReaderReadsInAnyChunking) {
     const Tensor x = f.tensor(names[t]);
     for (int64_t i = 0; i < x.size(); ++i) {
       const float want = value(t, i);
-      const float conv = t == 0 ? want : t == 1 ? bf16_to_f32(f32_to_bf16_bits(want)) : f16_to_f32(f32_to_f16_bits(want));
+      const float conv = t == 0 ? want : t == 1 ? bf16_to_f32(f32_to_bf16(want)) : f16_to_f32(f32_to_f16(want));
       EXPECT_EQ(x.data[i], conv) << names[t] << "[" << i << "]";
     }
   }

@@ -169,35 +169,6 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
   if (!out) fail(ErrorKind::Usage, path + ": write failed");
 }
 
-uint16_t f32_to_bf16_bits(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x0040u);  // quiet NaN
-  x += 0x7fffu + ((x >> 16) & 1u);  // round to nearest even; a carry out of the top mantissa gives inf
-  return static_cast<uint16_t>(x >> 16);
-}
-
-uint16_t f32_to_f16_bits(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  x &= 0x7fffffffu;
-  if (x > 0x7f800000u) return sign | 0x7e00u | static_cast<uint16_t>((x >> 13) & 0x3ffu);  // NaN
-  if (x >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 (the tie above 65504 rounds to even: inf)
-  const uint32_t e = x >> 23, m = x & 0x7fffffu;
-  if (e < 113) {                    // below 2^-14: a subnormal half, s * 2^-24
-    if (e < 102) return sign;       // below 2^-25: rounds to zero
-    const uint32_t mant = m | 0x800000u, shift = 126 - e;  // 14..24
-    uint32_t s = mant >> shift;
-    const uint32_t rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (s & 1u))) ++s;  // s == 1024 is the smallest normal, as bits
-    return sign | static_cast<uint16_t>(s);
-  }
-  uint32_t h = ((e - 112) << 10) | (m >> 13);
-  const uint32_t rem = m & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a mantissa carry bumps the exponent
-  return sign | static_cast<uint16_t>(h);
-}
 
 void SafetensorsWriter::add(const std::string& name, DType dtype, const Shape& shape) {
   if (name.empty() || name == "__metadata__")
@@ -273,9 +244,9 @@ void SafetensorsWriter::write(const std::string& path, const Fill& fill, const P
       } else {
         half.resize(static_cast<size_t>(n));
         if (t.dtype == DType::F16)
-          for (int64_t j = 0; j < n; ++j) half[j] = f32_to_f16_bits(values[j]);
+          for (int64_t j = 0; j < n; ++j) half[j] = f32_to_f16(values[j]);
         else
-          for (int64_t j = 0; j < n; ++j) half[j] = f32_to_bf16_bits(values[j]);
+          for (int64_t j = 0; j < n; ++j) half[j] = f32_to_bf16(values[j]);
         put(half.data(), static_cast<size_t>(n) * 2);
       }
       written += static_cast<uint64_t>(n) * dtype_size(t.dtype);

@@ -65,10 +65,6 @@ struct NamedTensor {
 };
 void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors);
 
-// float32 -> IEEE half / bfloat16 bits, round to nearest even. F16: values from 65520 up overflow to
-// infinity, values below 2^-14 become subnormals (down to 2^-24), NaN stays a (quiet) NaN.
-uint16_t f32_to_f16_bits(float f);
-uint16_t f32_to_bf16_bits(float f);
 
 // A streaming safetensors writer for files larger than memory: declare every tensor first (name, dtype,
 // shape), then `write`: it computes the header (offsets in declaration order, no holes, data 8-byte

@@ -9,9 +9,6 @@
 // Usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] [--only gemv|sgemm|bw|widen]
 //                      [--i8-block B] [--widen R1,R2,...] [--rounds N] [--gemv-rows N]
 #include <cblas.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -25,6 +22,7 @@
 #include <vector>
 
 #include "ops/kernels.h"
+#include "ops/machine.h"
 #include "ops/ops.h"
 #include "ops/parallel.h"
 
@@ -35,79 +33,9 @@ namespace {
 
 double seconds(clk::time_point a, clk::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
-// Best over `trials` of the mean time of fn() over enough repetitions to take ≥ min_s.
-double time_best(const std::function<void(int)>& fn, int trials = 5, double min_s = 0.15) {
-  fn(0);  // warm-up
-  double best = 1e30;
-  int reps = 1;
-  {
-    const auto t0 = clk::now();
-    fn(1);
-    const double t = seconds(t0, clk::now());
-    reps = std::clamp(static_cast<int>(min_s / std::max(t, 1e-7)), 1, 100000);
-  }
-  int k = 2;
-  for (int t = 0; t < trials; ++t) {
-    const auto t0 = clk::now();
-    for (int i = 0; i < reps; ++i) fn(k++);
-    best = std::min(best, seconds(t0, clk::now()) / reps);
-  }
-  return best;
-}
-
-uint64_t sum_scalar(const uint64_t* p, int64_t n);
-
-// Sum of n words; AVX2 where the CPU has it, so that the loop is never the limit.
-#if defined(__x86_64__) || defined(__i386__)
-__attribute__((target("avx2"))) uint64_t sum_avx2(const uint64_t* p, int64_t n) {
-  __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_add_epi64(s0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
-    s1 = _mm256_add_epi64(s1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 4)));
-    s2 = _mm256_add_epi64(s2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 8)));
-    s3 = _mm256_add_epi64(s3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 12)));
-  }
-  alignas(32) uint64_t t[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(t),
-                     _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3)));
-  uint64_t s = t[0] + t[1] + t[2] + t[3];
-  for (; i < n; ++i) s += p[i];
-  return s;
-}
-#else
-uint64_t sum_avx2(const uint64_t* p, int64_t n) { return sum_scalar(p, n); }
-#endif
-
-uint64_t sum_scalar(const uint64_t* p, int64_t n) {
-  uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    s0 += p[i];
-    s1 += p[i + 1];
-    s2 += p[i + 2];
-    s3 += p[i + 3];
-  }
-  for (; i < n; ++i) s0 += p[i];
-  return s0 + s1 + s2 + s3;
-}
-
-double read_bandwidth() {
-  const size_t n = (size_t(1) << 30) / 8;
-  std::vector<uint64_t> buf(n);
-  par::parallel_for(static_cast<int64_t>(n), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) buf[i] = static_cast<uint64_t>(i);
-  });
-  volatile uint64_t sink = 0;
-  const double t = time_best([&](int) {
-    std::atomic<uint64_t> total{0};
-    par::parallel_for(static_cast<int64_t>(n), [&](int64_t b, int64_t e) {
-      total += kern::cpu_has_avx2() ? sum_avx2(buf.data() + b, e - b) : sum_scalar(buf.data() + b, e - b);
-    }, 1 << 20);
-    sink = sink + total.load();
-  }, 5, 0.5);
-  return static_cast<double>(n * 8) / t;
-}
+// The ceilings and the timing loop are shared with `blip2 bench` (ops/machine.h).
+using machine::time_best;
+using machine::read_bandwidth;
 
 std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1.0f) {
   std::vector<float> v(n);
@@ -181,18 +109,6 @@ void bench_widen(const std::vector<int64_t>& blocks) {
   ops::set_widen_rows(1024);
 }
 
-// One read of `bytes` of a buffer with all threads: the streaming floor measured next to each product.
-double sum_seconds(const std::vector<uint64_t>& buf) {
-  const auto t0 = clk::now();
-  std::atomic<uint64_t> total{0};
-  par::parallel_for(static_cast<int64_t>(buf.size()), [&](int64_t b, int64_t e) {
-    total += kern::cpu_has_avx2() ? sum_avx2(buf.data() + b, e - b) : sum_scalar(buf.data() + b, e - b);
-  }, 1 << 18);
-  static volatile uint64_t sink = 0;
-  sink = sink + total.load();
-  return seconds(t0, clk::now());
-}
-
 // Every format of one shape and row count, interleaved: each round times every format once (a batch of
 // products on rotating copies) and a 512 MiB streaming sum; the best round of each is kept. Other processes
 // on the machine then slow all of them alike, and the best rounds are the undisturbed ones.
@@ -244,7 +160,7 @@ void bench_gemv(double bw, const std::vector<int>& row_counts, bool quick, int r
       std::vector<int> reps(formats.size(), 0);
       int k = 0;
       for (int round = 0; round < rounds; ++round) {
-        best_stream = std::min(best_stream, sum_seconds(stream));
+        best_stream = std::min(best_stream, machine::stream_seconds(stream));
         for (size_t fi = 0; fi < formats.size(); ++fi) {
           const Format& f = formats[fi];
           const auto run = [&] {

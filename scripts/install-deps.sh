@@ -5,6 +5,7 @@ packages=(
   g++ cmake ninja-build pkg-config        # toolchain (g++ 12, cmake 3.25)
   libopenblas-dev                         # matrix products
   libsentencepiece-dev                    # T5 tokenizer
+  libpcre2-dev                            # Unicode regex for the OPT (GPT-2 BPE) tokenizer
   libpng-dev libjpeg62-turbo-dev          # image decoding (libjpeg-turbo: the decoder Pillow uses)
   nlohmann-json3-dev libcli11-dev         # JSON, command line
   libgtest-dev                            # tests

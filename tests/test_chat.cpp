@@ -122,7 +122,7 @@ TEST(ChatPrompt, Format) {
 }
 
 TEST(ChatPrompt, DropsTheOldestTurnsThatDoNotFit) {
-  const T5Tokenizer& tok = model().tokenizer();
+  const Tokenizer& tok = model().tokenizer();
   const auto count = [&](const std::string& p) { return static_cast<int64_t>(tok.encode(p).size()); };
   std::vector<ChatTurn> h;
   for (int i = 0; i < 6; ++i) h.push_back({"question number " + std::to_string(i), "answer " + std::to_string(i)});
@@ -165,7 +165,7 @@ TEST(ChatModel, ImageAndPromptStagesComposeToEncode) {
   EXPECT_EQ(a.vision_last_hidden_state.data, whole.vision_last_hidden_state.data);
   EXPECT_EQ(a.language_projection.data, whole.language_projection.data);
   EXPECT_EQ(a.encoder_last_hidden_state.data, whole.encoder_last_hidden_state.data);  // bit for bit
-  EXPECT_EQ(a.encoder_mask, whole.encoder_mask);
+  EXPECT_EQ(a.input_mask, whole.input_mask);
   EXPECT_NE(b.encoder_last_hidden_state.shape, a.encoder_last_hidden_state.shape);
 }
 
@@ -223,7 +223,7 @@ TEST(Chat, PlainTextOneLinePerAnswerAndErrorsDoNotEndTheConversation) {
   std::vector<std::string> lines;
   for (std::string l; std::getline(out, l);) lines.push_back(l);
   ASSERT_EQ(lines.size(), 2u) << r.out;
-  const T5Tokenizer& tok = model().tokenizer();
+  const Tokenizer& tok = model().tokenizer();
   const std::string a1 = tok.decode(fresh_answer(kCat, "Question: what is this? Answer:", 5));
   EXPECT_EQ(lines[0], a1);
   EXPECT_EQ(lines[1], tok.decode(fresh_answer(kCat, "Question: what is this? Answer: " + a1 +

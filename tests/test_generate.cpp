@@ -357,7 +357,7 @@ TEST(Processors, RepetitionPenaltyCoversTheStartToken) {
   std::vector<float> s = {2.0f, -2.0f, 4.0f, -1.0f, 1.0f};
   GenerationOptions o;
   o.repetition_penalty = 2.0;
-  process_scores(s.data(), 5, {0, 3, 3, 2}, o, SpecialTokens{.decoder_start = 0, .eos = 4, .pad = 0});
+  process_scores(s.data(), 5, {0, 3, 3, 2}, 1, o, SpecialTokens{.eos = 4, .pad = 0});
   EXPECT_EQ(s, (std::vector<float>{1.0f, -2.0f, 2.0f, -2.0f, 1.0f}));  // once per distinct token
 }
 
@@ -365,33 +365,34 @@ TEST(Processors, NoRepeatNgramBansCompletions) {
   GenerationOptions o;
   o.no_repeat_ngram_size = 2;
   std::vector<float> s(6, 0.0f);
-  process_scores(s.data(), 6, {0, 3, 4, 3}, o, SpecialTokens{});  // "3 4" was seen: after 3, ban 4
+  process_scores(s.data(), 6, {0, 3, 4, 3}, 1, o, SpecialTokens{});  // "3 4" was seen: after 3, ban 4
   for (int i = 0; i < 6; ++i) EXPECT_EQ(std::isinf(s[i]), i == 4) << i;
   o.no_repeat_ngram_size = 3;
   s.assign(6, 0.0f);
-  process_scores(s.data(), 6, {0, 3, 4, 5, 3, 4}, o, SpecialTokens{});  // "3 4 5" seen: after "3 4", ban 5
+  process_scores(s.data(), 6, {0, 3, 4, 5, 3, 4}, 1, o, SpecialTokens{});  // "3 4 5" seen: after "3 4", ban 5
   for (int i = 0; i < 6; ++i) EXPECT_EQ(std::isinf(s[i]), i == 5) << i;
   s.assign(6, 0.0f);
-  process_scores(s.data(), 6, {0, 3}, o, SpecialTokens{});  // too short to complete a 3-gram
+  process_scores(s.data(), 6, {0, 3}, 1, o, SpecialTokens{});  // too short to complete a 3-gram
   for (float x : s) EXPECT_EQ(x, 0.0f);
 }
 
 TEST(Processors, MinNewTokensSuppressesEos) {
   GenerationOptions o;
   o.min_new_tokens = 2;
-  const SpecialTokens sp{.decoder_start = 0, .eos = 1, .pad = 0};
-  for (size_t generated = 0; generated < 4; ++generated) {
-    std::vector<int32_t> tokens(generated + 1, 5);
-    tokens[0] = 0;
-    std::vector<float> s(4, 0.0f);
-    process_scores(s.data(), 4, tokens, o, sp);
-    EXPECT_EQ(std::isinf(s[1]), generated < 2) << generated;
-  }
+  const SpecialTokens sp{.eos = 1, .pad = 0};
+  for (size_t prefix : {1, 4})  // a start token (T5), or a prompt (OPT): neither counts as new
+    for (size_t generated = 0; generated < 4; ++generated) {
+      std::vector<int32_t> tokens(generated + prefix, 5);
+      tokens[0] = 0;
+      std::vector<float> s(4, 0.0f);
+      process_scores(s.data(), 4, tokens, prefix, o, sp);
+      EXPECT_EQ(std::isinf(s[1]), generated < 2) << prefix << " " << generated;
+    }
   // min_length counts the start token: 1 suppresses nothing (LAVIS's setting)
   o.min_new_tokens = 0;
   o.min_length = 1;
   std::vector<float> s(4, 0.0f);
-  process_scores(s.data(), 4, {0}, o, sp);
+  process_scores(s.data(), 4, {0}, 1, o, sp);
   EXPECT_FALSE(std::isinf(s[1]));
 }
 

@@ -132,7 +132,7 @@ TEST_P(Blip2Fixture, GreedySequencesExact) {
   GenerationOptions o;
   o.max_new_tokens = g["kwargs"]["max_new_tokens"].get<int>();
   const auto results = generate([&](int expand) { return model_->start_decoder(e, expand); },
-                                static_cast<int>(e.encoder_mask.size() / e.encoder_last_hidden_state.dim(1)), o,
+                                static_cast<int>(e.batch()), o,
                                 SpecialTokens{});
   const auto want = g["sequences"].get<std::vector<std::vector<int32_t>>>();
   ASSERT_EQ(results.size(), want.size());

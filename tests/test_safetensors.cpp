@@ -499,7 +499,7 @@ void expect_bitwise_same(const Outputs& a, const Outputs& b) {
   EXPECT_TRUE(bitwise_equal(a.enc.qformer_last_hidden_state, b.enc.qformer_last_hidden_state)) << "qformer";
   EXPECT_TRUE(bitwise_equal(a.enc.language_projection, b.enc.language_projection)) << "projection";
   EXPECT_TRUE(bitwise_equal(a.enc.encoder_last_hidden_state, b.enc.encoder_last_hidden_state)) << "encoder";
-  EXPECT_EQ(a.enc.encoder_mask, b.enc.encoder_mask);
+  EXPECT_EQ(a.enc.input_mask, b.enc.input_mask);
   EXPECT_TRUE(bitwise_equal(a.logits, b.logits)) << "logits";
   EXPECT_EQ(a.greedy, b.greedy);
 }
@@ -663,10 +663,10 @@ INSTANTIATE_TEST_SUITE_P(
         ConfigEdit{"WrongModelType", [](json& j) { j["model_type"] = "blip"; },
                    {"model_type", "not a BLIP-2 checkpoint"}},
         ConfigEdit{"TextConfigMissing", [](json& j) { j.erase("text_config"); }, {"text_config is missing"}},
-        ConfigEdit{"TextConfigOpt", [](json& j) { j["text_config"]["model_type"] = "opt"; },
-                   {"config.json: text_config.model_type = \"opt\"", "only the Flan-T5"}},
+        ConfigEdit{"TextConfigUnknownFamily", [](json& j) { j["text_config"]["model_type"] = "llama"; },
+                   {"config.json: text_config.model_type = \"llama\"", "Flan-T5 (\"t5\") or OPT (\"opt\")"}},
         ConfigEdit{"TextModelTypeMissing", [](json& j) { j["text_config"].erase("model_type"); },
-                   {"text_config.model_type", "only the Flan-T5"}},
+                   {"text_config.model_type", "Flan-T5 (\"t5\") or OPT"}},
         ConfigEdit{"EosOutsideVocab", [](json& j) { j["text_config"]["eos_token_id"] = 5000; },
                    {"special token id 5000", "outside the vocabulary (1152)"}}),
     [](const ::testing::TestParamInfo<ConfigEdit>& info) { return std::string(info.param.name); });

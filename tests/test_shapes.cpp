@@ -217,7 +217,7 @@ TEST(OtherShapes, AbsentLmHeadMeansTiedWithRescale) {
   Variant tied("tied");
   tied.tensors.erase("language_model.lm_head.weight");
   const Outputs a = run_vqa(tied.load());
-  EXPECT_TRUE(tied.load().language_model().tied_lm_head());
+  EXPECT_TRUE(tied.load().tied_lm_head());
 
   Variant expl("explicit");
   Tensor head = expl.tensors.at("language_model.shared.weight");

@@ -132,7 +132,7 @@ GenerationOptions resolve_options(const GenerateArgs& a) {
 // holding back an unfinished UTF-8 character.
 class TextStream {
  public:
-  explicit TextStream(const T5Tokenizer& tok) : tok_(tok) {}
+  explicit TextStream(const Tokenizer& tok) : tok_(tok) {}
   void put(int32_t id) {
     ids_.push_back(id);
     emit(tok_.decode(ids_), false);
@@ -160,7 +160,7 @@ class TextStream {
     std::cout << add << std::flush;
     printed_ += add;
   }
-  const T5Tokenizer& tok_;
+  const Tokenizer& tok_;
   std::vector<int32_t> ids_;
   std::string printed_;
 };
@@ -184,12 +184,11 @@ bool can_stream(const GenerateArgs& a, const GenerationOptions& o, size_t batch)
 // Generates for encoded pairs and prints the results (text: one line per sequence; --json: the caller's).
 std::vector<std::vector<GeneratedSequence>> generate_and_print_text(const Blip2Model& model, const Encoded& enc,
                                                                     const GenerateArgs& a, const GenerationOptions& o) {
-  const T5Config& tc = model.config().text;
-  const size_t batch = static_cast<size_t>(enc.encoder_last_hidden_state.dim(0));
+  const size_t batch = static_cast<size_t>(enc.batch());
   const bool stream = can_stream(a, o, batch);
   TextStream ts(model.tokenizer());
   const auto results = generate([&](int expand) { return model.start_decoder(enc, expand); },
-                                static_cast<int>(batch), o, {tc.decoder_start_token_id, tc.eos_token_id, tc.pad_token_id},
+                                static_cast<int>(batch), o, model.special_tokens(),
                                 stream ? TokenCallback([&](int, int32_t tok) { ts.put(tok); }) : TokenCallback());
   if (stream) {
     ts.end(results[0][0].ids);
@@ -331,7 +330,8 @@ std::vector<int32_t> parse_ids(const std::string& s) {
   return ids;
 }
 
-// Writes every stage's tensor, by the reference's names, with logits teacher-forced on the decoder ids.
+// Writes every stage's tensor, by the reference's names: for T5 the encoder output and the logits
+// teacher-forced on the decoder ids; for OPT the logits at every prompt position (no decoder ids).
 int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vector<std::string>& dec_ids_arg,
                 const std::string& out_path) {
   if (pairs.images.empty() || pairs.images.size() != pairs.prompts.size())
@@ -345,26 +345,36 @@ int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vec
     if (d.size() != dec_ids[0].size()) fail(ErrorKind::Usage, "--decoder-input-ids lists must have equal lengths");
 
   const auto model = load_model(model_dir);
-  const int64_t V = model->config().text.vocab_size;
+  const bool opt = model->config().family == LanguageFamily::OPT;
+  if (opt && !dec_ids_arg.empty())
+    fail(ErrorKind::Usage, "--decoder-input-ids is for T5 models; OPT's logits are those of the prompt positions");
+  const int64_t V = model->config().lm_vocab_size();
   for (const auto& d : dec_ids)
     for (int32_t id : d)
       if (id >= V) fail(ErrorKind::Usage, "--decoder-input-ids: id " + std::to_string(id) + " is outside the vocabulary");
   const Encoded enc = model->encode(load_pixels(*model, pairs.images), model->tokenize(pairs.prompts));
-  auto dec = model->start_decoder(enc);
-  const int64_t steps = static_cast<int64_t>(dec_ids[0].size());
-  Tensor logits({static_cast<int64_t>(B), steps, V});
-  for (int64_t t = 0; t < steps; ++t) {
-    std::vector<int32_t> tok(B);
-    for (size_t b = 0; b < B; ++b) tok[b] = dec_ids[b][t];
-    const Tensor l = dec->step(tok);
-    for (size_t b = 0; b < B; ++b)
-      std::copy(l.ptr() + b * V, l.ptr() + (b + 1) * V, logits.ptr() + (b * steps + t) * V);
+  Tensor logits;
+  if (opt) {
+    logits = model->prompt_logits(enc);
+  } else {
+    auto dec = model->start_decoder(enc);
+    const int64_t steps = static_cast<int64_t>(dec_ids[0].size());
+    logits = Tensor({static_cast<int64_t>(B), steps, V});
+    for (int64_t t = 0; t < steps; ++t) {
+      std::vector<int32_t> tok(B);
+      for (size_t b = 0; b < B; ++b) tok[b] = dec_ids[b][t];
+      const Tensor l = dec->step(tok);
+      for (size_t b = 0; b < B; ++b)
+        std::copy(l.ptr() + b * V, l.ptr() + (b + 1) * V, logits.ptr() + (b * steps + t) * V);
+    }
   }
-  write_safetensors(out_path, {{"vision_last_hidden_state", &enc.vision_last_hidden_state},
-                               {"qformer_last_hidden_state", &enc.qformer_last_hidden_state},
-                               {"language_projection", &enc.language_projection},
-                               {"encoder_last_hidden_state", &enc.encoder_last_hidden_state},
-                               {"logits", &logits}});
+  std::vector<NamedTensor> out = {
+      {"vision_last_hidden_state", &enc.vision_last_hidden_state},
+      {"qformer_last_hidden_state", &enc.qformer_last_hidden_state},
+      {"language_projection", &enc.language_projection}};
+  if (!opt) out.push_back({"encoder_last_hidden_state", &enc.encoder_last_hidden_state});
+  out.push_back({"logits", &logits});
+  write_safetensors(out_path, out);
   std::cerr << "wrote " << out_path << "\n";
   return 0;
 }
@@ -372,9 +382,10 @@ int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vec
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"blip2: BLIP-2 (EVA ViT-g -> Q-Former -> Flan-T5) image captioning and visual question "
+  CLI::App app{"blip2: BLIP-2 (EVA ViT-g -> Q-Former -> Flan-T5 or OPT) image captioning and visual question "
                "answering on the CPU.\nA model directory is a Hugging Face checkpoint as downloaded "
-               "(config.json, *.safetensors, spiece.model)."};
+               "(config.json, *.safetensors, and spiece.model for T5 or vocab.json + merges.txt / tokenizer.json "
+               "for OPT)."};
   app.footer(kExitCodes);
   app.require_subcommand(1);
   app.add_option("--weights", g_weights,
@@ -436,9 +447,11 @@ int main(int argc, char** argv) {
   in->add_option("--out", ins_out, "Output .safetensors file")->required();
   in->footer(
       "Tensors (float32): vision_last_hidden_state [B,T_img,Dv], qformer_last_hidden_state [B,Q,Dq],\n"
-      "language_projection [B,Q,d], encoder_last_hidden_state [B,Q+L,d], logits [B,len(ids),vocab].");
+      "language_projection [B,Q,d], then for T5 encoder_last_hidden_state [B,Q+L,d] and logits\n"
+      "[B,len(ids),vocab] (teacher-forced decoder), for OPT logits [B,Q+L,vocab] (every prompt position).");
 
   add_make_random_command(app);  // runs its work inside parse(), hence one try block for both
+  add_bench_command(app);        // likewise
 
   try {
     app.parse(argc, argv);

@@ -8,3 +8,6 @@ class App;
 
 // `blip2 make-random --like xxl|xl|tiny --out DIR [--dtype f32|bf16|f16] [--seed N] [--force]`
 void add_make_random_command(CLI::App& app);
+// `blip2 [--weights F] [--threads N] bench [--model DIR] [--image PATH] [--prompt TEXT] [--batch N]
+// [--new-tokens N] [--repeat N] [--warmup N] [--json]`: every stage timed, against the machine's ceilings
+void add_bench_command(CLI::App& app);

@@ -1,5 +1,6 @@
-// What every decoding strategy needs from a language model: one step of next-token logits over a cache
-// the decoder owns, and a way to reorder that cache when beams are re-ranked.
+// What every decoding strategy needs from a language model: the logits after each row's prefix, then one
+// step of next-token logits at a time over a cache the decoder owns, and a way to reorder that cache when
+// beams are re-ranked. Encoder-decoders (T5) and decoder-only models (OPT) differ only in what the prefix is.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -13,6 +14,12 @@ class Decoder {
   virtual ~Decoder() = default;
   virtual int rows() const = 0;          // sequences decoded side by side (batch × beams)
   virtual int64_t vocab_size() const = 0;
+  // The ids row r's sequence starts from, which the logits processors count as already there (T5: the
+  // decoder start token; OPT: the prompt ids, padding included, as Hugging Face's input_ids).
+  virtual std::vector<int32_t> prefix(int row) const = 0;
+  // Next-token logits [rows, vocab] after the prefix (T5 feeds the start token; OPT runs the whole prompt).
+  // Called once, before any step.
+  virtual Tensor start() = 0;
   // Feeds one token per row; returns next-token logits [rows, vocab].
   virtual Tensor step(const std::vector<int32_t>& tokens) = 0;
   // After this call, row r continues what row src[r] held (beam search). src[r] must stay within the

@@ -82,7 +82,7 @@ float normalise(float score, int len, double length_penalty) {
 // ---- beam search state ----
 
 struct Hypothesis {
-  std::vector<int32_t> tokens;  // the decoder sequence, start token included
+  std::vector<int32_t> tokens;  // the row's sequence, prefix included
   float score = 0.0f;
 };
 
@@ -127,7 +127,9 @@ std::vector<Candidate> sampled_candidates(const std::vector<float>& acc, int64_t
   return out;
 }
 
-std::vector<int32_t> without_start(const std::vector<int32_t>& seq) { return {seq.begin() + 1, seq.end()}; }
+std::vector<int32_t> without_prefix(const std::vector<int32_t>& seq, size_t prefix_len) {
+  return {seq.begin() + static_cast<std::ptrdiff_t>(std::min(prefix_len, seq.size())), seq.end()};
+}
 
 }  // namespace
 
@@ -167,13 +169,12 @@ void validate(const GenerationOptions& o) {
   }
 }
 
-void process_scores(float* s, int64_t V, const std::vector<int32_t>& tokens, const GenerationOptions& o,
-                    const SpecialTokens& sp) {
-  // Repetition penalty (CTRL): every distinct token of the decoder's sequence so far, once. For T5 that
-  // sequence starts with the decoder start token, so it is penalised too: Hugging Face's processor sees the
-  // T5 decoder's input ids, start token included (the fixture README's "generated tokens only" holds for
-  // decoder-only models given embeddings). The fixture's greedy_rep1.5 sequences come out the same either
-  // way (the start/pad token never competes there); tests/test_generate.cpp pins this choice.
+void process_scores(float* s, int64_t V, const std::vector<int32_t>& tokens, size_t prefix_len,
+                    const GenerationOptions& o, const SpecialTokens& sp) {
+  // Repetition penalty (CTRL): every distinct token of the sequence so far, prefix included, once. Hugging
+  // Face's processor sees the T5 decoder's input ids (start token included) and, for OPT, the input_ids
+  // Blip2ForConditionalGeneration.generate passes on (BOS, prompt and left padding). The fixtures'
+  // greedy_rep1.5 sequences come out the same with or without the prefix, so they do not pin this choice.
   if (o.repetition_penalty != 1.0) {
     const float p = static_cast<float>(o.repetition_penalty);
     std::vector<int32_t> seen(tokens);
@@ -199,7 +200,7 @@ void process_scores(float* s, int64_t V, const std::vector<int32_t>& tokens, con
   // Minimum lengths: end-of-sequence is impossible until then.
   if (sp.eos >= 0 && sp.eos < V) {
     if (static_cast<int64_t>(L) < o.min_length) s[sp.eos] = kNegInf;
-    if (static_cast<int64_t>(L) - 1 < o.min_new_tokens) s[sp.eos] = kNegInf;  // the start token is not new
+    if (static_cast<int64_t>(L - std::min(L, prefix_len)) < o.min_new_tokens) s[sp.eos] = kNegInf;
   }
 }
 
@@ -262,8 +263,13 @@ std::vector<std::vector<GeneratedSequence>> generate(
 
   std::mt19937_64 rng(o.seed ? *o.seed : (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}());
 
-  std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(R), std::vector<int32_t>{sp.decoder_start});
-  std::vector<int32_t> feed(static_cast<size_t>(R), sp.decoder_start);
+  std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(R));
+  std::vector<size_t> prefix_len(static_cast<size_t>(R));  // the same for every row of an item
+  for (int r = 0; r < R; ++r) {
+    seqs[r] = dec->prefix(r);
+    prefix_len[r] = seqs[r].size();
+  }
+  std::vector<int32_t> feed(static_cast<size_t>(R), sp.pad);
   std::vector<float> row_score(static_cast<size_t>(R), 0.0f);  // greedy / sampling
   std::vector<bool> row_done(static_cast<size_t>(R), false);
   std::vector<BeamItem> items(beam ? static_cast<size_t>(batch) : 0);
@@ -275,7 +281,7 @@ std::vector<std::vector<GeneratedSequence>> generate(
 
   for (int step = 0; step < o.max_new_tokens; ++step) {
     const bool last = step + 1 == o.max_new_tokens;
-    const Tensor logits = dec->step(feed);
+    const Tensor logits = step == 0 ? dec->start() : dec->step(feed);
     bool all_done = true;
 
     if (!beam) {
@@ -286,7 +292,7 @@ std::vector<std::vector<GeneratedSequence>> generate(
         }
         const float* raw = logits.ptr() + r * V;
         std::copy(raw, raw + V, buf.begin());
-        process_scores(buf.data(), V, seqs[r], o, sp);
+        process_scores(buf.data(), V, seqs[r], prefix_len[r], o, sp);
         int32_t next;
         if (o.do_sample) {
           warp_scores(buf.data(), V, o, 1);
@@ -321,7 +327,7 @@ std::vector<std::vector<GeneratedSequence>> generate(
         float* lp = acc.data() + k * V;
         std::copy(logits.ptr() + r * V, logits.ptr() + (r + 1) * V, lp);
         log_softmax(lp, V);  // beam search processes log-probabilities, not logits
-        process_scores(lp, V, seqs[r], o, sp);
+        process_scores(lp, V, seqs[r], prefix_len[r], o, sp);
         if (o.do_sample) warp_scores(lp, V, o, 2);  // keep an alternative to eos
         for (int64_t v = 0; v < V; ++v) lp[v] += it.running[k];
       }
@@ -377,12 +383,12 @@ std::vector<std::vector<GeneratedSequence>> generate(
       if (beam) {
         const BeamItem& it = items[b];
         if (i < static_cast<int>(it.finished.size())) {
-          g.ids = without_start(it.finished[i].tokens);
+          g.ids = without_prefix(it.finished[i].tokens, prefix_len[b * E]);
           g.score = it.finished[i].score;
         }
       } else {
         const int r = b * E + i;
-        g.ids = without_start(seqs[r]);
+        g.ids = without_prefix(seqs[r], prefix_len[r]);
         g.score = row_score[r];
       }
       out[b].push_back(std::move(g));

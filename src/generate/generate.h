@@ -33,14 +33,14 @@ struct GenerationOptions {
   std::optional<uint64_t> seed;    // sampling: same seed, same options, same model -> same output; unset: random
 };
 
+// The ids generation itself needs (T5's by default); what a row starts from comes from the Decoder.
 struct SpecialTokens {
-  int32_t decoder_start = 0;
-  int32_t eos = 1;
-  int32_t pad = 0;
+  int32_t eos = 1;  // ends a sequence
+  int32_t pad = 0;  // fed to rows that have finished
 };
 
 struct GeneratedSequence {
-  std::vector<int32_t> ids;  // generated ids, without the start token, up to and including the first eos
+  std::vector<int32_t> ids;  // generated ids only (no start token or prompt), up to and including the first eos
   // Beam search: the hypothesis' score as Hugging Face reports it (sequences_scores): the sum of the
   // processed log-probabilities of its tokens divided by len^length_penalty. Greedy and sampling: the sum
   // of the model's log-probabilities (log_softmax of the raw logits) of the chosen tokens.
@@ -78,9 +78,10 @@ std::string preset_prompt(const std::string& preset, const std::string& text);
 // ---- The pieces of one step, exposed for tests -------------------------------------------------------
 // Logits processors in Hugging Face's order: repetition penalty, no-repeat n-gram, min_length, min_new_tokens.
 // `scores` are raw logits (greedy, sampling) or log-probabilities (beam search); `tokens` is the row's
-// decoder sequence so far, start token included.
-void process_scores(float* scores, int64_t vocab, const std::vector<int32_t>& tokens, const GenerationOptions& o,
-                    const SpecialTokens& special);
+// sequence so far, its first `prefix_len` ids being the decoder's prefix (T5: the start token; OPT: the
+// prompt), which min_length counts and min_new_tokens does not.
+void process_scores(float* scores, int64_t vocab, const std::vector<int32_t>& tokens, size_t prefix_len,
+                    const GenerationOptions& o, const SpecialTokens& special);
 // Sampling warpers in Hugging Face's order: temperature, top_k, top_p (never fewer than min_keep tokens).
 void warp_scores(float* scores, int64_t vocab, const GenerationOptions& o, int min_keep = 1);
 // A draw from softmax(scores) (entries at -inf are never drawn).

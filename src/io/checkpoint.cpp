@@ -62,9 +62,13 @@ Weight Checkpoint::take(const std::string& name, const Shape& shape) {
     fail(ErrorKind::Model, it->second->path() + ": tensor '" + name + "' has shape " + shape_str(w.shape) +
                                " but the config implies " + shape_str(shape));
   used_.insert(name);
-  if (!convert_) return w;
+  if (!convert_) {
+    taken_bytes_[name] = w.nbytes();
+    return w;
+  }
   Weight c = convert_(name, w);
   if (c.data != w.data) it->second->release(name);
+  taken_bytes_[name] = c.nbytes();
   return c;
 }
 

@@ -37,6 +37,10 @@ class Checkpoint {
   // Throws Error(Model) listing tensors present in the files that no model part took.
   void check_all_used() const;
 
+  // Bytes of every tensor take() handed out, in its final (converted) format, scales included: what a
+  // product over it reads (benchmarks count a decode step's traffic from this).
+  const std::map<std::string, size_t>& taken_bytes() const { return taken_bytes_; }
+
   size_t tensor_count() const { return where_.size(); }
   uint64_t total_bytes() const;
 
@@ -44,6 +48,7 @@ class Checkpoint {
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const SafetensorsFile*> where_;
   std::set<std::string> used_;
+  std::map<std::string, size_t> taken_bytes_;
   Convert convert_;
 };
 

@@ -106,11 +106,11 @@ void check_divisible(const std::string& where, int a, const char* an, int b, con
                                " (" + std::to_string(b) + ")");
 }
 
-void check_special_ids(const T5Config& tc, const std::string& where) {
-  for (int id : {tc.pad_token_id, tc.eos_token_id, tc.decoder_start_token_id})
-    if (id >= tc.vocab_size)
+void check_special_ids(std::initializer_list<int> ids, int vocab_size, const std::string& where) {
+  for (int id : ids)
+    if (id >= vocab_size)
       fail(ErrorKind::Model, where + " special token id " + std::to_string(id) + " is outside the vocabulary (" +
-                                 std::to_string(tc.vocab_size) + ")");
+                                 std::to_string(vocab_size) + ")");
 }
 
 json parse_json(const std::string& text, const std::string& source) {
@@ -126,6 +126,59 @@ std::string read_text(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+void parse_t5(const Fields& t, T5Config& tc, const std::string& where) {
+  t.count("vocab_size", tc.vocab_size, 1 << 24);
+  t.count("d_model", tc.d_model);
+  t.count("d_kv", tc.d_kv, 1 << 16);
+  t.count("d_ff", tc.d_ff);
+  t.count("num_layers", tc.num_layers, 1024);
+  tc.num_decoder_layers = tc.num_layers;  // T5Config: defaults to num_layers
+  t.count("num_decoder_layers", tc.num_decoder_layers, 1024);
+  t.count("num_heads", tc.num_heads, 4096);
+  t.count("relative_attention_num_buckets", tc.relative_attention_num_buckets, 1 << 16, 2);
+  t.count("relative_attention_max_distance", tc.relative_attention_max_distance, 1 << 24);
+  t.epsilon("layer_norm_epsilon", tc.layer_norm_epsilon);
+  // T5Config: feed_forward_proj "gated-ACT" or "ACT"; "gated-gelu" means gelu_new for backward
+  // compatibility, but an explicit dense_act_fn (BLIP-2 stores "gelu") wins.
+  const std::string ffp = t.text("feed_forward_proj").value_or("relu");
+  const bool gated = ffp.rfind("gated-", 0) == 0;
+  const std::string act = gated ? ffp.substr(6) : ffp;
+  tc.is_gated_act = gated;
+  tc.act = (ffp == "gated-gelu") ? Activation::GeluTanh : t.parse_activation("feed_forward_proj", act);
+  t.activation("dense_act_fn", tc.act);
+  t.flag("is_gated_act", tc.is_gated_act);
+  t.token_id("pad_token_id", tc.pad_token_id);
+  t.token_id("eos_token_id", tc.eos_token_id);
+  t.token_id("decoder_start_token_id", tc.decoder_start_token_id);
+  check_special_ids({tc.pad_token_id, tc.eos_token_id, tc.decoder_start_token_id}, tc.vocab_size, where);
+}
+
+// OPTConfig's fields. Variants no BLIP-2 checkpoint uses (no biases, LayerNorms without weights) are
+// refused by name rather than run wrongly.
+void parse_opt(const Fields& t, OPTConfig& oc, const std::string& where) {
+  t.count("vocab_size", oc.vocab_size, 1 << 24);
+  t.count("hidden_size", oc.hidden_size);
+  t.count("num_hidden_layers", oc.num_layers, 1024);
+  t.count("num_attention_heads", oc.num_heads, 4096);
+  t.count("ffn_dim", oc.ffn_dim);
+  t.count("max_position_embeddings", oc.max_position_embeddings, 1 << 20);
+  oc.word_embed_proj_dim = oc.hidden_size;  // OPTConfig: None means hidden_size
+  t.count("word_embed_proj_dim", oc.word_embed_proj_dim);
+  t.flag("do_layer_norm_before", oc.do_layer_norm_before);
+  t.flag("_remove_final_layer_norm", oc.remove_final_layer_norm);
+  t.activation("activation_function", oc.act);
+  for (const char* key : {"enable_bias", "layer_norm_elementwise_affine"}) {
+    bool on = true;
+    t.flag(key, on);
+    if (!on) t.bad(key, "= false is not supported (no BLIP-2 checkpoint uses it)");
+  }
+  t.token_id("pad_token_id", oc.pad_token_id);
+  t.token_id("bos_token_id", oc.bos_token_id);
+  t.token_id("eos_token_id", oc.eos_token_id);
+  check_divisible(where, oc.hidden_size, "hidden_size", oc.num_heads, "num_attention_heads");
+  check_special_ids({oc.pad_token_id, oc.bos_token_id, oc.eos_token_id}, oc.vocab_size, where);
 }
 
 }  // namespace
@@ -173,38 +226,22 @@ Blip2Config parse_config(const std::string& json_text, const std::string& source
                   "num_attention_heads");
 
   if (!j.contains("text_config") || !j["text_config"].is_object())
-    fail(ErrorKind::Model, source + ": text_config is missing (Hugging Face would default to OPT, which this "
-                                    "engine does not run yet)");
+    fail(ErrorKind::Model, source + ": text_config is missing");
   Fields t = top.sub("text_config");
   const auto text_type = t.text("model_type");
-  if (!text_type || *text_type != "t5")
+  if (text_type == "t5") {
+    c.family = LanguageFamily::T5;
+    parse_t5(t, c.text, source + ": text_config");
+  } else if (text_type == "opt") {
+    c.family = LanguageFamily::OPT;
+    parse_opt(t, c.opt, source + ": text_config");
+  } else {
     t.bad("model_type", "= \"" + text_type.value_or("") +
-                            "\": only the Flan-T5 language model (\"t5\") is supported so far");
-  T5Config& tc = c.text;
-  t.count("vocab_size", tc.vocab_size, 1 << 24);
-  t.count("d_model", tc.d_model);
-  t.count("d_kv", tc.d_kv, 1 << 16);
-  t.count("d_ff", tc.d_ff);
-  t.count("num_layers", tc.num_layers, 1024);
-  tc.num_decoder_layers = tc.num_layers;  // T5Config: defaults to num_layers
-  t.count("num_decoder_layers", tc.num_decoder_layers, 1024);
-  t.count("num_heads", tc.num_heads, 4096);
-  t.count("relative_attention_num_buckets", tc.relative_attention_num_buckets, 1 << 16, 2);
-  t.count("relative_attention_max_distance", tc.relative_attention_max_distance, 1 << 24);
-  t.epsilon("layer_norm_epsilon", tc.layer_norm_epsilon);
-  // T5Config: feed_forward_proj "gated-ACT" or "ACT"; "gated-gelu" means gelu_new for backward
-  // compatibility, but an explicit dense_act_fn (BLIP-2 stores "gelu") wins.
-  const std::string ffp = t.text("feed_forward_proj").value_or("relu");
-  const bool gated = ffp.rfind("gated-", 0) == 0;
-  const std::string act = gated ? ffp.substr(6) : ffp;
-  tc.is_gated_act = gated;
-  tc.act = (ffp == "gated-gelu") ? Activation::GeluTanh : t.parse_activation("feed_forward_proj", act);
-  t.activation("dense_act_fn", tc.act);
-  t.flag("is_gated_act", tc.is_gated_act);
-  t.token_id("pad_token_id", tc.pad_token_id);
-  t.token_id("eos_token_id", tc.eos_token_id);
-  t.token_id("decoder_start_token_id", tc.decoder_start_token_id);
-  check_special_ids(tc, source + ": text_config");
+                            "\": the language model must be Flan-T5 (\"t5\") or OPT (\"opt\")");
+  }
+  if (c.image_token_index && *c.image_token_index >= c.lm_vocab_size())
+    top.bad("image_token_index", "= " + std::to_string(*c.image_token_index) + " is outside the vocabulary (" +
+                                     std::to_string(c.lm_vocab_size()) + ")");
   return c;
 }
 
@@ -224,11 +261,19 @@ Blip2Config load_config(const std::string& model_dir) {
     f.token_id("eos_token_id", d.eos_token_id);
     f.token_id("pad_token_id", d.pad_token_id);
     f.token_id("decoder_start_token_id", d.decoder_start_token_id);
-    T5Config& tc = c.text;
-    if (d.eos_token_id) tc.eos_token_id = *d.eos_token_id;
-    if (d.pad_token_id) tc.pad_token_id = *d.pad_token_id;
-    if (d.decoder_start_token_id) tc.decoder_start_token_id = *d.decoder_start_token_id;
-    check_special_ids(tc, gpath + ":");  // the overrides must fit the embedding table too
+    if (c.family == LanguageFamily::T5) {
+      T5Config& tc = c.text;
+      if (d.eos_token_id) tc.eos_token_id = *d.eos_token_id;
+      if (d.pad_token_id) tc.pad_token_id = *d.pad_token_id;
+      if (d.decoder_start_token_id) tc.decoder_start_token_id = *d.decoder_start_token_id;
+      // the overrides must fit the embedding table too
+      check_special_ids({tc.pad_token_id, tc.eos_token_id, tc.decoder_start_token_id}, tc.vocab_size, gpath + ":");
+    } else {
+      OPTConfig& oc = c.opt;
+      if (d.eos_token_id) oc.eos_token_id = *d.eos_token_id;
+      if (d.pad_token_id) oc.pad_token_id = *d.pad_token_id;
+      check_special_ids({oc.pad_token_id, oc.eos_token_id}, oc.vocab_size, gpath + ":");
+    }
   }
   return c;
 }

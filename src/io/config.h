@@ -1,6 +1,6 @@
 // Typed model configuration read from a Hugging Face BLIP-2 `config.json` (and `generation_config.json`).
-// Absent fields take Hugging Face's defaults (Blip2VisionConfig, Blip2QFormerConfig, T5Config); present
-// fields are range-checked, and every error names the file and the field.
+// Absent fields take Hugging Face's defaults (Blip2VisionConfig, Blip2QFormerConfig, T5Config, OPTConfig);
+// present fields are range-checked, and every error names the file and the field.
 #pragma once
 #include <optional>
 #include <string>
@@ -54,6 +54,25 @@ struct T5Config {
   int inner_dim() const { return num_heads * d_kv; }
 };
 
+struct OPTConfig {
+  int vocab_size = 50272;
+  int hidden_size = 768;
+  int num_layers = 12;
+  int num_heads = 12;
+  int ffn_dim = 3072;
+  int max_position_embeddings = 2048;  // the table has 2 more rows: OPT's position offset
+  int word_embed_proj_dim = 768;       // = hidden_size unless the embedding is narrower (project_in/out)
+  bool do_layer_norm_before = true;    // pre-norm blocks (every BLIP-2 OPT); false: post-norm (OPT-350m)
+  bool remove_final_layer_norm = false;
+  Activation act = Activation::Relu;
+  float layer_norm_eps = 1e-5f;        // PyTorch's nn.LayerNorm default; OPT does not configure it
+  int pad_token_id = 1;
+  int bos_token_id = 2;
+  int eos_token_id = 2;
+  int head_dim() const { return hidden_size / num_heads; }
+  bool has_final_layer_norm() const { return do_layer_norm_before && !remove_final_layer_norm; }
+};
+
 // Defaults for generation, from generation_config.json where present (Hugging Face names).
 struct GenerationDefaults {
   std::optional<int> max_new_tokens;
@@ -63,13 +82,26 @@ struct GenerationDefaults {
   std::optional<int> decoder_start_token_id;
 };
 
+// The language model behind the Q-Former: text_config.model_type "t5" or "opt".
+enum class LanguageFamily { T5, OPT };
+
 struct Blip2Config {
   VisionConfig vision;
   QFormerConfig qformer;
-  T5Config text;
+  LanguageFamily family = LanguageFamily::T5;
+  T5Config text;  // when family is T5
+  OPTConfig opt;  // when family is OPT
   int num_query_tokens = 32;
+  // Newer hub configs: prompts carry num_query_tokens copies of this id, whose embeddings the projected
+  // queries replace.
   std::optional<int> image_token_index;
   GenerationDefaults generation;
+
+  // What the rest of the pipeline needs to know of the language model, whichever it is.
+  int lm_width() const { return family == LanguageFamily::T5 ? text.d_model : opt.word_embed_proj_dim; }
+  int lm_vocab_size() const { return family == LanguageFamily::T5 ? text.vocab_size : opt.vocab_size; }
+  int eos_token_id() const { return family == LanguageFamily::T5 ? text.eos_token_id : opt.eos_token_id; }
+  int pad_token_id() const { return family == LanguageFamily::T5 ? text.pad_token_id : opt.pad_token_id; }
 };
 
 // Reads <dir>/config.json and, if present, <dir>/generation_config.json. Throws Error(Model).

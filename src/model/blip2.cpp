@@ -1,5 +1,6 @@
 #include "model/blip2.h"
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -13,17 +14,22 @@ namespace blip2 {
 
 namespace {
 
-// The tokenizer's model_max_length bounds the prompt, as the reference's tokenizer warns beyond it.
-int read_max_prompt_tokens(const std::string& dir) {
+// The longest prompt: the tokenizer's model_max_length (the reference's tokenizer warns beyond it), and for
+// OPT also what its learned positions leave after the query slots and one generated token.
+int read_max_prompt_tokens(const std::string& dir, const Blip2Config& cfg) {
+  int n = 512;  // T5's model_max_length
+  if (cfg.family == LanguageFamily::OPT)
+    n = std::max(1, cfg.opt.max_position_embeddings - cfg.num_query_tokens - 1);
   const auto path = std::filesystem::path(dir) / "tokenizer_config.json";
   std::ifstream in(path);
-  if (!in) return 512;
+  if (!in) return n;
   const auto j = nlohmann::json::parse(in, nullptr, false);
   if (j.is_object() && j.contains("model_max_length") && j["model_max_length"].is_number_integer()) {
-    const int64_t n = j["model_max_length"].get<int64_t>();
-    if (n > 0 && n <= (1 << 20)) return static_cast<int>(n);
+    const int64_t m = j["model_max_length"].get<int64_t>();
+    if (m > 0 && m <= (1 << 20)) return cfg.family == LanguageFamily::OPT ? std::min<int>(n, static_cast<int>(m))
+                                                                          : static_cast<int>(m);
   }
-  return 512;
+  return n;
 }
 
 // Sets the thread count, then opens the checkpoint with the options' weight conversion, so that every
@@ -46,15 +52,16 @@ Blip2Model::Blip2Model(const std::string& dir, const LoadOptions& options, const
       ckpt_(open_checkpoint(dir, options, progress)),
       vision_(*ckpt_, cfg_.vision),
       qformer_(*ckpt_, cfg_.qformer, cfg_.num_query_tokens),
-      proj_w_(ckpt_->take("language_projection.weight", {cfg_.text.d_model, cfg_.qformer.hidden_size})),
-      proj_b_(ckpt_->take("language_projection.bias", {cfg_.text.d_model})),
-      t5_(*ckpt_, cfg_.text),
-      tokenizer_(dir, cfg_.text.eos_token_id),
-      max_prompt_tokens_(read_max_prompt_tokens(dir)) {
+      proj_w_(ckpt_->take("language_projection.weight", {cfg_.lm_width(), cfg_.qformer.hidden_size})),
+      proj_b_(ckpt_->take("language_projection.bias", {cfg_.lm_width()})),
+      tokenizer_(load_tokenizer(dir, cfg_)),
+      max_prompt_tokens_(read_max_prompt_tokens(dir, cfg_)) {
+  if (cfg_.family == LanguageFamily::T5) t5_ = std::make_unique<T5Model>(*ckpt_, cfg_.text);
+  else opt_ = std::make_unique<OPTModel>(*ckpt_, cfg_.opt);
   ckpt_->check_all_used();
-  if (tokenizer_.vocab_size() > cfg_.text.vocab_size)
-    fail(ErrorKind::Model, dir + ": tokenizer has " + std::to_string(tokenizer_.vocab_size()) +
-                               " ids but the model's vocabulary has only " + std::to_string(cfg_.text.vocab_size));
+  if (tokenizer_->vocab_size() > cfg_.lm_vocab_size())
+    fail(ErrorKind::Model, dir + ": tokenizer has " + std::to_string(tokenizer_->vocab_size()) +
+                               " ids but the model's vocabulary has only " + std::to_string(cfg_.lm_vocab_size()));
 }
 
 PromptBatch Blip2Model::tokenize(const std::vector<std::string>& prompts) const {
@@ -63,20 +70,23 @@ PromptBatch Blip2Model::tokenize(const std::vector<std::string>& prompts) const 
   PromptBatch p;
   p.batch = static_cast<int64_t>(prompts.size());
   for (const auto& text : prompts) {
-    all.push_back(tokenizer_.encode(text));
+    all.push_back(tokenizer_->encode(text));
     const int64_t n = static_cast<int64_t>(all.back().size());
     if (n > max_prompt_tokens_)
       fail(ErrorKind::Input, "prompt is too long: " + std::to_string(n) + " tokens, the model takes at most " +
                                  std::to_string(max_prompt_tokens_));
     p.length = std::max(p.length, n);
   }
-  p.ids.assign(static_cast<size_t>(p.batch * p.length), cfg_.text.pad_token_id);
+  p.ids.assign(static_cast<size_t>(p.batch * p.length), cfg_.pad_token_id());
   p.mask.assign(p.ids.size(), 0);
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (size_t i = 0; i < all[b].size(); ++i) {
-      p.ids[b * p.length + i] = all[b][i];
-      p.mask[b * p.length + i] = 1;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t n = static_cast<int64_t>(all[b].size());
+    const int64_t first = cfg_.family == LanguageFamily::OPT ? p.length - n : 0;  // OPT pads on the left
+    for (int64_t i = 0; i < n; ++i) {
+      p.ids[b * p.length + first + i] = all[b][i];
+      p.mask[b * p.length + first + i] = 1;
     }
+  }
   return p;
 }
 
@@ -102,7 +112,7 @@ Encoded Blip2Model::encode_image(const Tensor& pixels) const {
 
 Encoded Blip2Model::encode_prompts(const Encoded& image, const PromptBatch& prompts) const {
   const Tensor& proj = image.language_projection;
-  const int64_t Q = cfg_.num_query_tokens, L = prompts.length, d = cfg_.text.d_model;
+  const int64_t Q = cfg_.num_query_tokens, L = prompts.length, d = cfg_.lm_width(), T = Q + L;
   const int64_t B = proj.shape.empty() ? 0 : proj.dim(0);
   if (proj.shape != Shape{B, Q, d} || B < 1)
     fail(ErrorKind::Internal, "encode_prompts: language projection has shape " + shape_str(proj.shape));
@@ -112,21 +122,45 @@ Encoded Blip2Model::encode_prompts(const Encoded& image, const PromptBatch& prom
   e.qformer_last_hidden_state = image.qformer_last_hidden_state;
   e.language_projection = proj;
 
-  // Encoder input: [projected queries ; prompt embeddings], mask [ones ; prompt mask].
-  Tensor x({B, Q + L, d});
-  e.encoder_mask.assign(static_cast<size_t>(B * (Q + L)), 1);
+  // Input: [projected queries ; prompt embeddings], mask [ones ; prompt mask]. The query slots' ids are the
+  // image token where the config has one: Hugging Face's newer processors put them in input_ids, and the
+  // model swaps their embeddings for the queries (the same numbers as this legacy layout).
+  const int32_t image_id = cfg_.image_token_index.value_or(-1);
+  Tensor x({B, T, d});
+  e.input_mask.assign(static_cast<size_t>(B * T), 1);
+  e.input_ids.assign(static_cast<size_t>(B * T), image_id);
   for (int64_t b = 0; b < B; ++b) {
-    float* xb = x.ptr() + b * (Q + L) * d;
+    const int32_t* ids = prompts.ids.data() + b * L;
+    if (image_id >= 0 && std::find(ids, ids + L, image_id) != ids + L)
+      fail(ErrorKind::Input, "the prompt contains the image token (id " + std::to_string(image_id) +
+                                 "): the image's place is set by the model, not by the prompt");
+    float* xb = x.ptr() + b * T * d;
     std::memcpy(xb, proj.ptr() + b * Q * d, static_cast<size_t>(Q * d) * 4);
-    t5_.embed(prompts.ids.data() + b * L, L, xb + Q * d);
-    std::memcpy(e.encoder_mask.data() + b * (Q + L) + Q, prompts.mask.data() + b * L, static_cast<size_t>(L));
+    if (t5_) t5_->embed(ids, L, xb + Q * d);
+    else opt_->embed(ids, L, xb + Q * d);
+    std::memcpy(e.input_mask.data() + b * T + Q, prompts.mask.data() + b * L, static_cast<size_t>(L));
+    std::copy(ids, ids + L, e.input_ids.begin() + b * T + Q);
   }
-  e.encoder_last_hidden_state = t5_.encode(std::move(x), e.encoder_mask);
+  if (t5_) e.encoder_last_hidden_state = t5_->encode(std::move(x), e.input_mask);
+  else e.inputs_embeds = std::move(x);
   return e;
 }
 
 std::unique_ptr<Decoder> Blip2Model::start_decoder(const Encoded& enc, int expand) const {
-  return t5_.start_decoder(enc.encoder_last_hidden_state, enc.encoder_mask, expand);
+  if (t5_) return t5_->start_decoder(enc.encoder_last_hidden_state, enc.input_mask, expand);
+  // OPT's logits processors see the ids it was given: the prompt with its padding, and the image tokens
+  // when the config has them (Hugging Face passes input_ids to generate for decoder-only models).
+  const int64_t B = enc.inputs_embeds.dim(0), T = enc.inputs_embeds.dim(1), Q = cfg_.num_query_tokens;
+  const int64_t from = cfg_.image_token_index ? 0 : Q;
+  std::vector<std::vector<int32_t>> prefix(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b)
+    prefix[b].assign(enc.input_ids.begin() + b * T + from, enc.input_ids.begin() + (b + 1) * T);
+  return opt_->start_decoder(enc.inputs_embeds, enc.input_mask, std::move(prefix), expand);
+}
+
+Tensor Blip2Model::prompt_logits(const Encoded& enc) const {
+  if (!opt_) fail(ErrorKind::Usage, "prompt logits are for decoder-only language models (OPT); T5's come from its decoder");
+  return opt_->logits(enc.inputs_embeds, enc.input_mask);
 }
 
 }  // namespace blip2

@@ -1,6 +1,7 @@
-// BLIP-2 with a Flan-T5 language model, wired from its parts:
+// BLIP-2, wired from its parts, with either language model the checkpoint's config names:
 //   pixels ─ VisionModel ─ QFormer ─ language projection ─┐
-//   prompt ─ tokenizer ─ embedding ───────────────────────┴─ [queries ; prompt] ─ T5 encoder ─ decoder
+//   prompt ─ tokenizer ─ embedding ───────────────────────┴─ [queries ; prompt] ─┬─ T5 encoder ─ T5 decoder
+//                                                                                └─ OPT (prefill, then decode)
 #pragma once
 #include <atomic>
 #include <functional>
@@ -9,17 +10,20 @@
 #include <vector>
 
 #include "generate/decoder.h"
+#include "generate/generate.h"
 #include "io/checkpoint.h"
 #include "io/config.h"
 #include "model/load_options.h"
+#include "model/opt.h"
 #include "model/qformer.h"
 #include "model/t5.h"
 #include "model/vision.h"
-#include "text/t5_tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace blip2 {
 
-// Prompts of a batch, tokenized and right-padded with pad id (T5's convention).
+// Prompts of a batch, tokenized and padded with the pad id: on the right for T5, on the left for OPT (whose
+// positions come from the mask, so that every prompt ends where generation starts).
 struct PromptBatch {
   int64_t batch = 0, length = 0;
   std::vector<int32_t> ids;   // [batch, length]
@@ -30,9 +34,14 @@ struct PromptBatch {
 struct Encoded {
   Tensor vision_last_hidden_state;   // [B, T_img, vision hidden]
   Tensor qformer_last_hidden_state;  // [B, Q, qformer hidden]
-  Tensor language_projection;        // [B, Q, d_model]
-  Tensor encoder_last_hidden_state;  // [B, Q + L, d_model]
-  std::vector<uint8_t> encoder_mask; // [B, Q + L]
+  Tensor language_projection;        // [B, Q, d_lm]
+  // The language model's input is [projected queries ; prompt embeddings] under input_mask [B, Q + L];
+  // input_ids [B, Q + L] are its ids, the query slots holding image_token_index (or -1 without one).
+  std::vector<uint8_t> input_mask;
+  std::vector<int32_t> input_ids;
+  Tensor encoder_last_hidden_state;  // T5: the encoder over that input [B, Q + L, d_model]
+  Tensor inputs_embeds;              // OPT: the input itself [B, Q + L, d_lm], which the decoder runs first
+  int64_t batch() const { return language_projection.shape.empty() ? 0 : language_projection.dim(0); }
 };
 
 class Blip2Model {
@@ -45,9 +54,10 @@ class Blip2Model {
   Blip2Model(const std::string& model_dir, const LoadOptions& options, const Progress& progress = nullptr);
 
   const Blip2Config& config() const { return cfg_; }
-  const T5Tokenizer& tokenizer() const { return tokenizer_; }
-  const T5Model& language_model() const { return t5_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  bool tied_lm_head() const { return t5_ ? t5_->tied_lm_head() : opt_->tied_lm_head(); }
   int max_prompt_tokens() const { return max_prompt_tokens_; }
+  SpecialTokens special_tokens() const { return {cfg_.eos_token_id(), cfg_.pad_token_id()}; }
 
   PromptBatch tokenize(const std::vector<std::string>& prompts) const;
   // pixels [B,3,S,S] with one prompt per image -> every stage up to the encoder output. The same as
@@ -56,13 +66,25 @@ class Blip2Model {
   // The image stages alone (vision, Q-Former, language projection), to reuse with several prompts (chat):
   // the encoder fields of the result are empty.
   Encoded encode_image(const Tensor& pixels) const;
-  // The prompt stage over an image encoding: the T5 encoder over [projected queries ; prompt embeddings],
-  // one prompt per image. The image fields are copied from `image`.
+  // The prompt stage over an image encoding, one prompt per image: [projected queries ; prompt embeddings],
+  // through the T5 encoder (T5) or kept for the decoder's prefill (OPT). The image fields are copied.
   Encoded encode_prompts(const Encoded& image, const PromptBatch& prompts) const;
   // How many times the image stages have run (encode_image, encode) on this model.
   int64_t image_encodings() const { return image_encodings_.n.load(); }
-  // A decoder ready to take the start token, `expand` rows per batch item.
+  // A decoder over the prompt stage's result, `expand` rows per batch item.
   std::unique_ptr<Decoder> start_decoder(const Encoded& enc, int expand = 1) const;
+  // OPT: the logits at every input position [B, Q + L, vocab] (Hugging Face's forward pass). Throws
+  // Error(Usage) for T5, whose logits come from the decoder.
+  Tensor prompt_logits(const Encoded& enc) const;
+
+  // The image stages one by one, for tools that time them separately (blip2 bench): encode_image is
+  // ops::linear(qformer_model().forward(vision_model().forward(pixels)), projection_weight(), projection_bias()).
+  const VisionModel& vision_model() const { return vision_; }
+  const QFormer& qformer_model() const { return qformer_; }
+  const Weight& projection_weight() const { return proj_w_; }
+  const Weight& projection_bias() const { return proj_b_; }
+  // The checkpoint the weights were taken from (Checkpoint::taken_bytes: each tensor's size as loaded).
+  const Checkpoint& checkpoint() const { return *ckpt_; }
 
  private:
   Blip2Config cfg_;
@@ -70,8 +92,9 @@ class Blip2Model {
   VisionModel vision_;
   QFormer qformer_;
   Weight proj_w_, proj_b_;
-  T5Model t5_;
-  T5Tokenizer tokenizer_;
+  std::unique_ptr<T5Model> t5_;    // one of these two, as config.json says
+  std::unique_ptr<OPTModel> opt_;
+  std::unique_ptr<Tokenizer> tokenizer_;
   int max_prompt_tokens_ = 512;
   struct Counter {  // copyable, so the model stays copyable and movable
     mutable std::atomic<int64_t> n{0};

@@ -21,10 +21,11 @@ struct LoadOptions {
 };
 
 // True for the tensors a weight format converts: the matrices of linear layers — ViT qkv / projection /
-// fc1 / fc2, every Q-Former dense layer, the language projection, T5 q/k/v/o and wi/wi_0/wi_1/wo, lm_head —
-// and the T5 embedding when it doubles as the (tied) lm_head. Everything else stays as stored: norms,
-// biases, the patch embedding, class / position embeddings, query tokens, relative attention bias and an
-// untied T5 embedding (a lookup touches only the rows it needs, so the file's pages serve it best).
+// fc1 / fc2, every Q-Former dense layer, the language projection, T5 q/k/v/o and wi/wi_0/wi_1/wo, OPT
+// q/k/v/out_proj, fc1/fc2 and project_in/out, lm_head — and the T5 or OPT embedding when it doubles as the
+// (tied) lm_head. Everything else stays as stored: norms, biases, the patch embedding, class / position
+// embeddings, query tokens, relative attention bias and an untied embedding (a lookup touches only the
+// rows it needs, so the file's pages serve it best).
 bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_head);
 
 // The Checkpoint::Convert hook for `options` (null for AsStored: every tensor is used in place). With a

@@ -144,6 +144,10 @@ class T5Decoder final : public Decoder {
 
   int rows() const override { return items_ * expand_; }
   int64_t vocab_size() const override { return m_.cfg_.vocab_size; }
+  std::vector<int32_t> prefix(int) const override { return {m_.cfg_.decoder_start_token_id}; }
+  Tensor start() override {
+    return step(std::vector<int32_t>(static_cast<size_t>(rows()), m_.cfg_.decoder_start_token_id));
+  }
 
   Tensor step(const std::vector<int32_t>& tokens) override {
     const T5Config& c = m_.cfg_;

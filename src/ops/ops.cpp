@@ -183,12 +183,13 @@ void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out) {
 
 namespace {
 
-// Softmax of one score row in place: bias added, masked keys given probability 0, the rest normalised.
-// A row whose keys are all masked becomes all zeros (HF would average uniformly; it never happens here).
-void softmax_row(float* p, int64_t tk, const float* bias, const uint8_t* key_mask) {
+// Softmax of one score row in place: bias added, masked keys (key_mask[j] == 0, or j >= visible) given
+// probability 0, the rest normalised. A row whose keys are all masked becomes all zeros (HF would average
+// uniformly; it never happens here).
+void softmax_row(float* p, int64_t tk, const float* bias, const uint8_t* key_mask, int64_t visible) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < tk; ++j) {
-    if (key_mask && !key_mask[j]) {
+    if ((key_mask && !key_mask[j]) || j >= visible) {
       p[j] = -INFINITY;
       continue;
     }
@@ -208,6 +209,7 @@ void softmax_row(float* p, int64_t tk, const float* bias, const uint8_t* key_mas
 void attention(const AttentionArgs& a) {
   const int64_t tq = a.tq, tk = a.tk, hd = a.head_dim;
   if (tq == 0) return;
+  const auto visible = [&](int64_t i) { return a.causal ? std::min(tk, i + (tk - tq) + 1) : tk; };
   if (tq >= 8 && tk >= 8) {
     // Many queries (ViT, Q-Former, T5 encoder): scores and context as two sgemm per head (OpenBLAS threads
     // them), the softmax rows on the pool.
@@ -219,7 +221,8 @@ void attention(const AttentionArgs& a) {
                   static_cast<int>(a.ldk), 0.0f, s.data(), static_cast<int>(tk));
       const float* bias = a.bias ? a.bias + static_cast<int64_t>(h) * tq * tk : nullptr;
       par::parallel_for(tq, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) softmax_row(s.data() + i * tk, tk, bias ? bias + i * tk : nullptr, a.key_mask);
+        for (int64_t i = i0; i < i1; ++i)
+          softmax_row(s.data() + i * tk, tk, bias ? bias + i * tk : nullptr, a.key_mask, visible(i));
       }, std::max<int64_t>(1, kMinWorkPerThread / 16 / tk));
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(tq), static_cast<int>(hd),
                   static_cast<int>(tk), 1.0f, s.data(), static_cast<int>(tk), a.v + off, static_cast<int>(a.ldv),
@@ -236,7 +239,7 @@ void attention(const AttentionArgs& a) {
         const float* qi = a.q + i * a.ldq + off;
         for (int64_t j = 0; j < tk; ++j)
           p[j] = (a.key_mask && !a.key_mask[j]) ? 0.0f : kern::dot(qi, a.k + j * a.ldk + off, hd) * a.scale;
-        softmax_row(p.data(), tk, a.bias ? a.bias + (h * tq + i) * tk : nullptr, a.key_mask);
+        softmax_row(p.data(), tk, a.bias ? a.bias + (h * tq + i) * tk : nullptr, a.key_mask, visible(i));
         float* oi = a.out + i * a.ldo + off;
         std::fill(oi, oi + hd, 0.0f);
         for (int64_t j = 0; j < tk; ++j)

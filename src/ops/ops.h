@@ -48,6 +48,7 @@ void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out);
 //   q: Tq rows, row stride ldq; head h uses columns [h*head_dim, (h+1)*head_dim). Likewise k, v (Tk rows).
 //   scores = scale · q·kᵀ (+ bias[h][i][j] when `bias` is given, laid out [heads][Tq][Tk])
 //   keys with key_mask[j] == 0 are excluded (the reference adds the dtype's minimum: same result).
+//   causal: query i sees only keys j <= i + (tk - tq) (the queries are the last tq of the tk positions).
 //   out: Tq rows, stride ldo, heads concatenated in head order.
 struct AttentionArgs {
   const float* q; int64_t ldq; int64_t tq;
@@ -57,6 +58,7 @@ struct AttentionArgs {
   const float* bias = nullptr;
   const uint8_t* key_mask = nullptr;
   float* out; int64_t ldo;
+  bool causal = false;
 };
 void attention(const AttentionArgs& a);
 

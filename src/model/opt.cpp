@@ -1,0 +1,221 @@
+#include "model/opt.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "ops/ops.h"
+
+namespace blip2 {
+
+namespace {
+
+constexpr int64_t kPositionOffset = 2;  // OPTLearnedPositionalEmbedding: rows 0 and 1 are never positions
+const std::string kPrefix = "language_model.model.decoder.";
+
+}  // namespace
+
+OPTModel::OPTModel(Checkpoint& ck, const OPTConfig& cfg) : cfg_(cfg) {
+  const int64_t V = cfg.vocab_size, d = cfg.hidden_size, wd = cfg.word_embed_proj_dim, F = cfg.ffn_dim;
+  embed_tokens_ = ck.take(kPrefix + "embed_tokens.weight", {V, wd});
+  embed_positions_ = ck.take(kPrefix + "embed_positions.weight", {cfg.max_position_embeddings + kPositionOffset, d});
+  if (wd != d) {
+    project_in_ = ck.take(kPrefix + "project_in.weight", {d, wd});
+    project_out_ = ck.take(kPrefix + "project_out.weight", {wd, d});
+  }
+  if (cfg.has_final_layer_norm())
+    final_ln_ = {ck.take(kPrefix + "final_layer_norm.weight", {d}), ck.take(kPrefix + "final_layer_norm.bias", {d})};
+  // OPT ties lm_head to the embedding; checkpoints usually store it anyway. Absent means tied.
+  tied_ = !ck.has("language_model.lm_head.weight");
+  lm_head_ = tied_ ? embed_tokens_ : ck.take("language_model.lm_head.weight", {V, wd});
+  for (int i = 0; i < cfg.num_layers; ++i) {
+    const std::string p = kPrefix + "layers." + std::to_string(i) + ".";
+    const auto norm = [&](const std::string& n) { return Norm{ck.take(p + n + ".weight", {d}), ck.take(p + n + ".bias", {d})}; };
+    Layer L;
+    L.attn_ln = norm("self_attn_layer_norm");
+    L.ffn_ln = norm("final_layer_norm");
+    for (auto [w, b, n] : {std::tuple{&L.q, &L.q_b, "q_proj"}, {&L.k, &L.k_b, "k_proj"}, {&L.v, &L.v_b, "v_proj"},
+                           {&L.o, &L.o_b, "out_proj"}}) {
+      *w = ck.take(p + "self_attn." + n + ".weight", {d, d});
+      *b = ck.take(p + "self_attn." + n + ".bias", {d});
+    }
+    L.fc1 = ck.take(p + "fc1.weight", {F, d});
+    L.fc1_b = ck.take(p + "fc1.bias", {F});
+    L.fc2 = ck.take(p + "fc2.weight", {d, F});
+    L.fc2_b = ck.take(p + "fc2.bias", {d});
+    layers_.push_back(std::move(L));
+  }
+}
+
+void OPTModel::embed(const int32_t* ids, int64_t n, float* out) const { ops::embedding(embed_tokens_, ids, n, out); }
+
+Tensor OPTModel::input(const Tensor& embeds, const std::vector<int64_t>& positions) const {
+  Tensor x = project_in_.empty() ? embeds : ops::linear(embeds, project_in_);
+  const int64_t d = cfg_.hidden_size, rows = x.rows();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = positions[r] + kPositionOffset;  // padding has position -1: row 1
+    if (row < 0 || row >= embed_positions_.rows())
+      fail(ErrorKind::Input, "sequence is too long for the language model: position " + std::to_string(positions[r]) +
+                                 " is past its " + std::to_string(cfg_.max_position_embeddings) + " positions");
+    std::vector<float> pe(static_cast<size_t>(d));
+    embed_positions_.to_f32(row * d, d, pe.data());
+    float* xr = x.ptr() + r * d;
+    for (int64_t i = 0; i < d; ++i) xr[i] += pe[i];
+  }
+  return x;
+}
+
+void OPTModel::forward(Tensor& x, const std::vector<int64_t>& seq_start, const uint8_t* mask, Cache& cache) const {
+  const int64_t d = cfg_.hidden_size, hd = cfg_.head_dim();
+  const size_t S = seq_start.size() - 1;
+  const float eps = cfg_.layer_norm_eps;
+  const bool pre = cfg_.do_layer_norm_before;
+  for (size_t s = 0; s < S; ++s) {  // the new positions join each sequence's mask
+    auto& seq = cache.seqs[s];
+    for (int64_t r = seq_start[s]; r < seq_start[s + 1]; ++r) {
+      seq.mask.push_back(mask[r]);
+      seq.tokens += mask[r];
+    }
+  }
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& L = layers_[l];
+    // self-attention: causal over each sequence's cache, padding excluded
+    Tensor n = x;
+    if (pre) ops::layer_norm(n, L.attn_ln.w, L.attn_ln.b, eps);
+    const Tensor q = ops::linear(n, L.q, L.q_b), k = ops::linear(n, L.k, L.k_b), v = ops::linear(n, L.v, L.v_b);
+    Tensor ctx({x.rows(), d});
+    for (size_t s = 0; s < S; ++s) {
+      auto& seq = cache.seqs[s];
+      const int64_t r0 = seq_start[s], tq = seq_start[s + 1] - r0;
+      seq.k[l].insert(seq.k[l].end(), k.ptr() + r0 * d, k.ptr() + (r0 + tq) * d);
+      seq.v[l].insert(seq.v[l].end(), v.ptr() + r0 * d, v.ptr() + (r0 + tq) * d);
+      const int64_t tk = static_cast<int64_t>(seq.mask.size());
+      ops::attention({.q = q.ptr() + r0 * d, .ldq = d, .tq = tq, .k = seq.k[l].data(), .ldk = d,
+                      .v = seq.v[l].data(), .ldv = d, .tk = tk, .heads = cfg_.num_heads,
+                      .head_dim = static_cast<int>(hd), .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
+                      .key_mask = seq.mask.data(), .out = ctx.ptr() + r0 * d, .ldo = d, .causal = true});
+    }
+    ops::add(x, ops::linear(ctx, L.o, L.o_b));
+    if (!pre) ops::layer_norm(x, L.attn_ln.w, L.attn_ln.b, eps);
+
+    // feed-forward
+    n = x;
+    if (pre) ops::layer_norm(n, L.ffn_ln.w, L.ffn_ln.b, eps);
+    Tensor a = ops::linear(n, L.fc1, L.fc1_b);
+    ops::activate(a, cfg_.act);
+    ops::add(x, ops::linear(a, L.fc2, L.fc2_b));
+    if (!pre) ops::layer_norm(x, L.ffn_ln.w, L.ffn_ln.b, eps);
+  }
+  if (cfg_.has_final_layer_norm()) ops::layer_norm(x, final_ln_.w, final_ln_.b, eps);
+  if (!project_out_.empty()) x = ops::linear(x, project_out_);
+}
+
+Tensor OPTModel::head(const Tensor& h) const { return ops::linear(h, lm_head_); }
+
+Tensor OPTModel::prefill(const Tensor& x, const std::vector<uint8_t>& mask, Cache& cache) const {
+  const int64_t B = x.dim(0), T = x.dim(1), wd = cfg_.word_embed_proj_dim;
+  if (x.shape != Shape{B, T, wd} || static_cast<int64_t>(mask.size()) != B * T)
+    fail(ErrorKind::Internal, "OPT input has shape " + shape_str(x.shape) + " with " + std::to_string(mask.size()) +
+                                  " mask entries");
+  // Positions from the mask, as OPT computes them: cumsum(mask) * mask - 1.
+  std::vector<int64_t> pos(static_cast<size_t>(B * T)), seq_start(static_cast<size_t>(B + 1));
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t seen = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      seen += mask[b * T + t];
+      pos[b * T + t] = mask[b * T + t] ? seen - 1 : -1;
+    }
+    seq_start[b + 1] = (b + 1) * T;
+  }
+  Tensor flat = x;
+  flat.shape = {B * T, wd};
+  Tensor h = input(flat, pos);
+  cache.seqs.assign(static_cast<size_t>(B), {});
+  for (auto& seq : cache.seqs) {
+    seq.k.resize(layers_.size());
+    seq.v.resize(layers_.size());
+  }
+  forward(h, seq_start, mask.data(), cache);
+  return h;
+}
+
+Tensor OPTModel::logits(const Tensor& x, const std::vector<uint8_t>& mask) const {
+  Cache cache;
+  Tensor out = head(prefill(x, mask, cache));
+  out.shape = {x.dim(0), x.dim(1), cfg_.vocab_size};
+  return out;
+}
+
+// The decoder's state: one cache sequence per row, seeded by the prefill of its batch item.
+class OPTDecoder final : public Decoder {
+ public:
+  OPTDecoder(const OPTModel& m, const Tensor& x, const std::vector<uint8_t>& mask,
+             std::vector<std::vector<int32_t>> prefix, int expand)
+      : m_(m), x_(x), mask_(mask), prefix_(std::move(prefix)), expand_(expand) {
+    if (static_cast<int64_t>(prefix_.size()) != x.dim(0))
+      fail(ErrorKind::Internal, "OPT decoder: one prefix per batch item expected");
+  }
+
+  int rows() const override { return static_cast<int>(prefix_.size()) * expand_; }
+  int64_t vocab_size() const override { return m_.cfg_.vocab_size; }
+  std::vector<int32_t> prefix(int row) const override { return prefix_[row / expand_]; }
+
+  Tensor start() override {
+    OPTModel::Cache items;
+    const Tensor h = m_.prefill(x_, mask_, items);
+    const int64_t B = x_.dim(0), T = x_.dim(1), wd = m_.cfg_.word_embed_proj_dim;
+    // Each item's last position predicts its first token; its beams (or samples) share that prefill.
+    Tensor last({B * expand_, wd});
+    cache_.seqs.clear();
+    for (int64_t b = 0; b < B; ++b)
+      for (int e = 0; e < expand_; ++e) {
+        std::memcpy(last.ptr() + (b * expand_ + e) * wd, h.ptr() + (b * T + T - 1) * wd, static_cast<size_t>(wd) * 4);
+        if (e + 1 < expand_) cache_.seqs.push_back(items.seqs[b]);
+        else cache_.seqs.push_back(std::move(items.seqs[b]));
+      }
+    x_ = Tensor();  // the input is in the cache now
+    return m_.head(last);
+  }
+
+  Tensor step(const std::vector<int32_t>& tokens) override {
+    const int R = rows();
+    if (static_cast<int>(tokens.size()) != R || static_cast<int>(cache_.seqs.size()) != R)
+      fail(ErrorKind::Internal, "OPT decoder step: wrong token count, or step before start");
+    Tensor e({R, m_.cfg_.word_embed_proj_dim});
+    m_.embed(tokens.data(), R, e.ptr());
+    std::vector<int64_t> pos(static_cast<size_t>(R)), seq_start(static_cast<size_t>(R + 1));
+    for (int r = 0; r < R; ++r) {
+      pos[r] = cache_.seqs[r].tokens;  // the cumsum continues: every generated token counts
+      seq_start[r + 1] = r + 1;
+    }
+    Tensor h = m_.input(e, pos);
+    const std::vector<uint8_t> ones(static_cast<size_t>(R), 1);
+    m_.forward(h, seq_start, ones.data(), cache_);
+    return m_.head(h);
+  }
+
+  void reorder(const std::vector<int>& src) override {
+    // A parent taken by one child moves without a copy; only extra children copy.
+    std::vector<OPTModel::Cache::Seq> next(src.size());
+    std::vector<int> uses(cache_.seqs.size(), 0);
+    for (int s : src) ++uses[s];
+    for (size_t r = 0; r < src.size(); ++r)
+      next[r] = (--uses[src[r]] == 0) ? std::move(cache_.seqs[src[r]]) : cache_.seqs[src[r]];
+    cache_.seqs = std::move(next);
+  }
+
+ private:
+  const OPTModel& m_;
+  Tensor x_;
+  std::vector<uint8_t> mask_;
+  std::vector<std::vector<int32_t>> prefix_;
+  int expand_;
+  OPTModel::Cache cache_;
+};
+
+std::unique_ptr<Decoder> OPTModel::start_decoder(const Tensor& x, const std::vector<uint8_t>& mask,
+                                                 std::vector<std::vector<int32_t>> prefix, int expand) const {
+  return std::make_unique<OPTDecoder>(*this, x, mask, std::move(prefix), expand);
+}
+
+}  // namespace blip2

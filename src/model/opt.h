@@ -1,0 +1,67 @@
+// OPT (Meta's decoder-only transformer) as BLIP-2 uses it: learned positions with OPT's offset of 2, taken
+// from the attention mask so that left padding keeps positions right; pre-norm blocks with LayerNorm and
+// biases (post-norm for the OPT-350m layout); ReLU feed-forward; an optional projection between a narrower
+// embedding and the hidden width; an lm_head tied to the embedding when the checkpoint has none.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "generate/decoder.h"
+#include "io/checkpoint.h"
+#include "io/config.h"
+
+namespace blip2 {
+
+class OPTModel {
+ public:
+  OPTModel(Checkpoint& ckpt, const OPTConfig& cfg);
+  const OPTConfig& config() const { return cfg_; }
+  bool tied_lm_head() const { return tied_; }
+
+  // Embedding rows for ids (word_embed_proj_dim wide, not scaled).
+  void embed(const int32_t* ids, int64_t n, float* out) const;
+  // Logits at every position of inputs_embeds x [B, T, word_embed_proj_dim] with mask [B*T] (1 = token,
+  // 0 = left padding) -> [B, T, vocab], as the reference's forward pass returns them.
+  Tensor logits(const Tensor& x, const std::vector<uint8_t>& mask) const;
+  // A decoder that continues each batch item's input x / mask, on `expand` rows per item. `prefix[b]` are
+  // item b's input ids (what the logits processors see as already there).
+  std::unique_ptr<Decoder> start_decoder(const Tensor& x, const std::vector<uint8_t>& mask,
+                                         std::vector<std::vector<int32_t>> prefix, int expand = 1) const;
+
+ private:
+  friend class OPTDecoder;
+  struct Norm { Weight w, b; };
+  struct Layer {
+    Norm attn_ln, ffn_ln;
+    Weight q, q_b, k, k_b, v, v_b, o, o_b, fc1, fc1_b, fc2, fc2_b;
+  };
+  // The key/value cache of a set of sequences: per sequence, per layer, keys and values [t, hidden], and
+  // which of its t positions are tokens (not padding).
+  struct Cache {
+    struct Seq {
+      std::vector<std::vector<float>> k, v;  // [layer] -> [t, hidden]
+      std::vector<uint8_t> mask;             // [t]
+      int64_t tokens = 0;                    // positions with mask 1: the next token's position
+    };
+    std::vector<Seq> seqs;
+  };
+
+  // Runs `n` new positions through the stack: x [n, hidden] (embeddings + positions, already projected),
+  // where rows seq_start[s] .. seq_start[s+1]-1 extend cache sequence s (its new positions' mask in
+  // `mask`). Leaves the final hidden states (after the final norm and project_out) in x.
+  void forward(Tensor& x, const std::vector<int64_t>& seq_start, const uint8_t* mask, Cache& cache) const;
+  // embed(ids) or inputs_embeds, projected in when narrower, plus position embeddings: [n, hidden].
+  Tensor input(const Tensor& embeds, const std::vector<int64_t>& positions) const;
+  // lm_head over final hidden states [.., wd] -> logits [.., vocab].
+  Tensor head(const Tensor& h) const;
+  // Prefill: every item's input through the stack into a fresh cache; returns hidden states [B*T, wd].
+  Tensor prefill(const Tensor& x, const std::vector<uint8_t>& mask, Cache& cache) const;
+
+  OPTConfig cfg_;
+  Weight embed_tokens_, embed_positions_, project_in_, project_out_, lm_head_;
+  Norm final_ln_;
+  std::vector<Layer> layers_;
+  bool tied_ = false;
+};
+
+}  // namespace blip2

@@ -1,0 +1,27 @@
+// What the pipeline needs of a tokenizer, whichever language model the checkpoint has: prompt text to the
+// ids the model takes, generated ids back to text.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/config.h"
+
+namespace blip2 {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  // The model's input ids for a prompt: Flan-T5 appends </s>; OPT prepends its BOS (</s> too).
+  virtual std::vector<int32_t> encode(const std::string& text) const = 0;
+  // The text of generated ids, special tokens skipped.
+  virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
+  virtual int vocab_size() const = 0;
+};
+
+// The tokenizer of a model directory: SentencePiece (spiece.model) for Flan-T5, GPT-2 byte-level BPE
+// (vocab.json + merges.txt, or tokenizer.json) for OPT. Throws Error(Model) naming a missing or bad file.
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir, const Blip2Config& cfg);
+
+}  // namespace blip2

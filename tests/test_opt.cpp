@@ -1,0 +1,269 @@
+// The OPT member of the family against Hugging Face transformers (tests/fixtures/tiny-blip2-opt): every
+// stage tensor, the logits at every prompt position, the left-padded prompt layout, and every decoding
+// setting of every case token for token; then checkpoints of other OPT layouts (image-token config, tied
+// head, narrower embedding with project_in/out, post-norm blocks).
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <random>
+
+#include "core/error.h"
+#include "generate/generate.h"
+#include "io/safetensors.h"
+#include "model/blip2.h"
+#include "support.h"
+
+using namespace blip2;
+using namespace blip2::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kOpt = kFixtures + "/tiny-blip2-opt";
+
+struct OptFixture {
+  Blip2Model model{kOpt};
+  SafetensorsFile ref{kOpt + "/reference.safetensors"};
+  nlohmann::json cases = read_json(kOpt + "/reference.json")["cases"];
+  static OptFixture& get() {
+    static OptFixture f;
+    return f;
+  }
+};
+
+Encoded encode_case(const Blip2Model& m, const nlohmann::json& c) {
+  return m.encode(fixture_pixels(c["images"], 224), m.tokenize(c["prompts"].get<std::vector<std::string>>()));
+}
+
+GenerationOptions options_from(const nlohmann::json& kwargs) {
+  GenerationOptions o;
+  o.max_new_tokens = kwargs.at("max_new_tokens").get<int>();
+  o.num_beams = kwargs.value("num_beams", 1);
+  o.do_sample = kwargs.value("do_sample", false);
+  o.length_penalty = kwargs.value("length_penalty", 1.0);
+  o.repetition_penalty = kwargs.value("repetition_penalty", 1.0);
+  o.no_repeat_ngram_size = kwargs.value("no_repeat_ngram_size", 0);
+  o.min_new_tokens = kwargs.value("min_new_tokens", 0);
+  o.num_return_sequences = kwargs.value("num_return_sequences", 1);
+  return o;
+}
+
+std::vector<std::vector<GeneratedSequence>> run(const Blip2Model& m, const Encoded& e, const GenerationOptions& o) {
+  return generate([&](int expand) { return m.start_decoder(e, expand); }, static_cast<int>(e.batch()), o,
+                  m.special_tokens());
+}
+
+class OptCase : public ::testing::TestWithParam<std::string> {
+ protected:
+  const nlohmann::json& c() const { return OptFixture::get().cases[GetParam()]; }
+  void expect_close(const std::string& stage, const Tensor& got) const {
+    const Tensor want = OptFixture::get().ref.tensor(GetParam() + "/" + stage);
+    ASSERT_EQ(got.shape, want.shape) << stage;
+    const Diff d = compare(got, want);
+    std::printf("  %-15s %-26s rel %.3g  max_abs %.3g\n", GetParam().c_str(), stage.c_str(), d.rel, d.max_abs);
+    EXPECT_LE(d.rel, kMaxRel) << stage;
+    EXPECT_LE(d.max_abs, kMaxAbs) << stage;
+  }
+};
+
+TEST_P(OptCase, PromptsAreLeftPaddedWithBos) {
+  const PromptBatch p = OptFixture::get().model.tokenize(c()["prompts"].get<std::vector<std::string>>());
+  const auto ids = c()["input_ids"].get<std::vector<std::vector<int32_t>>>();
+  const auto mask = c()["attention_mask"].get<std::vector<std::vector<int>>>();
+  ASSERT_EQ(p.batch, static_cast<int64_t>(ids.size()));
+  ASSERT_EQ(p.length, static_cast<int64_t>(ids[0].size()));
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t t = 0; t < p.length; ++t) {
+      EXPECT_EQ(p.ids[b * p.length + t], ids[b][t]) << b << "," << t;
+      EXPECT_EQ(p.mask[b * p.length + t], mask[b][t]) << b << "," << t;
+    }
+}
+
+TEST_P(OptCase, EveryStageMatchesTheReference) {
+  const Blip2Model& m = OptFixture::get().model;
+  const Encoded e = encode_case(m, c());
+  expect_close("vision_last_hidden_state", e.vision_last_hidden_state);
+  expect_close("qformer_last_hidden_state", e.qformer_last_hidden_state);
+  expect_close("language_projection", e.language_projection);
+  expect_close("prompt_logits", m.prompt_logits(e));
+}
+
+TEST_P(OptCase, EveryDecodingSettingIsExact) {
+  const Blip2Model& m = OptFixture::get().model;
+  const Encoded e = encode_case(m, c());
+  int settings = 0;
+  for (const auto& [name, g] : c()["generate"].items()) {
+    const GenerationOptions o = options_from(g["kwargs"]);
+    const auto results = run(m, e, o);
+    const auto want = g["sequences"].get<std::vector<std::vector<int32_t>>>();
+    const size_t n = static_cast<size_t>(o.num_return_sequences);
+    ASSERT_EQ(results.size() * n, want.size()) << name;
+    for (size_t b = 0; b < results.size(); ++b)
+      for (size_t i = 0; i < n; ++i) {
+        EXPECT_EQ(results[b][i].ids, want[b * n + i]) << name << " item " << b << " sequence " << i;
+        if (g.contains("text"))
+          EXPECT_EQ(m.tokenizer().decode(results[b][i].ids), g["text"][b * n + i].get<std::string>()) << name;
+      }
+    ++settings;
+  }
+  EXPECT_EQ(settings, 8);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, OptCase, ::testing::Values("caption", "vqa", "batch2_leftpad"));
+
+// ---- Other checkpoints of the OPT layout ------------------------------------------------------------------
+
+// A copy of the fixture checkpoint with its config and tensors edited.
+struct Variant {
+  fs::path dir;
+  explicit Variant(const std::string& name) {
+    dir = fs::temp_directory_path() / ("blip2-opt-" + name + "-" + std::to_string(::getpid()));
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    for (const auto& f : fs::directory_iterator(kOpt))
+      if (f.path().filename() != "model.safetensors" && f.path().filename().string().rfind("reference", 0) != 0)
+        fs::copy_file(f.path(), dir / f.path().filename());
+  }
+  ~Variant() { fs::remove_all(dir); }
+  void edit_config(const std::function<void(nlohmann::json&)>& edit) const {
+    nlohmann::json j = read_json((dir / "config.json").string());
+    edit(j);
+    std::ofstream(dir / "config.json") << j.dump(1);
+  }
+  // Writes model.safetensors from the fixture's tensors after `edit` (which may add, drop or replace).
+  void write_weights(const std::function<void(std::map<std::string, Tensor>&)>& edit) const {
+    const SafetensorsFile src(kOpt + "/model.safetensors");
+    std::map<std::string, Tensor> t;
+    for (const auto& [name, entry] : src.entries()) t[name] = src.tensor(name);
+    edit(t);
+    std::vector<NamedTensor> out;
+    for (const auto& [name, tensor] : t) out.push_back({name, &tensor});
+    write_safetensors((dir / "model.safetensors").string(), out);
+  }
+};
+
+Tensor random_tensor(Shape s, uint64_t seed) {
+  Tensor t(std::move(s));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n(0.0f, 0.05f);
+  for (float& x : t.data) x = n(rng);
+  return t;
+}
+
+const nlohmann::json& vqa_case() { return OptFixture::get().cases["vqa"]; }
+
+TEST(OptVariants, ImageTokenConfigGivesTheSameNumbers) {
+  // Newer hub configs name an image token; the queries take its slots. Same logits, same greedy answer.
+  Variant v("image-token");
+  v.edit_config([](nlohmann::json& j) { j["image_token_index"] = 1000; });
+  v.write_weights([](auto&) {});
+  const Blip2Model m(v.dir.string());
+  const Blip2Model& base = OptFixture::get().model;
+  const Encoded e = encode_case(m, vqa_case()), eb = encode_case(base, vqa_case());
+  EXPECT_EQ(e.input_ids[0], 1000);
+  EXPECT_EQ(e.input_ids[7], 1000);
+  EXPECT_EQ(e.input_ids[8], 2);  // BOS after the 8 query slots
+  const Diff d = compare(m.prompt_logits(e), base.prompt_logits(eb));
+  EXPECT_EQ(d.max_abs, 0.0);
+  GenerationOptions o;
+  o.max_new_tokens = 12;
+  EXPECT_EQ(run(m, e, o)[0][0].ids, vqa_case()["generate"]["greedy"]["sequences"][0].get<std::vector<int32_t>>());
+  // An image token typed into the prompt is refused: the model sets the image's place.
+  PromptBatch p = m.tokenize({"a photo of"});
+  p.ids[1] = 1000;
+  try {
+    m.encode_prompts(m.encode_image(fixture_pixels(vqa_case()["images"], 224)), p);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.kind(), ErrorKind::Input);
+    EXPECT_NE(std::string(err.what()).find("image token"), std::string::npos) << err.what();
+  }
+}
+
+TEST(OptVariants, AbsentLmHeadIsTiedToTheEmbedding) {
+  Variant tied("tied"), expl("explicit");
+  tied.write_weights([](auto& t) { t.erase("language_model.lm_head.weight"); });
+  expl.write_weights([](auto& t) {
+    t["language_model.lm_head.weight"] = t["language_model.model.decoder.embed_tokens.weight"];
+  });
+  const Blip2Model a(tied.dir.string()), b(expl.dir.string());
+  EXPECT_TRUE(a.tied_lm_head());
+  EXPECT_FALSE(b.tied_lm_head());
+  const Diff d = compare(a.prompt_logits(encode_case(a, vqa_case())), b.prompt_logits(encode_case(b, vqa_case())));
+  EXPECT_EQ(d.max_abs, 0.0);
+}
+
+TEST(OptVariants, NarrowerEmbeddingWithProjectionsAndPostNormRun) {
+  // word_embed_proj_dim 32 < hidden 64 (project_in / project_out, as opt-350m), and post-norm blocks.
+  Variant v("narrow");
+  v.edit_config([](nlohmann::json& j) {
+    j["text_config"]["word_embed_proj_dim"] = 32;
+    j["text_config"]["do_layer_norm_before"] = false;
+  });
+  v.write_weights([](auto& t) {
+    const std::string p = "language_model.model.decoder.";
+    t[p + "embed_tokens.weight"] = random_tensor({1024, 32}, 1);
+    t["language_model.lm_head.weight"] = random_tensor({1024, 32}, 2);
+    t[p + "project_in.weight"] = random_tensor({64, 32}, 3);
+    t[p + "project_out.weight"] = random_tensor({32, 64}, 4);
+    t["language_projection.weight"] = random_tensor({32, 64}, 5);
+    t["language_projection.bias"] = random_tensor({32}, 6);
+    t.erase(p + "final_layer_norm.weight");  // post-norm OPT has no final norm
+    t.erase(p + "final_layer_norm.bias");
+  });
+  const Blip2Model m(v.dir.string());
+  const Encoded e = encode_case(m, OptFixture::get().cases["batch2_leftpad"]);
+  const Tensor l = m.prompt_logits(e);
+  EXPECT_EQ(l.shape, (Shape{2, 8 + 9, 1024}));
+  for (float x : l.data) ASSERT_TRUE(std::isfinite(x));
+  GenerationOptions o;
+  o.max_new_tokens = 5;
+  o.num_beams = 3;
+  const auto r = run(m, e, o);
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_FALSE(r[0][0].ids.empty());
+  // Incremental decoding agrees with the full forward pass over the same tokens.
+  auto dec = m.start_decoder(e);
+  const Tensor first = dec->start();
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t v2 = 0; v2 < 1024; ++v2)
+      ASSERT_NEAR(first.data[b * 1024 + v2], l.data[(b * 17 + 16) * 1024 + v2], 1e-4);
+}
+
+TEST(OptVariants, BadOptConfigsNameTheField) {
+  const auto expect_model_error = [](const std::function<void(nlohmann::json&)>& edit, const std::string& what) {
+    Variant v("bad");
+    v.edit_config(edit);
+    v.write_weights([](auto&) {});
+    try {
+      Blip2Model m(v.dir.string());
+      ADD_FAILURE() << "no error for " << what;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Model) << e.what();
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  expect_model_error([](auto& j) { j["text_config"]["enable_bias"] = false; }, "enable_bias");
+  expect_model_error([](auto& j) { j["text_config"]["num_attention_heads"] = 5; }, "num_attention_heads");
+  expect_model_error([](auto& j) { j["text_config"]["eos_token_id"] = 5000; }, "outside the vocabulary");
+  expect_model_error([](auto& j) { j["text_config"]["ffn_dim"] = 100; }, "fc1.weight");  // the weights disagree
+  expect_model_error([](auto& j) { j["image_token_index"] = 4096; }, "image_token_index");
+}
+
+TEST(OptVariants, MissingTokenizerIsAModelError) {
+  Variant v("no-tokenizer");
+  v.write_weights([](auto&) {});
+  for (const char* f : {"vocab.json", "merges.txt", "tokenizer.json"}) fs::remove(v.dir / f);
+  try {
+    Blip2Model m(v.dir.string());
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Model) << e.what();
+  }
+}
+
+}  // namespace

@@ -1,0 +1,359 @@
+// blip2 bench: times every stage of a caption separately, reports memory, and measures in the same run the
+// machine's ceilings (read bandwidth, sgemm rate) to print each stage's floor and the fraction of it reached.
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <numeric>
+
+#include "commands.h"
+#include "core/error.h"
+#include "image/image.h"
+#include "model/blip2.h"
+#include "ops/kernels.h"
+#include "ops/machine.h"
+#include "ops/ops.h"
+#include "ops/parallel.h"
+
+using namespace blip2;
+
+namespace {
+
+using clk = std::chrono::steady_clock;
+
+struct BenchArgs {
+  std::string model, image, prompt;
+  int batch = 1, new_tokens = 20, repeat = 3, warmup = 1, bw_mib = 1024;
+  bool json = false;
+};
+
+double since(clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); }
+
+// ---- memory ------------------------------------------------------------------------------------------------
+
+// A field of /proc/self/status in bytes (VmRSS, VmHWM), or -1.
+int64_t status_bytes(const char* field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  const std::string key = std::string(field) + ":";
+  while (std::getline(in, line))
+    if (line.rfind(key, 0) == 0) return std::stoll(line.substr(key.size())) * 1024;
+  return -1;
+}
+
+int64_t peak_rss() {
+  const int64_t hwm = status_bytes("VmHWM");
+  if (hwm >= 0) return hwm;
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<int64_t>(ru.ru_maxrss) * 1024;
+}
+
+// Resets the peak (VmHWM) to the current RSS, so that the ceiling measurements' buffers do not count.
+bool reset_peak_rss() {
+  std::ofstream out("/proc/self/clear_refs");
+  out << "5";
+  out.flush();
+  return static_cast<bool>(out);
+}
+
+double gib(int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0); }
+
+// ---- statistics --------------------------------------------------------------------------------------------
+
+struct Stats {
+  double mean = 0, median = 0, min = 0, max = 0;
+  size_t n = 0;
+};
+
+Stats stats(std::vector<double> v) {
+  Stats s;
+  s.n = v.size();
+  if (v.empty()) return s;
+  std::sort(v.begin(), v.end());
+  s.mean = std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
+  s.median = v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+  s.min = v.front();
+  s.max = v.back();
+  return s;
+}
+
+// ---- what the floors count ---------------------------------------------------------------------------------
+
+// FLOPs of the vision encoder for `batch` images, from the config: 2 · linear parameters · tokens for the
+// patch product and every block's qkv, projection, fc1 and fc2, plus attention's two products (4 · T² · d per
+// layer and image).
+double vision_flops(const VisionConfig& v, int64_t batch) {
+  const double d = v.hidden_size, f = v.intermediate_size, L = v.num_layers;
+  const double G = static_cast<double>(v.image_size / v.patch_size), T = G * G + 1;
+  const double patch = 2.0 * G * G * 3.0 * v.patch_size * v.patch_size * d;
+  const double linear = 2.0 * T * L * (3 * d * d + d * d + 2 * d * f);
+  const double attention = L * 4.0 * T * T * d;
+  return static_cast<double>(batch) * (patch + linear + attention);
+}
+
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// Bytes every decode step reads, counted over the loaded weights in their loaded format (scales included):
+// every tensor of the language model's decoder stack (T5: language_model.decoder.*, OPT:
+// language_model.model.decoder.*) except the embedding tables, of which a step reads one row, and T5's
+// cross-attention keys and values (EncDecAttention.k / .v, applied once to the encoder output); plus the
+// LM head: lm_head, or the embedding table it is tied to.
+int64_t decode_step_bytes(const Checkpoint& ck) {
+  int64_t bytes = 0, lm_head = -1, tied = 0;
+  for (const auto& [name, n] : ck.taken_bytes()) {
+    const bool decoder = name.rfind("language_model.decoder.", 0) == 0 || name.rfind("language_model.model.decoder.", 0) == 0;
+    const bool table = name.find("embed_tokens") != std::string::npos || name.find("embed_positions") != std::string::npos;
+    if (name == "language_model.lm_head.weight") lm_head = static_cast<int64_t>(n);
+    if (table || name == "language_model.shared.weight") tied = std::max(tied, static_cast<int64_t>(n));
+    if (!decoder || table) continue;
+    if (ends_with(name, "EncDecAttention.k.weight") || ends_with(name, "EncDecAttention.v.weight")) continue;
+    bytes += static_cast<int64_t>(n);
+  }
+  return bytes + (lm_head >= 0 ? lm_head : tied);
+}
+
+// ---- the run -----------------------------------------------------------------------------------------------
+
+// Stage names in order, as the JSON keys and the table's rows.
+const std::vector<std::pair<std::string, std::string>> kStages = {
+    {"preprocess", "preprocess (decode + resize)"},
+    {"vision", "vision encoder"},
+    {"qformer", "Q-Former + projection"},
+    {"prompt", "prompt stage (LM encoder)"},
+    {"first_decode_step", "first decode step"},
+    {"decode_per_token", "decode per token"},
+    {"total_per_caption", "total per caption"},
+};
+
+int32_t argmax(const float* p, int64_t n) {
+  return static_cast<int32_t>(std::max_element(p, p + n) - p);
+}
+
+// A stand-in image when none is given: a smooth 640×480 gradient, so that preprocessing still resizes.
+RgbImage synthetic_image() {
+  RgbImage img;
+  img.width = 640;
+  img.height = 480;
+  img.pixels.resize(static_cast<size_t>(img.width) * img.height * 3);
+  for (int y = 0; y < img.height; ++y)
+    for (int x = 0; x < img.width; ++x) {
+      uint8_t* p = img.pixels.data() + (static_cast<size_t>(y) * img.width + x) * 3;
+      p[0] = static_cast<uint8_t>(x * 255 / img.width);
+      p[1] = static_cast<uint8_t>(y * 255 / img.height);
+      p[2] = static_cast<uint8_t>((x + y) & 255);
+    }
+  return img;
+}
+
+// One caption batch, every stage timed; `times` gains one sample per stage (decode_per_token: one per step
+// after the first).
+void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string, std::vector<double>>& times) {
+  const auto start = clk::now();
+  auto t = clk::now();
+  std::vector<RgbImage> imgs;
+  for (int b = 0; b < a.batch; ++b) imgs.push_back(a.image.empty() ? synthetic_image() : load_image(a.image));
+  const Tensor pixels = preprocess_images(imgs, model.config().vision.image_size);
+  times["preprocess"].push_back(since(t));
+
+  t = clk::now();
+  Encoded img;
+  img.vision_last_hidden_state = model.vision_model().forward(pixels);
+  times["vision"].push_back(since(t));
+
+  t = clk::now();
+  img.qformer_last_hidden_state = model.qformer_model().forward(img.vision_last_hidden_state);
+  img.language_projection = ops::linear(img.qformer_last_hidden_state, model.projection_weight(), model.projection_bias());
+  times["qformer"].push_back(since(t));
+
+  t = clk::now();
+  const Encoded enc = model.encode_prompts(img, model.tokenize(std::vector<std::string>(a.batch, a.prompt)));
+  times["prompt"].push_back(since(t));
+
+  // A fixed number of steps, end-of-sequence ignored: each step feeds every row its most likely token.
+  t = clk::now();
+  auto dec = model.start_decoder(enc);
+  Tensor logits = dec->start();
+  const int rows = dec->rows();
+  const int64_t V = dec->vocab_size();
+  std::vector<int32_t> tokens(rows);
+  for (int r = 0; r < rows; ++r) tokens[r] = argmax(logits.ptr() + r * V, V);
+  times["first_decode_step"].push_back(since(t));
+  for (int s = 1; s < a.new_tokens; ++s) {
+    t = clk::now();
+    logits = dec->step(tokens);
+    for (int r = 0; r < rows; ++r) tokens[r] = argmax(logits.ptr() + r * V, V);
+    times["decode_per_token"].push_back(since(t));
+  }
+  times["total_per_caption"].push_back(since(start) / a.batch);
+}
+
+nlohmann::ordered_json stats_json(const Stats& s) {
+  return {{"mean_s", s.mean}, {"median_s", s.median}, {"min_s", s.min}, {"max_s", s.max}, {"samples", s.n}};
+}
+
+void run_bench(const BenchArgs& a, const CLI::App& app) {
+  if (a.batch < 1 || a.batch > 4096) fail(ErrorKind::Usage, "--batch must be between 1 and 4096");
+  if (a.new_tokens < 1 || a.new_tokens > 100000) fail(ErrorKind::Usage, "--new-tokens must be at least 1");
+  if (a.repeat < 1 || a.repeat > 10000) fail(ErrorKind::Usage, "--repeat must be at least 1");
+  if (a.warmup < 0 || a.warmup > 10000) fail(ErrorKind::Usage, "--warmup must be 0 or more");
+  if (a.bw_mib < 16 || a.bw_mib > (1 << 20)) fail(ErrorKind::Usage, "--bandwidth-mib must be at least 16");
+  LoadOptions lo;
+  const std::string weights = app.get_option("--weights")->as<std::string>();
+  lo.weights = parse_weight_format(weights);
+  lo.int4_group = app.get_option("--int4-group")->as<int>();
+  lo.threads = app.get_option("--threads")->as<int>();
+  if (!a.image.empty()) load_image(a.image);  // a bad image fails now, before minutes of measuring and loading
+
+  const auto note = [&](const std::string& s) { std::fprintf(stderr, "bench: %s\n", s.c_str()); };
+  // Ceilings first, before the model takes the memory; the peak RSS is then reset so that their buffers
+  // do not count.
+  par::set_threads(lo.threads);
+  note("measuring read bandwidth (" + std::to_string(a.bw_mib) + " MiB, " + std::to_string(par::threads()) +
+       " threads)");
+  const double bw = machine::read_bandwidth(static_cast<size_t>(a.bw_mib) << 20);
+  note("measuring sgemm on the ViT's shapes");
+  const auto sgemm = machine::sgemm_survey();
+  const double peak = machine::best_flops(sgemm);
+  const bool peak_reset = reset_peak_rss();
+
+  note("loading " + a.model + " (weights " + weights + ")");
+  const auto t_load = clk::now();
+  const Blip2Model model(a.model, lo);
+  const double load_s = since(t_load);
+  const int64_t rss_load = status_bytes("VmRSS"), peak_load = peak_rss();
+
+  std::map<std::string, std::vector<double>> times, discard;
+  for (int i = 0; i < a.warmup; ++i) {
+    note("warm-up run " + std::to_string(i + 1) + "/" + std::to_string(a.warmup));
+    run_once(model, a, discard);
+  }
+  for (int i = 0; i < a.repeat; ++i) {
+    note("run " + std::to_string(i + 1) + "/" + std::to_string(a.repeat));
+    run_once(model, a, times);
+  }
+  const int64_t rss_end = status_bytes("VmRSS"), peak_end = peak_rss();
+
+  std::map<std::string, Stats> st;
+  for (const auto& [key, label] : kStages) st[key] = stats(times[key]);
+  const Blip2Config& cfg = model.config();
+  const int64_t step_bytes = decode_step_bytes(model.checkpoint());
+  const double decode_floor = static_cast<double>(step_bytes) / bw;
+  const double vflops = vision_flops(cfg.vision, a.batch);
+  const double vision_floor = vflops / peak;
+  const double t_step = st["decode_per_token"].n ? st["decode_per_token"].median : st["first_decode_step"].median;
+  const double t_vision = st["vision"].median;
+  const std::string image = a.image.empty() ? "(synthetic 640x480)" : a.image;
+
+  if (a.json) {
+    nlohmann::ordered_json j;
+    j["model"] = a.model;
+    j["weights"] = weights;
+    j["int4_group"] = lo.int4_group;
+    j["threads"] = par::threads();
+    j["kernels"] = kern::isa_name();
+    j["image"] = image;
+    j["prompt"] = a.prompt;
+    j["batch"] = a.batch;
+    j["new_tokens"] = a.new_tokens;
+    j["repeat"] = a.repeat;
+    j["warmup"] = a.warmup;
+    nlohmann::ordered_json sg = nlohmann::ordered_json::array();
+    for (const auto& s : sgemm) sg.push_back({{"m", s.m}, {"n", s.n}, {"k", s.k}, {"gflops", s.flops / 1e9}});
+    j["machine"] = {{"cpu", machine::cpu_name()},
+                    {"threads", par::threads()},
+                    {"read_bandwidth_gbs", bw / 1e9},
+                    {"sgemm_peak_gflops", peak / 1e9},
+                    {"sgemm", sg}};
+    j["memory"] = {{"load_s", load_s},
+                   {"rss_after_load_gib", gib(rss_load)},
+                   {"peak_rss_after_load_gib", gib(peak_load)},
+                   {"rss_end_gib", gib(rss_end)},
+                   {"peak_rss_gib", gib(peak_end)},
+                   {"peak_counts_from", peak_reset ? "model load" : "process start"}};
+    nlohmann::ordered_json stages;
+    for (const auto& [key, label] : kStages) stages[key] = stats_json(st[key]);
+    j["stages"] = stages;
+    j["floors"] = {{"decode_step_bytes", step_bytes},
+                   {"decode_step_floor_s", decode_floor},
+                   {"decode_step_s", t_step},
+                   {"decode_fraction_of_floor", decode_floor / t_step},
+                   {"decode_achieved_gbs", static_cast<double>(step_bytes) / t_step / 1e9},
+                   {"vision_flops", vflops},
+                   {"vision_floor_s", vision_floor},
+                   {"vision_s", t_vision},
+                   {"vision_fraction_of_peak", vision_floor / t_vision},
+                   {"vision_achieved_gflops", vflops / t_vision / 1e9}};
+    std::cout << j.dump() << "\n" << std::flush;
+    return;
+  }
+
+  std::printf("blip2 bench: %s, weights %s%s, %d threads (%s kernels), batch %d, %d new tokens, %d runs (+%d warm-up)\n",
+              a.model.c_str(), weights.c_str(),
+              lo.weights == WeightFormat::I4 ? (" g" + std::to_string(lo.int4_group)).c_str() : "", par::threads(),
+              kern::isa_name(), a.batch, a.new_tokens, a.repeat, a.warmup);
+  std::printf("image %s, prompt \"%s\"\n", image.c_str(), a.prompt.c_str());
+  std::printf("machine: %s; read bandwidth %.2f GB/s; sgemm peak %.1f GFLOP/s (", machine::cpu_name().c_str(), bw / 1e9,
+              peak / 1e9);
+  for (size_t i = 0; i < sgemm.size(); ++i)
+    std::printf("%s%ldx%ldx%ld %.0f", i ? ", " : "", static_cast<long>(sgemm[i].m), static_cast<long>(sgemm[i].n),
+                static_cast<long>(sgemm[i].k), sgemm[i].flops / 1e9);
+  std::printf(")\n");
+  std::printf("memory: load %.1f s, RSS after load %.2f GiB, peak RSS %.2f GiB (since %s)\n\n", load_s, gib(rss_load),
+              gib(peak_end), peak_reset ? "model load" : "process start");
+  std::printf("%-30s %10s %10s %10s %8s\n", "stage", "median s", "mean s", "min s", "samples");
+  for (const auto& [key, label] : kStages) {
+    const Stats& s = st[key];
+    if (!s.n) continue;
+    std::printf("%-30s %10.4f %10.4f %10.4f %8zu\n", label.c_str(), s.median, s.mean, s.min, s.n);
+  }
+  std::printf("\nfloors (median times against this run's ceilings):\n");
+  std::printf("  decode step: %.3f GB of weights read per step / %.2f GB/s = %.4f s; measured %.4f s: %.0f%% of the floor (%.2f GB/s)\n",
+              static_cast<double>(step_bytes) / 1e9, bw / 1e9, decode_floor, t_step, 100.0 * decode_floor / t_step,
+              static_cast<double>(step_bytes) / t_step / 1e9);
+  std::printf("  vision: %.1f GFLOP / %.1f GFLOP/s = %.3f s; measured %.3f s: %.0f%% of the sgemm peak (%.1f GFLOP/s)\n",
+              vflops / 1e9, peak / 1e9, vision_floor, t_vision, 100.0 * vision_floor / t_vision, vflops / t_vision / 1e9);
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app) {
+  auto args = std::make_shared<BenchArgs>();
+  const char* env = std::getenv("BLIP2_MODEL");
+  args->model = (env && *env) ? env : BLIP2_BUNDLED_MODEL_DIR;
+  auto* sub = app.add_subcommand(
+      "bench", "Time every stage of a caption (preprocess, vision, Q-Former, prompt, decode) against the machine's "
+               "measured bandwidth and matrix-multiply peak");
+  sub->add_option("--model", args->model, "Model directory; default $BLIP2_MODEL or the bundled tiny model")
+      ->capture_default_str();
+  sub->add_option("--image", args->image, "Image file (PNG or JPEG); default a synthetic 640x480 image")
+      ->type_name("PATH");
+  sub->add_option("--prompt", args->prompt, "Prompt for every image (default \"\": a caption)");
+  sub->add_option("--batch", args->batch, "Images (copies of --image) captioned together")->capture_default_str();
+  sub->add_option("--new-tokens", args->new_tokens,
+                  "Decode steps per caption, end-of-sequence ignored (the first step included)")
+      ->capture_default_str();
+  sub->add_option("--repeat", args->repeat, "Timed runs; stage times are medians over them")->capture_default_str();
+  sub->add_option("--warmup", args->warmup, "Untimed runs first (page-in, caches)")->capture_default_str();
+  sub->add_option("--bandwidth-mib", args->bw_mib, "Buffer size for the read-bandwidth measurement")
+      ->capture_default_str();
+  sub->add_flag("--json", args->json, "Print one JSON object instead of the table");
+  sub->footer(
+      "Global options (--weights, --int4-group, --threads) go before 'bench'. Progress goes to stderr.\n"
+      "Floors: decode step = bytes of every weight a step reads (decoder stack without cross-attention K/V, plus\n"
+      "the LM head; in the loaded format, scales included) / read bandwidth; vision = the ViT's FLOPs from the\n"
+      "config / the best sgemm rate of the run. Peak RSS counts from the model load (VmHWM).\n"
+      "Example: blip2 --weights int8 --threads 2 bench --model /tmp/blip2-xl-bf16 --image cat.png --json");
+  sub->callback([args, &app] { run_bench(*args, app); });
+}

@@ -74,7 +74,7 @@ const char* kStages[] = {"preprocess", "vision", "qformer", "prompt", "first_dec
 
 TEST(Bench, JsonHasEveryStageAndTheFloors) {
   const CliRun r = run_cli({"--threads", "2", "bench", "--model", kModel, "--image", kImage, "--new-tokens", "4",
-                         "--repeat", "2", "--warmup", "0", "--batch", "2", "--bandwidth-mib", "32", "--json"});
+                         "--repeat", "2", "--warmup", "0", "--batch", "2", "--quick", "--json"});
   ASSERT_EQ(r.status, 0) << r.err;
   const json j = json::parse(r.out, nullptr, false);
   ASSERT_FALSE(j.is_discarded()) << r.out;
@@ -103,7 +103,7 @@ TEST(Bench, JsonHasEveryStageAndTheFloors) {
 TEST(Bench, DecodeBytesFollowTheWeightFormat) {
   const auto step_bytes = [](const std::string& weights) {
     const CliRun r = run_cli({"--weights", weights, "bench", "--model", kModel, "--new-tokens", "2", "--repeat", "1",
-                           "--warmup", "0", "--bandwidth-mib", "16", "--json"});
+                           "--warmup", "0", "--quick", "--json"});
     EXPECT_EQ(r.status, 0) << r.err;
     const json j = json::parse(r.out, nullptr, false);
     return j.is_discarded() ? int64_t{0} : j["floors"]["decode_step_bytes"].get<int64_t>();
@@ -116,7 +116,7 @@ TEST(Bench, DecodeBytesFollowTheWeightFormat) {
 
 TEST(Bench, TextTableNamesEveryStage) {
   const CliRun r = run_cli({"bench", "--model", kModel, "--new-tokens", "3", "--repeat", "1", "--warmup", "0",
-                         "--bandwidth-mib", "16"});
+                         "--quick"});
   ASSERT_EQ(r.status, 0) << r.err;
   for (const char* label : {"preprocess", "vision encoder", "Q-Former", "prompt stage", "first decode step",
                             "decode per token", "total per caption", "floor", "peak RSS"})

@@ -19,7 +19,9 @@ using nlohmann::json;
 
 namespace {
 
-const std::string kFixture = std::string(BLIP2_FIXTURES_DIR) + "/tiny-blip2-opt";
+// The tokenizer files live with the bundled model; the expected ids with the fixture references.
+const std::string kFixture = BLIP2_BUNDLED_OPT_DIR;
+const std::string kReference = std::string(BLIP2_FIXTURES_DIR) + "/tiny-blip2-opt";
 
 struct Case {
   std::string text;
@@ -28,7 +30,7 @@ struct Case {
 };
 
 std::vector<Case> reference_cases() {
-  std::ifstream in(kFixture + "/tokenization_reference.json");
+  std::ifstream in(kReference + "/tokenization_reference.json");
   const json j = json::parse(in);
   std::vector<Case> cases;
   for (const auto& c : j)
@@ -282,6 +284,27 @@ TEST(BpeTokenizer, MoreTextsAgainstAnIndependentImplementation) {
     EXPECT_EQ(tok.encode(c.text), c.ids) << "text: " << c.text;
     EXPECT_EQ(tok.decode(c.ids), c.decoded) << "text: " << c.text;
   }
+}
+
+// \s in the pre-tokenization regex is Unicode White_Space, as for onig in HF tokenizers; PCRE2's own \s would
+// also take U+180E (MONGOLIAN VOWEL SEPARATOR, a format character since Unicode 6.3). A vocabulary with a
+// merge across "\u180e!" shows the split: punctuation run "\u180e!" (one token), not "\u180e" + "!".
+TEST(BpeTokenizer, RegexWhitespaceIsUnicodeWhiteSpace) {
+  json j = read_json(kFixture + "/tokenizer.json");
+  // U+180E is E1 A0 8E; bytes_to_unicode spells it "\u00e1\u0142\u0130".
+  const std::string c1 = "\xc3\xa1", c2 = "\xc5\x82", c3 = "\xc4\xb0";
+  j["model"]["vocab"][c1 + c2] = 1000;
+  j["model"]["vocab"][c1 + c2 + c3] = 1001;
+  j["model"]["vocab"][c1 + c2 + c3 + "!"] = 1002;
+  j["model"]["merges"].push_back({c1, c2});
+  j["model"]["merges"].push_back({c1 + c2, c3});
+  j["model"]["merges"].push_back({c1 + c2 + c3, "!"});
+  TempDir dir;
+  dir.write("tokenizer.json", j);
+  const auto tok = BpeTokenizer::load(dir.str());
+  EXPECT_EQ(tok.encode("x\xe1\xa0\x8e!"), (std::vector<int32_t>{91, 1002}));
+  EXPECT_EQ(tok.encode("x\xe1\xa0\x8e !"), (std::vector<int32_t>{91, 1001, 224, 4}));
+  EXPECT_EQ(tok.encode("x\u3000!"), (std::vector<int32_t>{91, 163, 226, 226, 4}));  // U+3000 is White_Space
 }
 
 std::string concat_bytes(const BpeTokenizer& tok, const std::vector<int32_t>& ids) {

@@ -387,6 +387,56 @@ TEST(Cli, InspectWritesEveryStage) {
   EXPECT_LE(rel, 1e-5);
 }
 
+// The OPT family through the same commands: chosen from config.json, nothing else changes.
+const std::string kOptModel = std::string(BLIP2_BUNDLED_OPT_DIR);
+const json& opt_case(const std::string& name) {
+  static const json cases = [] {
+    std::ifstream in(kFixtures + "/tiny-blip2-opt/reference.json");
+    return json::parse(in)["cases"];
+  }();
+  return cases[name];
+}
+
+TEST(Cli, OptGenerateLeftPaddedBatchMatchesTheReference) {
+  const json& c = opt_case("batch2_leftpad");
+  std::vector<std::string> args = {"generate", "--model", kOptModel, "--max-new-tokens", "12", "--json"};
+  for (size_t i = 0; i < 2; ++i)
+    for (const std::string flag : {"--image", "--prompt"})
+      args.push_back(flag), args.push_back(flag == "--image" ? kImages + c["images"][i].get<std::string>()
+                                                             : c["prompts"][i].get<std::string>());
+  const json j = json_output(run_cli(args));
+  ASSERT_EQ(j["results"].size(), 2u) << j.dump();
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(j["results"][i]["sequences"][0]["ids"], c["generate"]["greedy"]["sequences"][i]) << i;
+    EXPECT_EQ(j["results"][i]["sequences"][0]["text"], c["generate"]["greedy"]["text"][i]) << i;
+  }
+}
+
+TEST(Cli, OptInspectWritesPromptLogits) {
+  TempDir tmp;
+  const std::string out = tmp / "opt.safetensors";
+  const json& c = opt_case("vqa");
+  const CliRun r = run_cli({"inspect", "--model", kOptModel, "--image", kImages + c["images"][0].get<std::string>(),
+                            "--prompt", c["prompts"][0].get<std::string>(), "--out", out});
+  ASSERT_TRUE(r.exited() && r.status == 0) << r.describe();
+  const SafetensorsFile f(out);
+  const SafetensorsFile ref(kFixtures + "/tiny-blip2-opt/reference.safetensors");
+  EXPECT_EQ(f.find("encoder_last_hidden_state"), nullptr);
+  for (const auto& [stage, ref_name] : std::vector<std::pair<std::string, std::string>>{
+           {"vision_last_hidden_state", "vqa/vision_last_hidden_state"},
+           {"language_projection", "vqa/language_projection"},
+           {"logits", "vqa/prompt_logits"}}) {
+    const Tensor got = f.tensor(stage), want = ref.tensor(ref_name);
+    ASSERT_EQ(got.shape, want.shape) << stage;
+    EXPECT_LE(rel_diff(got, want), 1e-5) << stage;
+  }
+  // Decoder ids are T5's: refused for OPT before any work, as a usage error.
+  const CliRun bad = run_cli({"inspect", "--model", kOptModel, "--image", kImages + "chelsea.png", "--prompt", "",
+                              "--decoder-input-ids", "0", "--out", out});
+  EXPECT_EQ(bad.status, 2) << bad.describe();
+  EXPECT_NE(bad.err.find("OPT"), std::string::npos) << bad.err;
+}
+
 TEST(Cli, InspectBatchWithDecoderIdsPerPair) {
   // Two pairs of different prompt lengths (the second padded) and one decoder id list per pair.
   TempDir tmp;

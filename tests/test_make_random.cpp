@@ -104,8 +104,7 @@ MakeRandomOptions options(DType dtype, uint64_t seed = 0, uint64_t shard = kDefa
   MakeRandomOptions o;
   o.dtype = dtype;
   o.seed = seed;
-  o.max_shard_bytes = shard;
-  o.tokenizer_dir = kTinyDir;
+  o.max_shard_bytes = shard;  // the tokenizer: the bundled tiny model's of the family (the default)
   return o;
 }
 
@@ -382,9 +381,61 @@ TEST(RandomPlan, TinyPlanIsExactlyTheBundledTinyCheckpoint) {
   EXPECT_EQ(a.text.vocab_size, b.text.vocab_size);
 }
 
+TEST(RandomPlan, OptPlansHaveTheSpecParameterCounts) {
+  const auto a = plan_random_checkpoint("opt-2.7b"), b = plan_random_checkpoint("Salesforce/blip2-opt-6.7b");
+  EXPECT_EQ(a.name, "blip2-opt-2.7b");
+  EXPECT_EQ(b.name, "blip2-opt-6.7b");
+  // spec §10: totals (lm_head tied, so not stored), the OPT parts, one layer, the projection
+  EXPECT_EQ(a.total_elements(), 3'744'761'856);
+  EXPECT_EQ(b.total_elements(), 7'752'738'304);
+  EXPECT_EQ(sum_prefix(a, "language_model."), 2'651'678'720);
+  EXPECT_EQ(sum_prefix(b, "language_model."), 6'658'473'984);
+  EXPECT_EQ(sum_prefix(a, "language_model.model.decoder.layers.31."), 78'676'480);
+  EXPECT_EQ(sum_prefix(a, "language_model.model.decoder.embed_tokens."), 128'778'240);
+  EXPECT_EQ(sum_prefix(a, "language_projection."), 1'968'640);
+  EXPECT_EQ(sum_prefix(b, "language_projection."), 3'149'824);
+  EXPECT_EQ(shape_of(a, "language_model.model.decoder.embed_positions.weight"), (Shape{2050, 2560}));
+  EXPECT_EQ(shape_of(b, "language_model.model.decoder.layers.0.fc1.weight"), (Shape{16384, 4096}));
+  for (const auto* p : {&a, &b}) {
+    EXPECT_EQ(p->config.family, LanguageFamily::OPT);
+    EXPECT_EQ(p->config.opt.eos_token_id, 50118);  // "\n", as BLIP-2 OPT stops
+    for (const auto& t : p->tensors) EXPECT_EQ(t.name.find("lm_head"), std::string::npos) << t.name;
+  }
+}
+
+TEST(RandomPlan, TinyOptPlanIsTheBundledTinyOptCheckpointWithATiedHead) {
+  const auto p = plan_random_checkpoint("tiny-opt");
+  const SafetensorsFile real(std::string(BLIP2_BUNDLED_OPT_DIR) + "/model.safetensors");
+  std::map<std::string, Shape> want, got;
+  for (const auto& [name, e] : real.entries())
+    if (name != "language_model.lm_head.weight") want[name] = e.shape;  // the fixture's head is untied
+  for (const auto& t : p.tensors) got[t.name] = t.shape;
+  EXPECT_EQ(got, want);
+}
+
+TEST(MakeRandom, TinyOptLoadsAndDecodesFinite) {
+  TempDir tmp;
+  const std::string dir = tmp.path("opt");
+  make_random_checkpoint("tiny-opt", dir, options(DType::BF16, 3));
+  for (const char* f : {"vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json"})
+    EXPECT_TRUE(fs::exists(fs::path(dir) / f)) << f;
+  const Blip2Model model(dir);
+  EXPECT_TRUE(model.tied_lm_head());
+  const Tensor pixels = preprocess_images({load_image(kFixtures + "/images/chelsea.png")}, 224);
+  const Encoded e = model.encode(pixels, model.tokenize({"a photo of"}));
+  auto dec = model.start_decoder(e);
+  Tensor logits = dec->start();
+  for (int step = 0; step < 4; ++step) {
+    ASSERT_TRUE(all_finite(logits)) << "step " << step;
+    EXPECT_GT(rms(logits), 0.1);
+    EXPECT_LT(rms(logits), 20.0);
+    logits = dec->step({static_cast<int32_t>(std::max_element(logits.data.begin(), logits.data.end()) - logits.data.begin())});
+  }
+}
+
 TEST(RandomPlan, BadNamesAreUsageErrors) {
   std::string msg;
-  EXPECT_EQ(error_kind([] { plan_random_checkpoint("blip2-opt-2.7b"); }, &msg), ErrorKind::Usage);
+  EXPECT_EQ(error_kind([] { plan_random_checkpoint("blip2-opt-13b"); }, &msg), ErrorKind::Usage);
   EXPECT_NE(msg.find("xxl"), std::string::npos) << msg;
   EXPECT_EQ(error_kind([] { parse_dtype_option("int8"); }), ErrorKind::Usage);
   EXPECT_EQ(canonical_model_like("SALESFORCE/BLIP2-FLAN-T5-XXL"), "blip2-flan-t5-xxl");

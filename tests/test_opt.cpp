@@ -23,12 +23,13 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::string kOpt = kFixtures + "/tiny-blip2-opt";
+const std::string kOpt = BLIP2_BUNDLED_OPT_DIR;                 // the checkpoint (models/tiny-blip2-opt)
+const std::string kOptRef = kFixtures + "/tiny-blip2-opt";       // what transformers made from it
 
 struct OptFixture {
   Blip2Model model{kOpt};
-  SafetensorsFile ref{kOpt + "/reference.safetensors"};
-  nlohmann::json cases = read_json(kOpt + "/reference.json")["cases"];
+  SafetensorsFile ref{kOptRef + "/reference.safetensors"};
+  nlohmann::json cases = read_json(kOptRef + "/reference.json")["cases"];
   static OptFixture& get() {
     static OptFixture f;
     return f;
@@ -115,6 +116,31 @@ TEST_P(OptCase, EveryDecodingSettingIsExact) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, OptCase, ::testing::Values("caption", "vqa", "batch2_leftpad"));
 
+// The CPU weight formats on OPT: prompt logits against the float32 reference, and the greedy answer.
+TEST(OptWeightFormats, AccuracyPerFormat) {
+  const nlohmann::json& c = OptFixture::get().cases["vqa"];
+  const Tensor want = OptFixture::get().ref.tensor("vqa/prompt_logits");
+  const auto greedy = c["generate"]["greedy"]["sequences"][0].get<std::vector<int32_t>>();
+  struct Case { WeightFormat format; double max_rel; bool same_greedy; };
+  for (const Case& k : {Case{WeightFormat::F16, 2e-3, true}, Case{WeightFormat::BF16, 1e-2, true},
+                        Case{WeightFormat::I8, 5e-2, true}, Case{WeightFormat::I4, 0.5, false}}) {
+    LoadOptions lo;
+    lo.weights = k.format;
+    const Blip2Model m(kOpt, lo);
+    const Encoded e = encode_case(m, c);
+    const Diff d = compare(m.prompt_logits(e), want);
+    GenerationOptions o;
+    o.max_new_tokens = 12;
+    const auto ids = run(m, e, o)[0][0].ids;
+    size_t agree = 0;
+    while (agree < ids.size() && agree < greedy.size() && ids[agree] == greedy[agree]) ++agree;
+    std::printf("  %-5s prompt_logits rel %.3g  max_abs %.3g  greedy agrees for %zu/12 tokens\n",
+                weight_format_name(k.format), d.rel, d.max_abs, agree);
+    EXPECT_LE(d.rel, k.max_rel) << weight_format_name(k.format);
+    if (k.same_greedy) EXPECT_EQ(ids, greedy) << weight_format_name(k.format);
+  }
+}
+
 // ---- Other checkpoints of the OPT layout ------------------------------------------------------------------
 
 // A copy of the fixture checkpoint with its config and tensors edited.
@@ -125,8 +151,7 @@ struct Variant {
     fs::remove_all(dir);
     fs::create_directories(dir);
     for (const auto& f : fs::directory_iterator(kOpt))
-      if (f.path().filename() != "model.safetensors" && f.path().filename().string().rfind("reference", 0) != 0)
-        fs::copy_file(f.path(), dir / f.path().filename());
+      if (f.path().filename() != "model.safetensors") fs::copy_file(f.path(), dir / f.path().filename());
   }
   ~Variant() { fs::remove_all(dir); }
   void edit_config(const std::function<void(nlohmann::json&)>& edit) const {

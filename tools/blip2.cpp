@@ -291,7 +291,10 @@ int run_chat(const GenerateArgs& a, const std::string& first_image) {
       if (kept < history.size()) note("(the oldest " + std::to_string(history.size() - kept) + " turn(s) no longer fit)");
       const Encoded enc = model->encode_prompts(img, model->tokenize({prompt}));
       const auto results = generate_and_print_text(*model, enc, a, o);
-      const std::string answer = model->tokenizer().decode(results[0][0].ids);
+      // The history keeps the answer without surrounding spaces (OPT's begin with one), as LAVIS strips them.
+      std::string answer = model->tokenizer().decode(results[0][0].ids);
+      answer.erase(0, answer.find_first_not_of(' '));
+      answer.erase(answer.find_last_not_of(' ') + 1);
       ++turn;
       if (a.json) {
         nlohmann::ordered_json j;

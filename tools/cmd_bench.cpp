@@ -33,7 +33,7 @@ using clk = std::chrono::steady_clock;
 struct BenchArgs {
   std::string model, image, prompt;
   int batch = 1, new_tokens = 20, repeat = 3, warmup = 1, bw_mib = 1024;
-  bool json = false;
+  bool json = false, quick = false;
 };
 
 double since(clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); }
@@ -220,11 +220,12 @@ void run_bench(const BenchArgs& a, const CLI::App& app) {
   // Ceilings first, before the model takes the memory; the peak RSS is then reset so that their buffers
   // do not count.
   par::set_threads(lo.threads);
-  note("measuring read bandwidth (" + std::to_string(a.bw_mib) + " MiB, " + std::to_string(par::threads()) +
+  const int bw_mib = a.quick ? std::min(a.bw_mib, 64) : a.bw_mib;
+  note("measuring read bandwidth (" + std::to_string(bw_mib) + " MiB, " + std::to_string(par::threads()) +
        " threads)");
-  const double bw = machine::read_bandwidth(static_cast<size_t>(a.bw_mib) << 20);
+  const double bw = machine::read_bandwidth(static_cast<size_t>(bw_mib) << 20, a.quick ? 2 : 5);
   note("measuring sgemm on the ViT's shapes");
-  const auto sgemm = machine::sgemm_survey();
+  const auto sgemm = a.quick ? machine::sgemm_survey(1, 0.02) : machine::sgemm_survey();
   const double peak = machine::best_flops(sgemm);
   const bool peak_reset = reset_peak_rss();
 
@@ -269,6 +270,7 @@ void run_bench(const BenchArgs& a, const CLI::App& app) {
     j["new_tokens"] = a.new_tokens;
     j["repeat"] = a.repeat;
     j["warmup"] = a.warmup;
+    j["quick"] = a.quick;
     nlohmann::ordered_json sg = nlohmann::ordered_json::array();
     for (const auto& s : sgemm) sg.push_back({{"m", s.m}, {"n", s.n}, {"k", s.k}, {"gflops", s.flops / 1e9}});
     j["machine"] = {{"cpu", machine::cpu_name()},
@@ -312,15 +314,15 @@ void run_bench(const BenchArgs& a, const CLI::App& app) {
   std::printf(")\n");
   std::printf("memory: load %.1f s, RSS after load %.2f GiB, peak RSS %.2f GiB (since %s)\n\n", load_s, gib(rss_load),
               gib(peak_end), peak_reset ? "model load" : "process start");
-  std::printf("%-30s %10s %10s %10s %8s\n", "stage", "median s", "mean s", "min s", "samples");
+  std::printf("%-30s %11s %11s %11s %8s\n", "stage", "median ms", "mean ms", "min ms", "samples");
   for (const auto& [key, label] : kStages) {
     const Stats& s = st[key];
     if (!s.n) continue;
-    std::printf("%-30s %10.4f %10.4f %10.4f %8zu\n", label.c_str(), s.median, s.mean, s.min, s.n);
+    std::printf("%-30s %11.1f %11.1f %11.1f %8zu\n", label.c_str(), 1e3 * s.median, 1e3 * s.mean, 1e3 * s.min, s.n);
   }
   std::printf("\nfloors (median times against this run's ceilings):\n");
-  std::printf("  decode step: %.3f GB of weights read per step / %.2f GB/s = %.4f s; measured %.4f s: %.0f%% of the floor (%.2f GB/s)\n",
-              static_cast<double>(step_bytes) / 1e9, bw / 1e9, decode_floor, t_step, 100.0 * decode_floor / t_step,
+  std::printf("  decode step: %.3f GB of weights read per step / %.2f GB/s = %.1f ms; measured %.1f ms: %.0f%% of the floor (%.2f GB/s)\n",
+              static_cast<double>(step_bytes) / 1e9, bw / 1e9, 1e3 * decode_floor, 1e3 * t_step, 100.0 * decode_floor / t_step,
               static_cast<double>(step_bytes) / t_step / 1e9);
   std::printf("  vision: %.1f GFLOP / %.1f GFLOP/s = %.3f s; measured %.3f s: %.0f%% of the sgemm peak (%.1f GFLOP/s)\n",
               vflops / 1e9, peak / 1e9, vision_floor, t_vision, 100.0 * vision_floor / t_vision, vflops / t_vision / 1e9);
@@ -348,6 +350,8 @@ void add_bench_command(CLI::App& app) {
   sub->add_option("--warmup", args->warmup, "Untimed runs first (page-in, caches)")->capture_default_str();
   sub->add_option("--bandwidth-mib", args->bw_mib, "Buffer size for the read-bandwidth measurement")
       ->capture_default_str();
+  sub->add_flag("--quick", args->quick,
+                "Short ceiling measurements (64 MiB, one sgemm trial each): for tests, not for numbers");
   sub->add_flag("--json", args->json, "Print one JSON object instead of the table");
   sub->footer(
       "Global options (--weights, --int4-group, --threads) go before 'bench'. Progress goes to stderr.\n"

@@ -18,23 +18,35 @@ using nlohmann::ordered_json;
 
 namespace {
 
-// The numbers that set every shape.
+// The numbers that set every shape. The language model's: T5 (d_model, d_kv, d_ff, heads, encoder and
+// decoder layers, vocab) or OPT (hidden, -, ffn, heads, layers, -, vocab, max positions).
 struct Dims {
   std::string name;
   int v_hidden, v_inter, v_layers, v_heads;
   int q_hidden, q_inter, q_layers, q_heads, q_cross_freq;
   int num_query_tokens;
   int d_model, d_kv, d_ff, t_heads, t_layers, t_dec_layers, vocab;
+  bool opt = false;
+  int max_positions = 0;  // OPT
+  int eos = 1;            // OPT: "\n" (50118) for the real models, as their configs have it
 };
 
 // Spec §1.2: ViT-g 1408/6144/39/16, Q-Former 768/3072/12/12 every 2nd layer cross, 32 queries;
 // Flan-T5 XXL d 4096, F 10240, 64 heads of 64; XL d 2048, F 5120, 32 heads of 64; 24 + 24 layers,
-// vocab 32128. tiny: models/tiny-blip2-t5/config.json.
+// vocab 32128. Spec §7: OPT-2.7b 2560 wide, 32 layers, 32 heads, ffn 10240, vocab 50304 (the re-saved hub
+// checkpoint); OPT-6.7b 4096 wide, 32 layers, 32 heads, ffn 16384, vocab 50272; 2048 positions.
+// tiny: models/tiny-blip2-t5/config.json and models/tiny-blip2-opt/config.json.
 Dims dims_for(const std::string& canonical) {
   if (canonical == "blip2-flan-t5-xxl")
     return {canonical, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, 4096, 64, 10240, 64, 24, 24, 32128};
   if (canonical == "blip2-flan-t5-xl")
     return {canonical, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, 2048, 64, 5120, 32, 24, 24, 32128};
+  if (canonical == "blip2-opt-2.7b")
+    return {canonical, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, 2560, 0, 10240, 32, 32, 0, 50304, true, 2048, 50118};
+  if (canonical == "blip2-opt-6.7b")
+    return {canonical, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, 4096, 0, 16384, 32, 32, 0, 50272, true, 2048, 50118};
+  if (canonical == "tiny-blip2-opt")
+    return {canonical, 64, 128, 3, 4, 64, 128, 4, 4, 2, 8, 64, 0, 128, 4, 3, 0, 1024, true, 128, 2};
   return {"tiny-blip2-t5", 64, 128, 3, 4, 64, 128, 4, 4, 2, 8, 64, 16, 128, 4, 3, 2, 1152};
 }
 
@@ -67,33 +79,59 @@ std::string make_config_json(const Dims& D, DType dtype) {
       {"num_attention_heads", D.q_heads}, {"num_hidden_layers", D.q_layers},
       {"pad_token_id", 0},               {"position_embedding_type", "absolute"},
       {"use_qformer_text_input", false}, {"vocab_size", 30522}};
-  ordered_json text = {
-      {"architectures", {"T5ForConditionalGeneration"}},
-      {"bos_token_id", 1},
-      {"classifier_dropout", 0.0},
-      {"d_ff", D.d_ff},
-      {"d_kv", D.d_kv},
-      {"d_model", D.d_model},
-      {"decoder_start_token_id", 0},
-      {"dense_act_fn", "gelu"},
-      {"dropout_rate", 0.1},
-      {"eos_token_id", 1},
-      {"feed_forward_proj", "gated-gelu"},
-      {"initializer_factor", 1.0},
-      {"is_encoder_decoder", true},
-      {"is_gated_act", true},
-      {"layer_norm_epsilon", 1e-6},
-      {"model_type", "t5"},
-      {"n_positions", 512},
-      {"num_decoder_layers", D.t_dec_layers},
-      {"num_heads", D.t_heads},
-      {"num_layers", D.t_layers},
-      {"output_past", true},
-      {"pad_token_id", 0},
-      {"relative_attention_max_distance", 128},
-      {"relative_attention_num_buckets", 32},
-      {"tie_word_embeddings", false},
-      {"vocab_size", D.vocab}};
+  ordered_json text;
+  if (D.opt) {
+    text = {{"activation_dropout", 0.0},
+            {"activation_function", "relu"},
+            {"architectures", {"OPTForCausalLM"}},
+            {"attention_dropout", 0.0},
+            {"bos_token_id", 2},
+            {"do_layer_norm_before", true},
+            {"dropout", 0.1},
+            {"enable_bias", true},
+            {"eos_token_id", D.eos},
+            {"ffn_dim", D.d_ff},
+            {"hidden_size", D.d_model},
+            {"init_std", 0.02},
+            {"layer_norm_elementwise_affine", true},
+            {"layerdrop", 0.0},
+            {"max_position_embeddings", D.max_positions},
+            {"model_type", "opt"},
+            {"num_attention_heads", D.t_heads},
+            {"num_hidden_layers", D.t_layers},
+            {"pad_token_id", 1},
+            {"prefix", "</s>"},
+            {"vocab_size", D.vocab},
+            {"word_embed_proj_dim", D.d_model}};
+  } else {
+    text = {
+        {"architectures", {"T5ForConditionalGeneration"}},
+        {"bos_token_id", 1},
+        {"classifier_dropout", 0.0},
+        {"d_ff", D.d_ff},
+        {"d_kv", D.d_kv},
+        {"d_model", D.d_model},
+        {"decoder_start_token_id", 0},
+        {"dense_act_fn", "gelu"},
+        {"dropout_rate", 0.1},
+        {"eos_token_id", 1},
+        {"feed_forward_proj", "gated-gelu"},
+        {"initializer_factor", 1.0},
+        {"is_encoder_decoder", true},
+        {"is_gated_act", true},
+        {"layer_norm_epsilon", 1e-6},
+        {"model_type", "t5"},
+        {"n_positions", 512},
+        {"num_decoder_layers", D.t_dec_layers},
+        {"num_heads", D.t_heads},
+        {"num_layers", D.t_layers},
+        {"output_past", true},
+        {"pad_token_id", 0},
+        {"relative_attention_max_distance", 128},
+        {"relative_attention_num_buckets", 32},
+        {"tie_word_embeddings", false},
+        {"vocab_size", D.vocab}};
+  }
   ordered_json c = {
       {"_name_or_path", "random/" + D.name},
       {"architectures", {"Blip2ForConditionalGeneration"}},
@@ -101,16 +139,47 @@ std::string make_config_json(const Dims& D, DType dtype) {
       {"image_token_index", nullptr},
       {"initializer_factor", 1.0},
       {"initializer_range", 0.02},
-      {"is_encoder_decoder", true},
+      {"is_encoder_decoder", !D.opt},
       {"model_type", "blip-2"},
       {"num_query_tokens", D.num_query_tokens},
       {"qformer_config", qformer},
       {"text_config", text},
       {"tie_word_embeddings", false},
       {"torch_dtype", torch_dtype(dtype)},
-      {"use_decoder_only_language_model", false},
+      {"use_decoder_only_language_model", D.opt},
       {"vision_config", vision}};
   return c.dump(2) + "\n";
+}
+
+// OPT (spec §7), as the hub stores it: no lm_head (it is tied to embed_tokens, and save_pretrained drops
+// the duplicate). Pre-norm residual stack: out_proj and fc2 scaled by 1/sqrt(2 * layers). The embedding
+// has std d^-0.5, so the tied head gives logits ~ 1; positions 0.02 z.
+template <class Add, class Lin>
+void plan_opt(const OPTConfig& o, const Add& add, const Lin& lin, RandomInit bias, RandomInit norm_w, RandomInit norm_b) {
+  const int64_t d = o.hidden_size, F = o.ffn_dim, V = o.vocab_size;
+  const double res = 1.0 / std::sqrt(2.0 * o.num_layers);
+  const std::string p = "language_model.model.decoder.";
+  add(p + "embed_tokens.weight", {V, d}, lin(d));
+  add(p + "embed_positions.weight", {o.max_position_embeddings + 2, d}, RandomInit{0.0f, 0.02f});
+  for (int i = 0; i < o.num_layers; ++i) {
+    const std::string l = p + "layers." + std::to_string(i) + ".";
+    for (const char* n : {"k_proj", "v_proj", "q_proj"}) {
+      add(l + "self_attn." + n + ".weight", {d, d}, lin(d));
+      add(l + "self_attn." + n + ".bias", {d}, bias);
+    }
+    add(l + "self_attn.out_proj.weight", {d, d}, lin(d, res));
+    add(l + "self_attn.out_proj.bias", {d}, bias);
+    add(l + "self_attn_layer_norm.weight", {d}, norm_w);
+    add(l + "self_attn_layer_norm.bias", {d}, norm_b);
+    add(l + "fc1.weight", {F, d}, lin(d));
+    add(l + "fc1.bias", {F}, bias);
+    add(l + "fc2.weight", {d, F}, lin(F, res));
+    add(l + "fc2.bias", {d}, bias);
+    add(l + "final_layer_norm.weight", {d}, norm_w);
+    add(l + "final_layer_norm.bias", {d}, norm_b);
+  }
+  add(p + "final_layer_norm.weight", {d}, norm_w);
+  add(p + "final_layer_norm.bias", {d}, norm_b);
 }
 
 // Tensors in the order of the model, with their initialisation. Scales keep activations O(1):
@@ -188,11 +257,15 @@ std::vector<PlannedTensor> plan_tensors(const Blip2Config& c) {
     add(l + "output_query.LayerNorm.weight", {dq}, norm_w);
     add(l + "output_query.LayerNorm.bias", {dq}, norm_b);
   }
+  add("language_projection.weight", {c.lm_width(), dq}, lin(dq));
+  add("language_projection.bias", {c.lm_width()}, bias);
+  if (c.family == LanguageFamily::OPT) {
+    plan_opt(c.opt, add, lin, bias, norm_w, norm_b);
+    return out;
+  }
+
   const T5Config& t = c.text;
   const int64_t d = t.d_model, I = t.inner_dim(), F = t.d_ff, V = t.vocab_size;
-  add("language_projection.weight", {d, dq}, lin(dq));
-  add("language_projection.bias", {d}, bias);
-
   // Flan-T5 (spec A.3)
   add("language_model.shared.weight", {V, d}, {0.0f, 1.0f});
   const RandomInit rel_bias{0.0f, static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)))};
@@ -258,7 +331,8 @@ void write_text(const fs::path& path, const std::string& text) {
 // Files a checkpoint directory holds, which --force may replace.
 bool is_checkpoint_file(const std::string& f) {
   static const char* fixed[] = {"config.json", "generation_config.json", "tokenizer_config.json",
-                                "special_tokens_map.json", "tokenizer.json", "spiece.model", "README.txt",
+                                "special_tokens_map.json", "tokenizer.json", "spiece.model", "vocab.json",
+                                "merges.txt", "README.txt",
                                 "model.safetensors", "model.safetensors.index.json"};
   for (const char* x : fixed)
     if (f == x) return true;
@@ -280,10 +354,15 @@ std::string canonical_model_like(const std::string& like) {
   while (!s.empty() && s.back() == '/') s.pop_back();
   if (s == "xxl" || s == "flan-t5-xxl" || s == "blip2-flan-t5-xxl") return "blip2-flan-t5-xxl";
   if (s == "xl" || s == "flan-t5-xl" || s == "blip2-flan-t5-xl") return "blip2-flan-t5-xl";
+  if (s == "opt-2.7b" || s == "blip2-opt-2.7b") return "blip2-opt-2.7b";
+  if (s == "opt-6.7b" || s == "blip2-opt-6.7b") return "blip2-opt-6.7b";
   if (s == "tiny" || s == "tiny-blip2-t5") return "tiny-blip2-t5";
+  if (s == "tiny-opt" || s == "tiny-blip2-opt") return "tiny-blip2-opt";
   fail(ErrorKind::Usage, "--like '" + like +
                              "': unknown model shape; choose xxl (Salesforce/blip2-flan-t5-xxl), xl "
-                             "(Salesforce/blip2-flan-t5-xl) or tiny (models/tiny-blip2-t5)");
+                             "(Salesforce/blip2-flan-t5-xl), opt-2.7b (Salesforce/blip2-opt-2.7b), opt-6.7b "
+                             "(Salesforce/blip2-opt-6.7b), tiny (models/tiny-blip2-t5) or tiny-opt "
+                             "(models/tiny-blip2-opt)");
 }
 
 DType parse_dtype_option(const std::string& dtype) {
@@ -332,9 +411,15 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
     fail(ErrorKind::Usage, std::string("make-random writes f32, bf16 or f16 weights, not ") + dtype_name(opt.dtype));
   const RandomCheckpointPlan plan = plan_random_checkpoint(like, opt.dtype);
   const fs::path dir(out_dir);
-  const fs::path spiece = fs::path(opt.tokenizer_dir) / "spiece.model";
-  if (!fs::is_regular_file(spiece))
-    fail(ErrorKind::Model, spiece.string() + ": tokenizer to copy is missing (the bundled tiny model's)");
+  const bool is_opt = plan.config.family == LanguageFamily::OPT;
+  const fs::path tok_dir = !opt.tokenizer_dir.empty() ? fs::path(opt.tokenizer_dir)
+                           : is_opt                  ? fs::path(BLIP2_BUNDLED_OPT_DIR)
+                                                     : fs::path(BLIP2_BUNDLED_MODEL_DIR);
+  const std::vector<std::string> tok_files =
+      is_opt ? std::vector<std::string>{"vocab.json", "merges.txt"} : std::vector<std::string>{"spiece.model"};
+  for (const auto& f : tok_files)
+    if (!fs::is_regular_file(tok_dir / f))
+      fail(ErrorKind::Model, (tok_dir / f).string() + ": tokenizer to copy is missing (the bundled tiny model's)");
 
   // Where the weights go: shards of at most max_shard_bytes in model order (a tensor larger than that
   // gets a shard of its own), as Hugging Face's save_pretrained does.
@@ -415,37 +500,57 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
     write_text(dir / "model.safetensors.index.json", index.dump(2) + "\n");
   }
 
-  fs::copy_file(spiece, dir / "spiece.model", fs::copy_options::overwrite_existing, ec);
-  if (ec) fail(ErrorKind::Usage, (dir / "spiece.model").string() + ": cannot copy the tokenizer: " + ec.message());
-  write_text(dir / "tokenizer_config.json", ordered_json({{"tokenizer_class", "T5Tokenizer"},
-                                                           {"eos_token", "</s>"},
-                                                           {"unk_token", "<unk>"},
-                                                           {"pad_token", "<pad>"},
-                                                           {"extra_ids", 100},
-                                                           {"model_max_length", 512}})
-                                                  .dump(2) + "\n");
-  write_text(dir / "generation_config.json", ordered_json({{"_from_model_config", true},
-                                                            {"bos_token_id", 1},
-                                                            {"decoder_start_token_id", 0},
-                                                            {"eos_token_id", 1},
-                                                            {"pad_token_id", 0}})
-                                                   .dump(2) + "\n");
+  for (const auto& f : tok_files) {
+    fs::copy_file(tok_dir / f, dir / f, fs::copy_options::overwrite_existing, ec);
+    if (ec) fail(ErrorKind::Usage, (dir / f).string() + ": cannot copy the tokenizer: " + ec.message());
+  }
+  const OPTConfig& oc = plan.config.opt;
+  if (is_opt) {
+    write_text(dir / "tokenizer_config.json", ordered_json({{"tokenizer_class", "GPT2Tokenizer"},
+                                                             {"add_bos_token", true},
+                                                             {"bos_token", "</s>"},
+                                                             {"eos_token", "</s>"},
+                                                             {"unk_token", "<unk>"},
+                                                             {"pad_token", "<pad>"}})
+                                                    .dump(2) + "\n");
+    write_text(dir / "generation_config.json", ordered_json({{"_from_model_config", true},
+                                                              {"bos_token_id", oc.bos_token_id},
+                                                              {"eos_token_id", oc.eos_token_id},
+                                                              {"pad_token_id", oc.pad_token_id}})
+                                                     .dump(2) + "\n");
+  } else {
+    write_text(dir / "tokenizer_config.json", ordered_json({{"tokenizer_class", "T5Tokenizer"},
+                                                             {"eos_token", "</s>"},
+                                                             {"unk_token", "<unk>"},
+                                                             {"pad_token", "<pad>"},
+                                                             {"extra_ids", 100},
+                                                             {"model_max_length", 512}})
+                                                    .dump(2) + "\n");
+    write_text(dir / "generation_config.json", ordered_json({{"_from_model_config", true},
+                                                              {"bos_token_id", 1},
+                                                              {"decoder_start_token_id", 0},
+                                                              {"eos_token_id", 1},
+                                                              {"pad_token_id", 0}})
+                                                     .dump(2) + "\n");
+  }
   const char* dt = torch_dtype(opt.dtype);
   write_text(dir / "README.txt",
              "RANDOM WEIGHTS - not a trained model. Made by `blip2 make-random --like " + plan.name + " --dtype " +
                  dt + " --seed " + std::to_string(opt.seed) + "`.\n\n" +
                  "Shapes, tensor names, config and file layout are those of " +
-                 (plan.name == "tiny-blip2-t5" ? std::string("the bundled models/tiny-blip2-t5")
-                                               : "Salesforce/" + plan.name) +
+                 (plan.name.rfind("tiny-", 0) == 0 ? "the bundled models/" + plan.name : "Salesforce/" + plan.name) +
                  " on the Hugging Face hub (" + std::to_string(plan.tensors.size()) + " tensors, " +
                  std::to_string(plan.total_elements()) + " parameters, " + dt + ", " + std::to_string(S) +
                  (S == 1 ? " file" : " shards") + ").\n" +
                  "The values are random, scaled so that activations stay finite and O(1) through the whole model,\n"
-                 "so it is good for load, memory, speed and numerical-stability tests, and its output is nonsense.\n\n"
-                 "spiece.model is a STAND-IN: the bundled tiny model's 1000-piece SentencePiece model, not Flan-T5's\n"
-                 "32000-piece one. Ids beyond its 1000 pieces and 100 sentinels never come out of the tokenizer; the\n"
-                 "model still generates them, and they decode to nothing. config.json has image_token_index null\n"
-                 "(the legacy input convention: no <image> tokens in the prompt).\n");
+                 "so it is good for load, memory, speed and numerical-stability tests, and its output is nonsense.\n\n" +
+                 std::string(is_opt ? "vocab.json + merges.txt are a STAND-IN: the bundled tiny model's 1024-token byte-level BPE,\n"
+                           "not OPT's 50265-token one. Ids beyond them never come out of the tokenizer; the model still\n"
+                           "generates them, and they decode to nothing. "
+                         : "spiece.model is a STAND-IN: the bundled tiny model's 1000-piece SentencePiece model, not\n"
+                           "Flan-T5's 32000-piece one. Ids beyond its 1000 pieces and 100 sentinels never come out of the\n"
+                           "tokenizer; the model still generates them, and they decode to nothing. ") +
+                 "config.json has image_token_index null\n(the legacy input convention: no <image> tokens in the prompt).\n");
   write_text(dir / "config.json", plan.config_json);  // last: until now the directory does not load
 }
 

@@ -3,10 +3,12 @@
 // layout (config.json, generation_config.json, tokenizer files, model.safetensors or shards + index) that
 // `Blip2Model` loads like the real thing.
 //
-// Shapes: "xxl" (Salesforce/blip2-flan-t5-xxl), "xl" (Salesforce/blip2-flan-t5-xl) and "tiny" (the bundled
-// models/tiny-blip2-t5). Values are random but scaled so that activations stay O(1) through the whole
-// model (see plan_random_checkpoint). The tokenizer is the tiny model's spiece.model (a stand-in: 1000
-// pieces instead of 32000), so captions are nonsense by design.
+// Shapes: "xxl" (Salesforce/blip2-flan-t5-xxl), "xl" (Salesforce/blip2-flan-t5-xl), "opt-2.7b" and
+// "opt-6.7b" (Salesforce/blip2-opt-*), "tiny" and "tiny-opt" (the bundled models/tiny-blip2-t5 and
+// models/tiny-blip2-opt). Values are random but scaled so that activations stay O(1) through the whole
+// model (see plan_random_checkpoint). The tokenizer is the bundled tiny model's of the same family (a
+// stand-in: 1000 SentencePiece pieces instead of 32000, or 1024 BPE tokens instead of 50265), so captions
+// are nonsense by design.
 //
 // Everything streams: one chunk of one tensor (4 MiB) is in memory at a time, so the 24 GB (bf16) XXL
 // checkpoint is written on a machine with less memory than that.
@@ -38,7 +40,7 @@ struct PlannedTensor {
 
 // Everything about a random checkpoint except its bytes: no weights are made.
 struct RandomCheckpointPlan {
-  std::string name;          // "blip2-flan-t5-xxl", "blip2-flan-t5-xl" or "tiny-blip2-t5"
+  std::string name;          // "blip2-flan-t5-xxl", "blip2-opt-2.7b", "tiny-blip2-t5", ... (canonical_model_like)
   std::string config_json;   // config.json as written
   Blip2Config config;        // parse_config(config_json): the shapes below derive from it
   std::vector<PlannedTensor> tensors;  // model order: vision, Q-Former, projection, language model
@@ -46,15 +48,17 @@ struct RandomCheckpointPlan {
 };
 
 // "xxl", "blip2-flan-t5-xxl", "Salesforce/blip2-flan-t5-xxl" (any case) -> "blip2-flan-t5-xxl"; likewise
-// xl; "tiny" / "tiny-blip2-t5" -> "tiny-blip2-t5". Throws Error(Usage) naming the choices otherwise.
+// xl, "opt-2.7b" / "blip2-opt-2.7b" and "opt-6.7b" / "blip2-opt-6.7b"; "tiny" / "tiny-blip2-t5" ->
+// "tiny-blip2-t5", "tiny-opt" / "tiny-blip2-opt" -> "tiny-blip2-opt". Throws Error(Usage) naming the choices.
 std::string canonical_model_like(const std::string& like);
 // "f32" / "float32" / "fp32", "bf16" / "bfloat16", "f16" / "fp16" / "float16". Throws Error(Usage).
 DType parse_dtype_option(const std::string& dtype);
 
 // Names, shapes and initialisation of every tensor the loader takes, with the config they follow from.
-// `dtype` only sets config.json's "torch_dtype". Tensor names are the hub's (Appendix A of the spec):
-// `language_model.shared.weight` and an untied `language_model.lm_head.weight` are planned; the
-// encoder/decoder embed_tokens aliases are not. Totals: XXL 12,229,596,672 and XL 3,942,446,592 elements.
+// `dtype` only sets config.json's "torch_dtype". Tensor names are the hub's (Appendix A of the spec): for
+// T5 `language_model.shared.weight` and an untied `language_model.lm_head.weight` (the encoder/decoder
+// embed_tokens aliases are not planned); for OPT no lm_head (tied to embed_tokens). Totals: XXL
+// 12,229,596,672, XL 3,942,446,592, OPT-2.7b 3,744,761,856, OPT-6.7b 7,752,738,304 elements.
 RandomCheckpointPlan plan_random_checkpoint(const std::string& like, DType dtype = DType::F32);
 
 // The random stream: a tensor's values depend only on (seed, tensor name, element index), so any tensor
@@ -83,7 +87,9 @@ struct MakeRandomOptions {
   // README.txt) are replaced; anything else there is left alone. Without it a non-empty out_dir is refused.
   bool overwrite = false;
   uint64_t max_shard_bytes = kDefaultMaxShardBytes;  // one file when everything fits: model.safetensors
-  std::string tokenizer_dir = BLIP2_BUNDLED_MODEL_DIR;  // where spiece.model is copied from
+  // Where the stand-in tokenizer is copied from (spiece.model, or vocab.json + merges.txt); empty: the
+  // bundled tiny model of the same family.
+  std::string tokenizer_dir;
   MakeRandomProgressFn progress;
 };
 

@@ -162,6 +162,13 @@ void set_threads(int n) {
 
 int threads() { return pool().size(); }
 
+SerialBlas::SerialBlas() {
+  if (openblas_set_num_threads) openblas_set_num_threads(1);
+}
+SerialBlas::~SerialBlas() {
+  if (openblas_set_num_threads) openblas_set_num_threads(threads());
+}
+
 void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t min_chunk, int64_t align) {
   if (n <= 0) return;
   min_chunk = std::max<int64_t>(min_chunk, 1);

@@ -21,4 +21,15 @@ int threads();
 void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t min_chunk = 1,
                   int64_t align = 1);
 
+// While alive, OpenBLAS runs every call on the calling thread alone, so that pool workers can make small
+// BLAS calls side by side (one attention head each) instead of splitting each small call between threads;
+// the destructor gives OpenBLAS the pool's thread count again. Not for concurrent use from several threads.
+class SerialBlas {
+ public:
+  SerialBlas();
+  ~SerialBlas();
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+};
+
 }  // namespace blip2::par

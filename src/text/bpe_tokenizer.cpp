@@ -4,9 +4,9 @@
 #include <pcre2.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <queue>
@@ -34,8 +34,10 @@ constexpr const char* kPattern =
 // make us allocate gigabytes for the id tables.
 constexpr int64_t kMaxId = 1 << 24;
 
-// A word cache this large is cleared rather than grown (long generations of unusual text).
+// A word cache this large is cleared rather than grown (long generations of unusual text); longer words are
+// not cached (HF's limit too).
 constexpr size_t kMaxCacheEntries = 1 << 16;
+constexpr size_t kMaxCachedWordBytes = 256;
 
 // bytes_to_unicode(): printable Latin-1 bytes stand for themselves, the other 68 bytes (controls, space,
 // 0x7F-0xA0, 0xAD) get code points 256, 257, ... in byte order. Every byte-level token is spelled in these.
@@ -502,6 +504,11 @@ struct BpeTokenizer::Impl {
       out.push_back(byte_id[p[0]]);
       return;
     }
+    if (n > kMaxCachedWordBytes) {
+      const std::vector<int32_t> ids = bpe(p, n);
+      out.insert(out.end(), ids.begin(), ids.end());
+      return;
+    }
     const std::string key(reinterpret_cast<const char*>(p), n);
     {
       std::lock_guard<std::mutex> lock(cache_mutex);
@@ -538,9 +545,14 @@ struct BpeTokenizer::Impl {
         size_t at = i;
         while (at < j) {
           const int rc = pcre2_match(re, p + i, j - i, at - i, PCRE2_NO_UTF_CHECK, md, nullptr);
-          if (rc < 0) {  // cannot happen: the alternatives cover every character; keep the rest as one piece
+          if (rc == PCRE2_ERROR_NOMATCH) {  // cannot happen: the alternatives cover every character
             encode_word(p + at, j - at, out);
             break;
+          }
+          if (rc < 0) {  // resource limits; tokenizing differently from HF would go unnoticed, so stop
+            PCRE2_UCHAR msg[256];
+            pcre2_get_error_message(rc, msg, sizeof msg);
+            fail(ErrorKind::Internal, std::string("pre-tokenization regex failed: ") + reinterpret_cast<const char*>(msg));
           }
           const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
           const size_t s = i + ov[0], e = i + ov[1];

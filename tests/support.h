@@ -1,15 +1,22 @@
 // Helpers the fixture tests share: reading the reference files and comparing tensors the way the fixture
 // README measures agreement.
 #pragma once
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "core/tensor.h"
 #include "image/image.h"
+#include "io/safetensors.h"
+#include "model/blip2.h"
 
 namespace blip2::test {
 
@@ -45,5 +52,49 @@ inline Tensor fixture_pixels(const nlohmann::json& names, int size) {
   for (const auto& n : names) imgs.push_back(load_image(kFixtures + "/images/" + n.get<std::string>()));
   return preprocess_images(imgs, size);
 }
+
+// Normal(0, std) values, reproducible from the seed.
+inline Tensor random_tensor(const Shape& s, uint32_t seed, float std = 0.1f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, std);
+  Tensor t(s);
+  for (float& v : t.data) v = n(rng);
+  return t;
+}
+
+// A writable copy of a model directory in a temporary folder: its tensors as float32 and its config as
+// JSON, to edit, then written back by load().
+struct Variant {
+  std::filesystem::path dir;
+  std::map<std::string, Tensor> tensors;
+  nlohmann::json config;
+
+  Variant(const std::string& name, const std::string& source) {
+    namespace fs = std::filesystem;
+    dir = fs::temp_directory_path() / ("blip2-variant-" + name + "-" + std::to_string(::getpid()));
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    for (const auto& e : fs::directory_iterator(source))
+      if (e.path().filename() != "model.safetensors") fs::copy_file(e.path(), dir / e.path().filename());
+    const SafetensorsFile f(source + "/model.safetensors");
+    for (const auto& [n, entry] : f.entries()) tensors.emplace(n, f.tensor(n));
+    config = read_json((dir / "config.json").string());
+  }
+  ~Variant() { std::filesystem::remove_all(dir); }
+  Variant(const Variant&) = delete;
+  Variant& operator=(const Variant&) = delete;
+
+  // Writes config and weights; the directory then loads.
+  void save() const {
+    std::ofstream(dir / "config.json") << config.dump(2);
+    std::vector<NamedTensor> list;
+    for (const auto& [n, t] : tensors) list.push_back({n, &t});
+    write_safetensors((dir / "model.safetensors").string(), list);
+  }
+  Blip2Model load() const {
+    save();
+    return Blip2Model(dir.string());
+  }
+};
 
 }  // namespace blip2::test

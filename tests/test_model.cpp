@@ -10,35 +10,12 @@
 #include "image/image.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
+#include "support.h"
 
 using namespace blip2;
+using namespace blip2::test;
 
 namespace {
-
-const std::string kFixtures = BLIP2_FIXTURES_DIR;
-
-nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path);
-  return nlohmann::json::parse(in);
-}
-
-struct Diff {
-  double rel = 0, max_abs = 0;
-};
-
-Diff compare(const Tensor& got, const Tensor& want) {
-  double num = 0, den = 0, mx = 0;
-  for (int64_t i = 0; i < want.size(); ++i) {
-    const double d = static_cast<double>(got.data[i]) - want.data[i];
-    num += d * d;
-    den += static_cast<double>(want.data[i]) * want.data[i];
-    mx = std::max(mx, std::abs(d));
-  }
-  return {std::sqrt(num / std::max(den, 1e-30)), mx};
-}
-
-// Tolerances from the fixture README: float32 on the CPU agrees to about 1e-5 relative, 1e-4 absolute.
-constexpr double kMaxRel = 1e-5, kMaxAbs = 1e-4;
 
 class Blip2Fixture : public ::testing::TestWithParam<std::string> {
  protected:

@@ -143,50 +143,18 @@ TEST(OptWeightFormats, AccuracyPerFormat) {
 
 // ---- Other checkpoints of the OPT layout ------------------------------------------------------------------
 
-// A copy of the fixture checkpoint with its config and tensors edited.
-struct Variant {
-  fs::path dir;
-  explicit Variant(const std::string& name) {
-    dir = fs::temp_directory_path() / ("blip2-opt-" + name + "-" + std::to_string(::getpid()));
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-    for (const auto& f : fs::directory_iterator(kOpt))
-      if (f.path().filename() != "model.safetensors") fs::copy_file(f.path(), dir / f.path().filename());
-  }
-  ~Variant() { fs::remove_all(dir); }
-  void edit_config(const std::function<void(nlohmann::json&)>& edit) const {
-    nlohmann::json j = read_json((dir / "config.json").string());
-    edit(j);
-    std::ofstream(dir / "config.json") << j.dump(1);
-  }
-  // Writes model.safetensors from the fixture's tensors after `edit` (which may add, drop or replace).
-  void write_weights(const std::function<void(std::map<std::string, Tensor>&)>& edit) const {
-    const SafetensorsFile src(kOpt + "/model.safetensors");
-    std::map<std::string, Tensor> t;
-    for (const auto& [name, entry] : src.entries()) t[name] = src.tensor(name);
-    edit(t);
-    std::vector<NamedTensor> out;
-    for (const auto& [name, tensor] : t) out.push_back({name, &tensor});
-    write_safetensors((dir / "model.safetensors").string(), out);
-  }
+// A writable copy of the tiny OPT model.
+struct Variant : test::Variant {
+  explicit Variant(const std::string& name) : test::Variant("opt-" + name, kOpt) {}
 };
-
-Tensor random_tensor(Shape s, uint64_t seed) {
-  Tensor t(std::move(s));
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> n(0.0f, 0.05f);
-  for (float& x : t.data) x = n(rng);
-  return t;
-}
 
 const nlohmann::json& vqa_case() { return OptFixture::get().cases["vqa"]; }
 
 TEST(OptVariants, ImageTokenConfigGivesTheSameNumbers) {
   // Newer hub configs name an image token; the queries take its slots. Same logits, same greedy answer.
   Variant v("image-token");
-  v.edit_config([](nlohmann::json& j) { j["image_token_index"] = 1000; });
-  v.write_weights([](auto&) {});
-  const Blip2Model m(v.dir.string());
+  v.config["image_token_index"] = 1000;
+  const Blip2Model m = v.load();
   const Blip2Model& base = OptFixture::get().model;
   const Encoded e = encode_case(m, vqa_case()), eb = encode_case(base, vqa_case());
   EXPECT_EQ(e.input_ids[0], 1000);
@@ -211,11 +179,9 @@ TEST(OptVariants, ImageTokenConfigGivesTheSameNumbers) {
 
 TEST(OptVariants, AbsentLmHeadIsTiedToTheEmbedding) {
   Variant tied("tied"), expl("explicit");
-  tied.write_weights([](auto& t) { t.erase("language_model.lm_head.weight"); });
-  expl.write_weights([](auto& t) {
-    t["language_model.lm_head.weight"] = t["language_model.model.decoder.embed_tokens.weight"];
-  });
-  const Blip2Model a(tied.dir.string()), b(expl.dir.string());
+  tied.tensors.erase("language_model.lm_head.weight");
+  expl.tensors["language_model.lm_head.weight"] = expl.tensors["language_model.model.decoder.embed_tokens.weight"];
+  const Blip2Model a = tied.load(), b = expl.load();
   EXPECT_TRUE(a.tied_lm_head());
   EXPECT_FALSE(b.tied_lm_head());
   const Diff d = compare(a.prompt_logits(encode_case(a, vqa_case())), b.prompt_logits(encode_case(b, vqa_case())));
@@ -225,22 +191,19 @@ TEST(OptVariants, AbsentLmHeadIsTiedToTheEmbedding) {
 TEST(OptVariants, NarrowerEmbeddingWithProjectionsAndPostNormRun) {
   // word_embed_proj_dim 32 < hidden 64 (project_in / project_out, as opt-350m), and post-norm blocks.
   Variant v("narrow");
-  v.edit_config([](nlohmann::json& j) {
-    j["text_config"]["word_embed_proj_dim"] = 32;
-    j["text_config"]["do_layer_norm_before"] = false;
-  });
-  v.write_weights([](auto& t) {
-    const std::string p = "language_model.model.decoder.";
-    t[p + "embed_tokens.weight"] = random_tensor({1024, 32}, 1);
-    t["language_model.lm_head.weight"] = random_tensor({1024, 32}, 2);
-    t[p + "project_in.weight"] = random_tensor({64, 32}, 3);
-    t[p + "project_out.weight"] = random_tensor({32, 64}, 4);
-    t["language_projection.weight"] = random_tensor({32, 64}, 5);
-    t["language_projection.bias"] = random_tensor({32}, 6);
-    t.erase(p + "final_layer_norm.weight");  // post-norm OPT has no final norm
-    t.erase(p + "final_layer_norm.bias");
-  });
-  const Blip2Model m(v.dir.string());
+  v.config["text_config"]["word_embed_proj_dim"] = 32;
+  v.config["text_config"]["do_layer_norm_before"] = false;
+  auto& t = v.tensors;
+  const std::string p = "language_model.model.decoder.";
+  t[p + "embed_tokens.weight"] = random_tensor({1024, 32}, 1);
+  t["language_model.lm_head.weight"] = random_tensor({1024, 32}, 2);
+  t[p + "project_in.weight"] = random_tensor({64, 32}, 3);
+  t[p + "project_out.weight"] = random_tensor({32, 64}, 4);
+  t["language_projection.weight"] = random_tensor({32, 64}, 5);
+  t["language_projection.bias"] = random_tensor({32}, 6);
+  t.erase(p + "final_layer_norm.weight");  // post-norm OPT has no final norm
+  t.erase(p + "final_layer_norm.bias");
+  const Blip2Model m = v.load();
   const Encoded e = encode_case(m, OptFixture::get().cases["batch2_leftpad"]);
   const Tensor l = m.prompt_logits(e);
   EXPECT_EQ(l.shape, (Shape{2, 8 + 9, 1024}));
@@ -262,8 +225,8 @@ TEST(OptVariants, NarrowerEmbeddingWithProjectionsAndPostNormRun) {
 TEST(OptVariants, BadOptConfigsNameTheField) {
   const auto expect_model_error = [](const std::function<void(nlohmann::json&)>& edit, const std::string& what) {
     Variant v("bad");
-    v.edit_config(edit);
-    v.write_weights([](auto&) {});
+    edit(v.config);
+    v.save();
     try {
       Blip2Model m(v.dir.string());
       ADD_FAILURE() << "no error for " << what;
@@ -281,7 +244,7 @@ TEST(OptVariants, BadOptConfigsNameTheField) {
 
 TEST(OptVariants, MissingTokenizerIsAModelError) {
   Variant v("no-tokenizer");
-  v.write_weights([](auto&) {});
+  v.save();
   for (const char* f : {"vocab.json", "merges.txt", "tokenizer.json"}) fs::remove(v.dir / f);
   try {
     Blip2Model m(v.dir.string());

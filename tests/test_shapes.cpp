@@ -18,49 +18,20 @@
 #include "image/image.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
+#include "support.h"
 
 using namespace blip2;
+using blip2::test::random_tensor;
 namespace fs = std::filesystem;
 
 namespace {
 
 const std::string kFixtures = BLIP2_FIXTURES_DIR;
 
-// A writable copy of the tiny model: tensors as float32 and config as JSON, written back on save().
-struct Variant {
-  fs::path dir;
-  std::map<std::string, Tensor> tensors;
-  nlohmann::json config;
-
-  explicit Variant(const std::string& name) {
-    dir = fs::temp_directory_path() / ("blip2-shapes-" + name + "-" + std::to_string(::getpid()));
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-    for (const auto& e : fs::directory_iterator(BLIP2_TINY_T5_DIR))
-      if (e.path().filename() != "model.safetensors") fs::copy_file(e.path(), dir / e.path().filename());
-    const SafetensorsFile f(std::string(BLIP2_TINY_T5_DIR) + "/model.safetensors");
-    for (const auto& [n, entry] : f.entries()) tensors.emplace(n, f.tensor(n));
-    std::ifstream in(dir / "config.json");
-    config = nlohmann::json::parse(in);
-  }
-  ~Variant() { fs::remove_all(dir); }
-
-  Blip2Model load() {
-    std::ofstream(dir / "config.json") << config.dump(2);
-    std::vector<NamedTensor> list;
-    for (const auto& [n, t] : tensors) list.push_back({n, &t});
-    write_safetensors((dir / "model.safetensors").string(), list);
-    return Blip2Model(dir.string());
-  }
+// A writable copy of the tiny T5 model.
+struct Variant : test::Variant {
+  explicit Variant(const std::string& name) : test::Variant("t5-" + name, BLIP2_TINY_T5_DIR) {}
 };
-
-Tensor random_tensor(const Shape& s, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0.0f, 0.1f);
-  Tensor t(s);
-  for (float& v : t.data) v = n(rng);
-  return t;
-}
 
 double rel_error(const Tensor& a, const Tensor& b) {
   double num = 0, den = 0;
@@ -120,6 +91,17 @@ void expect_matches_reference(const Outputs& r) {
     EXPECT_LE(rel_error(*t, want), 1e-5) << name;
   }
   EXPECT_EQ(r.greedy, reference_greedy());
+}
+
+TEST(OtherShapes, ImageTokenConfigGivesTheSameNumbers) {
+  // Newer hub configs name an image token (T5: 32100); the projected queries take its slots, which is
+  // numerically the legacy layout: every stage and the greedy answer stay transformers' reference.
+  Variant v("image-token");
+  v.config["image_token_index"] = 1100;
+  const Blip2Model m = v.load();
+  const Outputs r = run_vqa(m);
+  EXPECT_EQ(r.enc.input_ids[0], 1100);
+  expect_matches_reference(r);
 }
 
 TEST(OtherShapes, HeadDimTimesHeadsDiffersFromDModel) {

@@ -563,8 +563,8 @@ INSTANTIATE_TEST_SUITE_P(
         CliError{"MoreImagesThanPrompts", gen({"--image", kCat, "--image", kCat, "--prompt", ""}), 2, "each --image needs one --prompt"},
         CliError{"MorePromptsThanImages", gen({"--image", kCat, "--prompt", "", "--prompt", "b"}), 2, "each --image needs one --prompt"},
         CliError{"UnknownOption", gen({"--image", kCat, "--prompt", "", "--bogus"}), 2, "--bogus"},
-        // TODO(tools/blip2.cpp): CLI11 answers "A subcommand is required" here; it should name "frobnicate".
-        CliError{"UnknownSubcommand", {"frobnicate"}, 2, "subcommand"},
+        CliError{"UnknownSubcommand", {"frobnicate"}, 2, "unknown command 'frobnicate'"},
+        CliError{"UnknownSubcommandAfterGlobalOption", {"--threads", "1", "captoin"}, 2, "unknown command 'captoin'"},
         CliError{"NoSubcommand", {}, 2, "subcommand"},
         CliError{"MissingPrompt", gen({"--image", kCat}), 2, "--prompt is required"},
         CliError{"MissingImageOption", gen({"--prompt", ""}), 2, "--image is required"},
@@ -581,6 +581,7 @@ INSTANTIATE_TEST_SUITE_P(
         CliError{"InspectMissingOut", ins({}), 2, "--out is required"},
         CliError{"BadDecoderIds", ins({"--decoder-input-ids", "0,x", "--out", "/tmp/never-written"}), 2, "'x' is not a token id"},
         CliError{"EmptyDecoderIds", ins({"--decoder-input-ids", "", "--out", "/tmp/never-written"}), 2, "--decoder-input-ids"},
+        CliError{"TrailingCommaDecoderIds", ins({"--decoder-input-ids", "0,", "--out", "/tmp/never-written"}), 2, "empty entry"},
         CliError{"NegativeDecoderId", ins({"--decoder-input-ids", "0,-1", "--out", "/tmp/never-written"}), 2, "'-1'"},
         CliError{"DecoderIdOutsideVocab", ins({"--decoder-input-ids", "0,99999", "--out", "/tmp/never-written"}), 2, "outside the vocabulary"},
         CliError{"DecoderIdsPerPairCount", ins({"--decoder-input-ids", "0", "--decoder-input-ids", "0", "--out", "/tmp/never-written"}), 2, "--decoder-input-ids"},

@@ -316,6 +316,8 @@ int run_chat(const GenerateArgs& a, const std::string& first_image) {
 }
 
 std::vector<int32_t> parse_ids(const std::string& s) {
+  if (s.empty() || s.front() == ',' || s.back() == ',' || s.find(",,") != std::string::npos)
+    fail(ErrorKind::Usage, "--decoder-input-ids: '" + s + "' has an empty entry (expected e.g. 0,17,5)");
   std::vector<int32_t> ids;
   std::stringstream ss(s);
   std::string tok;
@@ -380,6 +382,25 @@ int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vec
   write_safetensors(out_path, out);
   std::cerr << "wrote " << out_path << "\n";
   return 0;
+}
+
+// CLI11 reports a mistyped command as "A subcommand is required"; name the word and the choices instead.
+// The first argument that is neither an option nor a global option's value is the command.
+void reject_unknown_command(const CLI::App& app, int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--weights" || a == "--int4-group" || a == "--threads") {
+      ++i;  // its value
+      continue;
+    }
+    if (!a.empty() && a[0] == '-') continue;
+    std::string names;
+    for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; })) {
+      if (sub->get_name() == a) return;
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    fail(ErrorKind::Usage, "unknown command '" + a + "' (commands: " + names + "; see --help)");
+  }
 }
 
 }  // namespace
@@ -457,6 +478,7 @@ int main(int argc, char** argv) {
   add_bench_command(app);        // likewise
 
   try {
+    reject_unknown_command(app, argc, argv);
     app.parse(argc, argv);
     if (*g) return run_generate(gen, pairs, true);
     if (*c) return run_generate(cap, {{cap_image}, {""}});

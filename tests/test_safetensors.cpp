@@ -523,6 +523,24 @@ TEST(ModelDirectory, CopyOfTheBundledModelLoads) {
   expect_bitwise_same(run(copy), run(bundled));
 }
 
+TEST(ModelDirectory, LoadingReportsProgressUpToEveryByte) {
+  std::vector<Checkpoint::LoadProgress> seen;
+  LoadOptions lo;
+  lo.weights = WeightFormat::I8;  // the converting load, where the time goes on a real model
+  const Blip2Model m(BLIP2_TINY_T5_DIR, lo, [&](const Checkpoint::LoadProgress& p) { seen.push_back(p); });
+  ASSERT_GT(seen.size(), 100u);  // once per tensor
+  EXPECT_EQ(seen.front().shards_opened, 1);
+  EXPECT_EQ(seen.front().shards, 1);
+  for (size_t i = 1; i < seen.size(); ++i) EXPECT_GE(seen[i].bytes_taken, seen[i - 1].bytes_taken);
+  EXPECT_EQ(seen.back().bytes_taken, seen.back().bytes_total);  // every tensor of the file is used
+  // all of the file but its 8-byte length and JSON header
+  const std::string file = std::string(BLIP2_TINY_T5_DIR) + "/model.safetensors";
+  std::ifstream in(file, std::ios::binary);
+  uint64_t header = 0;
+  in.read(reinterpret_cast<char*>(&header), 8);
+  EXPECT_EQ(seen.back().bytes_total, std::filesystem::file_size(file) - 8 - header);
+}
+
 TEST(ModelDirectory, MissingDirectory) {
   TempDir tmp;
   EXPECT_TRUE(model_error(tmp / "no-such-model", {tmp / "no-such-model", "model directory not found"}));
@@ -757,13 +775,12 @@ json shard(const ModelDir& dir) {
 TEST(ShardedCheckpoint, LoadsAndMatchesTheSingleFile) {
   ModelDir dir;
   shard(dir);
-  std::vector<std::string> opened;
-  const Blip2Model sharded(dir.str(), [&](int i, int n, const std::string& path) {
-    EXPECT_EQ(n, 2);
-    EXPECT_EQ(i, static_cast<int>(opened.size()) + 1);
-    opened.push_back(fs::path(path).filename().string());
+  std::vector<int> opened;  // shards_opened at each report before the first tensor is taken
+  const Blip2Model sharded(dir.str(), [&](const Checkpoint::LoadProgress& p) {
+    EXPECT_EQ(p.shards, 2);
+    if (p.bytes_taken == 0) opened.push_back(p.shards_opened);
   });
-  EXPECT_EQ(opened, std::vector<std::string>({kShard1, kShard2}));
+  EXPECT_EQ(opened, std::vector<int>({1, 2}));
   const Blip2Model single(kTinyDir);
   const Outputs a = run(sharded), b = run(single);
   expect_bitwise_same(a, b);

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -37,11 +38,22 @@ std::string g_weights = "stored";
 
 std::unique_ptr<Blip2Model> load_model(const std::string& dir) {
   const bool tty = isatty(STDERR_FILENO);
-  auto progress = [&](int i, int n, const std::string& path) {
-    if (tty) std::fprintf(stderr, "\rloading %s (%d/%d)%s", path.c_str(), i, n, i == n ? "\n" : "");
+  // On a terminal: one line, rewritten as loading advances (each percent), then the time it took.
+  int shown = -1;
+  const auto start = std::chrono::steady_clock::now();
+  auto progress = [&](const Checkpoint::LoadProgress& p) {
+    const int pct = p.bytes_total ? static_cast<int>(100 * p.bytes_taken / p.bytes_total) : 0;
+    if (!tty || pct == shown) return;
+    shown = pct;
+    std::fprintf(stderr, "\rloading %s: %d/%d files, weights %3d%% of %.2f GB", dir.c_str(), p.shards_opened,
+                 p.shards, pct, static_cast<double>(p.bytes_total) / 1e9);
   };
   g_load.weights = parse_weight_format(g_weights);
-  return std::make_unique<Blip2Model>(dir, g_load, progress);
+  auto model = std::make_unique<Blip2Model>(dir, g_load, progress);
+  if (tty && shown >= 0)
+    std::fprintf(stderr, " (%.1f s)\n",
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  return model;
 }
 
 struct Pairs {

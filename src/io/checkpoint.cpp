@@ -11,7 +11,7 @@ namespace blip2 {
 
 namespace fs = std::filesystem;
 
-Checkpoint::Checkpoint(const std::string& model_dir, const Progress& progress) {
+Checkpoint::Checkpoint(const std::string& model_dir, const Progress& progress) : progress_(progress) {
   const fs::path dir(model_dir);
   const fs::path index = dir / "model.safetensors.index.json";
   const fs::path single = dir / "model.safetensors";
@@ -30,12 +30,13 @@ Checkpoint::Checkpoint(const std::string& model_dir, const Progress& progress) {
         fail(ErrorKind::Model, index.string() + ": bad shard file name '" + f + "'");
       by_shard[f].push_back(name);
     }
-    int i = 0;
+    state_.shards = static_cast<int>(by_shard.size());
     for (auto& [file, names] : by_shard) {
       const std::string path = (dir / file).string();
-      if (progress) progress(++i, static_cast<int>(by_shard.size()), path);
       if (!fs::exists(path)) fail(ErrorKind::Model, index.string() + " names shard " + file + ", which is missing");
       files_.push_back(std::make_unique<SafetensorsFile>(path));
+      ++state_.shards_opened;
+      if (progress_) progress_(state_);
       const SafetensorsFile* sf = files_.back().get();
       for (const auto& name : names) {
         if (!sf->find(name))
@@ -44,9 +45,10 @@ Checkpoint::Checkpoint(const std::string& model_dir, const Progress& progress) {
       }
     }
   } else if (fs::exists(single)) {
-    if (progress) progress(1, 1, single.string());
     files_.push_back(std::make_unique<SafetensorsFile>(single.string()));
     for (const auto& [name, e] : files_.back()->entries()) where_[name] = files_.back().get();
+    state_.shards = state_.shards_opened = 1;
+    if (progress_) progress_(state_);
   } else {
     fail(ErrorKind::Model, model_dir + ": no model.safetensors or model.safetensors.index.json");
   }
@@ -62,13 +64,14 @@ Weight Checkpoint::take(const std::string& name, const Shape& shape) {
     fail(ErrorKind::Model, it->second->path() + ": tensor '" + name + "' has shape " + shape_str(w.shape) +
                                " but the config implies " + shape_str(shape));
   used_.insert(name);
-  if (!convert_) {
-    taken_bytes_[name] = w.nbytes();
-    return w;
-  }
-  Weight c = convert_(name, w);
+  Weight c = convert_ ? convert_(name, w) : w;
   if (c.data != w.data) it->second->release(name);
   taken_bytes_[name] = c.nbytes();
+  if (progress_) {
+    if (state_.bytes_total == 0) state_.bytes_total = total_bytes();
+    state_.bytes_taken += w.nbytes();
+    progress_(state_);
+  }
   return c;
 }
 

@@ -15,8 +15,14 @@ namespace blip2 {
 
 class Checkpoint {
  public:
-  // Called once per shard as it is opened: (index, count, path).
-  using Progress = std::function<void(int, int, const std::string&)>;
+  // Where loading stands: shards are opened (mapped) first, then the model parts take their tensors, which
+  // is where the work is when weights are converted at load (a first touch of the file's pages otherwise).
+  struct LoadProgress {
+    int shards_opened = 0, shards = 0;
+    uint64_t bytes_taken = 0, bytes_total = 0;  // stored bytes of the tensors taken so far / of all tensors
+  };
+  // Called after each shard is opened and after each tensor is taken.
+  using Progress = std::function<void(const LoadProgress&)>;
   explicit Checkpoint(const std::string& model_dir, const Progress& progress = nullptr);
 
   // A load-time conversion applied by take() to every tensor it hands out: given the tensor's name and the
@@ -50,6 +56,8 @@ class Checkpoint {
   std::set<std::string> used_;
   std::map<std::string, size_t> taken_bytes_;
   Convert convert_;
+  Progress progress_;
+  LoadProgress state_;
 };
 
 }  // namespace blip2

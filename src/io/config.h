@@ -97,7 +97,9 @@ struct Blip2Config {
   std::optional<int> image_token_index;
   GenerationDefaults generation;
 
-  // What the rest of the pipeline needs to know of the language model, whichever it is.
+  // What the rest of the pipeline needs to know of the language model, whichever it is. lm_width is the
+  // width of its input embeddings, which the projected queries join (OPT: word_embed_proj_dim; Hugging
+  // Face sizes the projection by hidden_size, the same number in every BLIP-2 checkpoint).
   int lm_width() const { return family == LanguageFamily::T5 ? text.d_model : opt.word_embed_proj_dim; }
   int lm_vocab_size() const { return family == LanguageFamily::T5 ? text.vocab_size : opt.vocab_size; }
   int eos_token_id() const { return family == LanguageFamily::T5 ? text.eos_token_id : opt.eos_token_id; }

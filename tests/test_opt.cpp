@@ -106,8 +106,9 @@ TEST_P(OptCase, EveryDecodingSettingIsExact) {
     for (size_t b = 0; b < results.size(); ++b)
       for (size_t i = 0; i < n; ++i) {
         EXPECT_EQ(results[b][i].ids, want[b * n + i]) << name << " item " << b << " sequence " << i;
-        if (g.contains("text"))
+        if (g.contains("text")) {
           EXPECT_EQ(m.tokenizer().decode(results[b][i].ids), g["text"][b * n + i].get<std::string>()) << name;
+        }
       }
     ++settings;
   }
@@ -137,7 +138,9 @@ TEST(OptWeightFormats, AccuracyPerFormat) {
     std::printf("  %-5s prompt_logits rel %.3g  max_abs %.3g  greedy agrees for %zu/12 tokens\n",
                 weight_format_name(k.format), d.rel, d.max_abs, agree);
     EXPECT_LE(d.rel, k.max_rel) << weight_format_name(k.format);
-    if (k.same_greedy) EXPECT_EQ(ids, greedy) << weight_format_name(k.format);
+    if (k.same_greedy) {
+      EXPECT_EQ(ids, greedy) << weight_format_name(k.format);
+    }
   }
 }
 

@@ -17,6 +17,7 @@
 #include "image/image.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
+#include "text/text_stream.h"
 #include "commands.h"
 
 using namespace blip2;
@@ -140,43 +141,6 @@ GenerationOptions resolve_options(const GenerateArgs& a) {
   return o;
 }
 
-// Streams one sequence's text as its tokens come: prints what the decoded text gained since the last token,
-// holding back an unfinished UTF-8 character.
-class TextStream {
- public:
-  explicit TextStream(const Tokenizer& tok) : tok_(tok) {}
-  void put(int32_t id) {
-    ids_.push_back(id);
-    emit(tok_.decode(ids_), false);
-  }
-  void end(const std::vector<int32_t>& ids) {
-    emit(tok_.decode(ids), true);
-    std::cout << "\n" << std::flush;
-  }
-
- private:
-  void emit(const std::string& text, bool final) {
-    if (text.compare(0, printed_.size(), printed_) != 0) return;  // not an extension: wait
-    std::string add = text.substr(printed_.size());
-    if (!final) {
-      static const std::string kReplacement = "\xEF\xBF\xBD";
-      while (add.size() >= 3 && add.compare(add.size() - 3, 3, kReplacement) == 0) add.resize(add.size() - 3);
-      size_t start = add.size();  // an incomplete last character stays back
-      while (start > 0 && (static_cast<unsigned char>(add[start - 1]) & 0xC0) == 0x80) --start;
-      if (start > 0) {
-        const unsigned char lead = static_cast<unsigned char>(add[start - 1]);
-        const size_t len = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
-        if (add.size() - (start - 1) < len) add.resize(start - 1);
-      }
-    }
-    std::cout << add << std::flush;
-    printed_ += add;
-  }
-  const Tokenizer& tok_;
-  std::vector<int32_t> ids_;
-  std::string printed_;
-};
-
 nlohmann::ordered_json sequences_json(const Blip2Model& model, const std::vector<GeneratedSequence>& seqs) {
   nlohmann::ordered_json out = nlohmann::ordered_json::array();
   for (const auto& s : seqs)
@@ -199,11 +163,12 @@ std::vector<std::vector<GeneratedSequence>> generate_and_print_text(const Blip2M
   const size_t batch = static_cast<size_t>(enc.batch());
   const bool stream = can_stream(a, o, batch);
   TextStream ts(model.tokenizer());
+  const auto print = [](const std::string& text) { std::cout << text << std::flush; };
   const auto results = generate([&](int expand) { return model.start_decoder(enc, expand); },
                                 static_cast<int>(batch), o, model.special_tokens(),
-                                stream ? TokenCallback([&](int, int32_t tok) { ts.put(tok); }) : TokenCallback());
+                                stream ? TokenCallback([&](int, int32_t tok) { print(ts.put(tok)); }) : TokenCallback());
   if (stream) {
-    ts.end(results[0][0].ids);
+    print(ts.end(results[0][0].ids) + "\n");
   } else if (!a.json) {
     for (const auto& r : results)
       for (const auto& s : r) std::cout << model.tokenizer().decode(s.ids) << "\n";
@@ -488,6 +453,7 @@ int main(int argc, char** argv) {
 
   add_make_random_command(app);  // runs its work inside parse(), hence one try block for both
   add_bench_command(app);        // likewise
+  add_serve_command(app, load_model, default_model_dir());
 
   try {
     reject_unknown_command(app, argc, argv);

@@ -11,3 +11,16 @@ void add_make_random_command(CLI::App& app);
 // `blip2 [--weights F] [--threads N] bench [--model DIR] [--image PATH] [--prompt TEXT] [--batch N]
 // [--new-tokens N] [--repeat N] [--warmup N] [--json]`: every stage timed, against the machine's ceilings
 void add_bench_command(CLI::App& app);
+
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace blip2 {
+class Blip2Model;
+}
+
+// `blip2 serve --model DIR [--host 127.0.0.1] [--port 8080] ...`: the OpenAI-compatible HTTP server.
+// `load` loads a model directory with the global options (--weights, --threads).
+void add_serve_command(CLI::App& app, std::function<std::unique_ptr<blip2::Blip2Model>(const std::string&)> load,
+                       std::string default_model);

@@ -23,11 +23,11 @@ namespace {
 }
 
 // Checked before any pixel buffer exists, so a forged header cannot make us allocate gigabytes.
-void check_dimensions(const std::string& name, int64_t w, int64_t h) {
+void check_dimensions(const std::string& name, int64_t w, int64_t h, int64_t max_pixels) {
   const std::string dims = std::to_string(w) + "x" + std::to_string(h);
   if (w <= 0 || h <= 0) bad_image(name, "image has zero size (" + dims + ")");
-  if (w * h > kMaxImagePixels)
-    bad_image(name, "image too large (" + dims + " pixels, the limit is " + std::to_string(kMaxImagePixels) + ")");
+  if (w * h > max_pixels)
+    bad_image(name, "image too large (" + dims + " pixels, the limit is " + std::to_string(max_pixels) + ")");
 }
 
 // Pixel buffers can still be large (raw samples plus RGB: up to ~1.3 GB at the pixel limit): running out of memory
@@ -112,7 +112,7 @@ bool png_read_pixels(PngState* st, png_bytep* rows) {
   return true;
 }
 
-RgbImage decode_png(const uint8_t* data, size_t size, const std::string& name) {
+RgbImage decode_png(const uint8_t* data, size_t size, const std::string& name, int64_t max_pixels) {
   PngState st;
   st.data = data;
   st.size = size;
@@ -127,7 +127,7 @@ RgbImage decode_png(const uint8_t* data, size_t size, const std::string& name) {
 
   PngLayout lay;
   if (!png_read_header(&st, &lay)) bad_image(name, std::string("corrupt or truncated PNG: ") + st.error);
-  check_dimensions(name, lay.width, lay.height);
+  check_dimensions(name, lay.width, lay.height, max_pixels);
   const size_t w = lay.width, h = lay.height;
   const size_t bytes_per_pixel = static_cast<size_t>(lay.channels) * (lay.bit_depth / 8);
   if (lay.channels < 1 || lay.channels > 4 || (lay.bit_depth != 8 && lay.bit_depth != 16) ||
@@ -217,7 +217,7 @@ bool jpeg_read_pixels(JpegState* st, uint8_t* out, size_t stride) {
   return true;
 }
 
-RgbImage decode_jpeg(const uint8_t* data, size_t size, const std::string& name) {
+RgbImage decode_jpeg(const uint8_t* data, size_t size, const std::string& name, int64_t max_pixels) {
   JpegState st;
   std::memset(&st, 0, sizeof st);
   st.cinfo.err = jpeg_std_error(&st.err);
@@ -242,7 +242,7 @@ RgbImage decode_jpeg(const uint8_t* data, size_t size, const std::string& name) 
     default: bad_image(name, "unsupported JPEG with " + std::to_string(comps) + " components");
   }
   // No scaling is requested, so the output has the header's size.
-  check_dimensions(name, st.cinfo.image_width, st.cinfo.image_height);
+  check_dimensions(name, st.cinfo.image_width, st.cinfo.image_height, max_pixels);
   const size_t w = st.cinfo.image_width, h = st.cinfo.image_height;
   std::vector<uint8_t> raw = alloc_pixels(name, w * h * comps);
   if (!jpeg_read_pixels(&st, raw.data(), w * comps))
@@ -367,11 +367,11 @@ void resample_vertical(const uint8_t* src, int width, const AxisWeights& a, int 
 
 }  // namespace
 
-RgbImage decode_image(const uint8_t* data, size_t size, const std::string& name) {
+RgbImage decode_image(const uint8_t* data, size_t size, const std::string& name, int64_t max_pixels) {
   static const uint8_t kPngSig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
   if (size == 0) bad_image(name, "empty file, not a PNG or JPEG image");
-  if (size >= 8 && std::memcmp(data, kPngSig, 8) == 0) return decode_png(data, size, name);
-  if (size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF) return decode_jpeg(data, size, name);
+  if (size >= 8 && std::memcmp(data, kPngSig, 8) == 0) return decode_png(data, size, name, std::min(max_pixels, kMaxImagePixels));
+  if (size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF) return decode_jpeg(data, size, name, std::min(max_pixels, kMaxImagePixels));
   bad_image(name, "not a PNG or JPEG image");
 }
 

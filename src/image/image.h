@@ -21,8 +21,10 @@ constexpr int64_t kMaxImagePixels = 178956970;  // Pillow's MAX_IMAGE_PIXELS × 
 
 // Decodes PNG or JPEG bytes (chosen by signature, not by file name) to RGB:
 // grayscale replicated, palette expanded, alpha dropped without compositing (Pillow's convert("RGB")).
-// `name` is used in error messages. Throws Error(Input) on anything that is not a complete, valid image.
-RgbImage decode_image(const uint8_t* data, size_t size, const std::string& name);
+// `name` is used in error messages. Throws Error(Input) on anything that is not a complete, valid image, and on
+// images of more than `max_pixels` (at most kMaxImagePixels), checked from the header before any decoding.
+RgbImage decode_image(const uint8_t* data, size_t size, const std::string& name,
+                      int64_t max_pixels = kMaxImagePixels);
 RgbImage load_image(const std::string& path);
 
 // Pillow's Image.resize((width, height), BICUBIC) for 8-bit RGB: antialiased Keys cubic (a = -0.5),

@@ -1,0 +1,358 @@
+#include "server/chat_request.h"
+
+#include <httplib.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include "core/error.h"
+#include "server/base64.h"
+
+namespace blip2::server {
+
+using nlohmann::json;
+
+namespace {
+
+std::string type_name(const json& v) {
+  switch (v.type()) {
+    case json::value_t::null: return "null";
+    case json::value_t::boolean: return "a boolean";
+    case json::value_t::string: return "a string";
+    case json::value_t::array: return "an array";
+    case json::value_t::object: return "an object";
+    default: return "a number";
+  }
+}
+
+[[noreturn]] void wrong_type(const std::string& param, const json& v, const std::string& want) {
+  bad_field(param, "'" + param + "' must be " + want + ", got " + type_name(v), "invalid_type");
+}
+
+// A field that is absent or null counts as not given.
+const json* field(const json& obj, const char* key) {
+  const auto it = obj.find(key);
+  return it == obj.end() || it->is_null() ? nullptr : &*it;
+}
+
+int64_t get_int(const json& v, const std::string& param, int64_t lo, int64_t hi) {
+  // 3.0 is accepted as 3 (JavaScript clients cannot tell them apart); 3.5 is not.
+  int64_t n;
+  if (v.is_number_integer()) {
+    n = v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())
+            ? std::numeric_limits<int64_t>::max()
+            : v.get<int64_t>();
+  } else if (v.is_number_float() && std::isfinite(v.get<double>()) && v.get<double>() == std::floor(v.get<double>()) &&
+             std::fabs(v.get<double>()) < 1e15) {
+    n = static_cast<int64_t>(v.get<double>());
+  } else {
+    wrong_type(param, v, "an integer");
+  }
+  if (n < lo || n > hi)
+    bad_field(param, "'" + param + "' must be between " + std::to_string(lo) + " and " + std::to_string(hi) +
+                         " (got " + std::to_string(n) + ")");
+  return n;
+}
+
+double get_number(const json& v, const std::string& param, double lo, double hi) {
+  if (!v.is_number()) wrong_type(param, v, "a number");
+  const double x = v.get<double>();
+  if (!(x >= lo && x <= hi)) {
+    std::ostringstream s;
+    s << "'" << param << "' must be between " << lo << " and " << hi << " (got " << x << ")";
+    bad_field(param, s.str());
+  }
+  return x;
+}
+
+bool get_bool(const json& v, const std::string& param) {
+  if (!v.is_boolean()) wrong_type(param, v, "true or false");
+  return v.get<bool>();
+}
+
+const std::string& get_string(const json& v, const std::string& param) {
+  if (!v.is_string()) wrong_type(param, v, "a string");
+  return v.get_ref<const std::string&>();
+}
+
+// One message's content: a string, or an array of text and image_url parts. Appends its text (parts
+// joined by a space) and its image URLs.
+void read_content(const json& content, const std::string& param, std::string& text, std::vector<std::string>& images) {
+  const auto add_text = [&](const std::string& t) {
+    if (t.empty()) return;
+    if (!text.empty()) text += ' ';
+    text += t;
+  };
+  if (content.is_string()) {
+    add_text(content.get<std::string>());
+    return;
+  }
+  if (!content.is_array()) wrong_type(param, content, "a string or an array of content parts");
+  for (size_t i = 0; i < content.size(); ++i) {
+    const json& part = content[i];
+    const std::string p = param + "[" + std::to_string(i) + "]";
+    if (!part.is_object()) wrong_type(p, part, "an object");
+    const json* type = field(part, "type");
+    if (!type) bad_field(p + ".type", "'" + p + ".type' is required (\"text\" or \"image_url\")", "missing_field");
+    const std::string& t = get_string(*type, p + ".type");
+    if (t == "text") {
+      const json* tx = field(part, "text");
+      if (!tx) bad_field(p + ".text", "'" + p + ".text' is required", "missing_field");
+      add_text(get_string(*tx, p + ".text"));
+    } else if (t == "image_url") {
+      const json* iu = field(part, "image_url");
+      if (!iu) bad_field(p + ".image_url", "'" + p + ".image_url' is required", "missing_field");
+      if (iu->is_string()) {
+        images.push_back(iu->get<std::string>());
+      } else if (iu->is_object()) {
+        const json* url = field(*iu, "url");
+        if (!url) bad_field(p + ".image_url.url", "'" + p + ".image_url.url' is required", "missing_field");
+        images.push_back(get_string(*url, p + ".image_url.url"));
+      } else {
+        wrong_type(p + ".image_url", *iu, "an object {\"url\": ...}");
+      }
+    } else {
+      bad_field(p + ".type", "content part type '" + t + "' is not supported (use \"text\" or \"image_url\")",
+                "unsupported_value");
+    }
+  }
+}
+
+}  // namespace
+
+json parse_json_body(const std::string& body, int max_depth) {
+  struct TooDeep {};
+  try {
+    return json::parse(body, [max_depth](int depth, json::parse_event_t, json&) {
+      if (depth > max_depth) throw TooDeep{};
+      return true;
+    });
+  } catch (const TooDeep&) {
+    throw ApiError(400, "request body nests deeper than " + std::to_string(max_depth) + " levels", "",
+                   "json_too_deep");
+  } catch (const json::exception& e) {
+    throw ApiError(400, std::string("request body is not valid JSON: ") + e.what(), "", "invalid_json");
+  }
+}
+
+ChatRequest parse_chat_request(const std::string& body, const GenerationOptions& defaults, const Limits& limits) {
+  const json j = parse_json_body(body, limits.max_json_depth);
+  if (!j.is_object()) throw ApiError(400, "request body must be a JSON object, got " + type_name(j), "", "invalid_type");
+  ChatRequest r;
+  GenerationOptions& o = r.options;
+  o = defaults;
+  o.num_return_sequences = 1;
+
+  if (const json* m = field(j, "model")) r.model = get_string(*m, "model");
+  if (const json* s = field(j, "stream")) r.stream = get_bool(*s, "stream");
+  if (const json* so = field(j, "stream_options")) {
+    if (!so->is_object()) wrong_type("stream_options", *so, "an object");
+    if (const json* iu = field(*so, "include_usage")) r.include_usage = get_bool(*iu, "stream_options.include_usage");
+  }
+
+  // Lengths. max_completion_tokens is the newer name of max_tokens.
+  for (const char* key : {"max_tokens", "max_completion_tokens"})
+    if (const json* v = field(j, key)) o.max_new_tokens = static_cast<int>(get_int(*v, key, 1, limits.max_output_tokens));
+  o.max_new_tokens = std::min(o.max_new_tokens, limits.max_output_tokens);
+  if (const json* v = field(j, "min_tokens")) o.min_new_tokens = static_cast<int>(get_int(*v, "min_tokens", 0, limits.max_output_tokens));
+  if (o.min_new_tokens > o.max_new_tokens)
+    bad_field("min_tokens", "'min_tokens' (" + std::to_string(o.min_new_tokens) + ") must not exceed 'max_tokens' (" +
+                                std::to_string(o.max_new_tokens) + ")");
+
+  // Sampling: temperature 0 means the most likely tokens; above 0 (or top_p / top_k given) samples.
+  const json* temperature = field(j, "temperature");
+  const json* top_p = field(j, "top_p");
+  const json* top_k = field(j, "top_k");
+  if (temperature) {
+    o.temperature = get_number(*temperature, "temperature", 0.0, 2.0);
+    o.do_sample = o.temperature > 0.0;
+    if (!o.do_sample) o.temperature = 1.0;
+  }
+  if (top_p) {
+    o.top_p = get_number(*top_p, "top_p", 0.0, 1.0);
+    if (o.top_p <= 0.0) bad_field("top_p", "'top_p' must be greater than 0");
+    if (!temperature) o.do_sample = true;
+  }
+  if (top_k) {
+    o.top_k = static_cast<int>(get_int(*top_k, "top_k", 0, 1 << 20));
+    if (!temperature) o.do_sample = true;
+  }
+  if (const json* v = field(j, "seed")) o.seed = static_cast<uint64_t>(get_int(*v, "seed", 0, std::numeric_limits<int64_t>::max()));
+
+  // This engine's own decoding options (Hugging Face's names).
+  if (const json* v = field(j, "num_beams")) o.num_beams = static_cast<int>(get_int(*v, "num_beams", 1, limits.max_choices));
+  if (const json* v = field(j, "repetition_penalty")) {
+    o.repetition_penalty = get_number(*v, "repetition_penalty", 0.0, 100.0);
+    if (o.repetition_penalty <= 0.0) bad_field("repetition_penalty", "'repetition_penalty' must be greater than 0");
+  }
+  if (const json* v = field(j, "length_penalty")) o.length_penalty = get_number(*v, "length_penalty", -100.0, 100.0);
+  if (const json* v = field(j, "no_repeat_ngram_size"))
+    o.no_repeat_ngram_size = static_cast<int>(get_int(*v, "no_repeat_ngram_size", 0, 1024));
+
+  const int n = field(j, "n") ? static_cast<int>(get_int(*field(j, "n"), "n", 1, limits.max_choices)) : 1;
+  o.num_return_sequences = n;
+  if (n > 1 && !o.do_sample && o.num_beams < n)
+    bad_field("n", "'n' > 1 needs sampling ('temperature' > 0) or beam search ('num_beams' >= n): the most likely "
+                   "answer is unique");
+  if (o.num_beams > 1 && n > o.num_beams)
+    bad_field("n", "'n' (" + std::to_string(n) + ") must not exceed 'num_beams' (" + std::to_string(o.num_beams) + ")");
+
+  // Options of OpenAI's API this engine does not implement: refused when they would change the answer.
+  for (const char* key : {"frequency_penalty", "presence_penalty"})
+    if (const json* v = field(j, key); v && !(v->is_number() && v->get<double>() == 0.0))
+      bad_field(key, std::string("'") + key + "' is not supported (use 'repetition_penalty')", "unsupported_parameter");
+  for (const char* key : {"logprobs", "tools", "functions", "logit_bias", "stop", "response_format", "tool_choice"})
+    if (const json* v = field(j, key); v && !(v->is_boolean() && !v->get<bool>()) && !(v->is_array() && v->empty()))
+      bad_field(key, std::string("'") + key + "' is not supported by this server", "unsupported_parameter");
+
+  try {
+    validate(o);
+  } catch (const Error& e) {
+    bad_field("", e.what());
+  }
+
+  // Messages: [system…] user (assistant user)*; consecutive user messages are joined.
+  const json* messages = field(j, "messages");
+  if (!messages) bad_field("messages", "'messages' is required", "missing_field");
+  if (!messages->is_array()) wrong_type("messages", *messages, "an array");
+  if (messages->empty()) bad_field("messages", "'messages' must not be empty");
+  if (static_cast<int>(messages->size()) > limits.max_messages)
+    bad_field("messages", "too many messages: " + std::to_string(messages->size()) + ", the limit is " +
+                              std::to_string(limits.max_messages));
+  std::vector<std::string> images;
+  std::string question, last_role;
+  bool have_question = false;
+  for (size_t i = 0; i < messages->size(); ++i) {
+    const json& m = (*messages)[i];
+    const std::string p = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object()) wrong_type(p, m, "an object");
+    const json* role = field(m, "role");
+    if (!role) bad_field(p + ".role", "'" + p + ".role' is required", "missing_field");
+    const std::string& rl = get_string(*role, p + ".role");
+    const json* content = field(m, "content");
+    std::string text;
+    if (rl == "system" || rl == "developer") {
+      if (content) {  // checked, then left out: BLIP-2 has no system prompt
+        std::vector<std::string> ignored;
+        read_content(*content, p + ".content", text, ignored);
+      }
+      continue;
+    }
+    if (rl != "user" && rl != "assistant")
+      bad_field(p + ".role", "role '" + rl + "' is not supported (use \"user\", \"assistant\" or \"system\")",
+                "unsupported_value");
+    if (!content) bad_field(p + ".content", "'" + p + ".content' is required", "missing_field");
+    if (rl == "user") {
+      read_content(*content, p + ".content", text, images);
+      if (have_question && !question.empty() && !text.empty()) question += ' ';
+      question += text;
+      have_question = true;
+    } else {
+      std::vector<std::string> assistant_images;
+      read_content(*content, p + ".content", text, assistant_images);
+      if (!assistant_images.empty()) bad_field(p + ".content", "assistant messages cannot hold images");
+      if (!have_question) bad_field(p, "an assistant message must follow a user message");
+      r.history.push_back({question, text});
+      question.clear();
+      have_question = false;
+    }
+    last_role = rl;
+  }
+  if (last_role != "user") bad_field("messages", "the last message must be the user's");
+  r.question = question;
+  if (images.empty())
+    bad_field("messages", "the conversation needs an image: add a content part {\"type\": \"image_url\", \"image_url\": "
+                          "{\"url\": \"data:image/png;base64,...\"}}", "missing_image");
+  for (const auto& u : images)
+    if (u != images[0])
+      bad_field("messages", "the conversation has " + std::to_string(images.size()) +
+                                " different images; BLIP-2 answers about one image per conversation", "too_many_images");
+  r.image_url = images[0];
+  return r;
+}
+
+std::string fetch_image(const std::string& url, const Limits& limits) {
+  const auto too_large = [&](size_t n) {
+    throw ApiError(413, "image is " + std::to_string(n) + " bytes, the limit is " + std::to_string(limits.max_image_bytes),
+                   "image_url", "image_too_large");
+  };
+  if (url.rfind("data:", 0) == 0) {
+    const size_t comma = url.find(',');
+    const std::string header = url.substr(5, comma == std::string::npos ? 0 : comma - 5);
+    if (comma == std::string::npos || header.size() < 7 || header.compare(header.size() - 7, 7, ";base64") != 0)
+      bad_field("image_url", "image data URL must be base64: data:image/png;base64,...", "invalid_image_url");
+    if (header.rfind("image/", 0) != 0)
+      bad_field("image_url", "data URL media type '" + header.substr(0, header.size() - 7) + "' is not an image",
+                "invalid_image_url");
+    const std::string_view data(url.data() + comma + 1, url.size() - comma - 1);
+    if (data.size() / 4 * 3 > limits.max_image_bytes + 2) too_large(data.size() / 4 * 3);
+    std::string why;
+    auto bytes = base64_decode(data, limits.max_image_bytes, &why);
+    if (!bytes) bad_field("image_url", "image data is not valid base64: " + why, "invalid_base64");
+    return std::move(*bytes);
+  }
+  if (url.rfind("file://", 0) == 0) {
+    if (limits.local_image_dir.empty())
+      bad_field("image_url", "local image files are disabled (start the server with --allowed-local-media DIR)",
+                "image_url_not_allowed");
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    const fs::path root = fs::canonical(limits.local_image_dir, ec);
+    const fs::path path = fs::weakly_canonical(fs::path(url.substr(7)), ec);
+    const std::string rs = root.string() + "/", ps = path.string();
+    if (ec || root.empty() || ps.compare(0, rs.size(), rs) != 0)
+      bad_field("image_url", "image file is outside the allowed directory", "image_url_not_allowed");
+    if (!fs::is_regular_file(path, ec)) bad_field("image_url", "no such image file", "image_not_found");
+    const auto size = fs::file_size(path, ec);
+    if (ec) bad_field("image_url", "cannot read the image file", "image_not_found");
+    if (size > limits.max_image_bytes) too_large(size);
+    std::ifstream in(path, std::ios::binary);
+    std::string bytes(size, '\0');
+    if (!in.read(bytes.data(), static_cast<std::streamsize>(size))) bad_field("image_url", "cannot read the image file", "image_not_found");
+    return bytes;
+  }
+  if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0) {
+    if (!limits.allow_remote_images)
+      bad_field("image_url", "remote image URLs are disabled (start the server with --allow-remote-images, or send "
+                             "the image as a data URL)", "image_url_not_allowed");
+    const size_t scheme_end = url.find("://") + 3;
+    const size_t path_start = url.find('/', scheme_end);
+    const std::string origin = url.substr(0, path_start);
+    const std::string path = path_start == std::string::npos ? "/" : url.substr(path_start);
+    httplib::Client cli(origin);
+    if (!cli.is_valid()) bad_field("image_url", "not a valid image URL", "invalid_image_url");
+    const auto t = std::chrono::duration<double>(limits.remote_timeout_s);
+    cli.set_connection_timeout(std::chrono::duration_cast<std::chrono::microseconds>(t));
+    cli.set_read_timeout(std::chrono::duration_cast<std::chrono::microseconds>(t));
+    std::string bytes;
+    bool over = false;
+    const auto res = cli.Get(path, [&](const char* data, size_t n) {
+      if (bytes.size() + n > limits.max_image_bytes) {
+        over = true;
+        return false;
+      }
+      bytes.append(data, n);
+      return true;
+    });
+    if (over) too_large(bytes.size() + 1);
+    if (!res) bad_field("image_url", "could not fetch the image: " + httplib::to_string(res.error()), "image_fetch_failed");
+    if (res->status != 200)
+      bad_field("image_url", "fetching the image returned HTTP " + std::to_string(res->status), "image_fetch_failed");
+    return bytes;
+  }
+  bad_field("image_url", "image URLs must be data:image/...;base64 URLs", "invalid_image_url");
+}
+
+std::string conversation_prompt(const ChatRequest& r, int64_t max_tokens,
+                                const std::function<int64_t(const std::string&)>& count_tokens) {
+  if (r.history.empty() && r.question.empty()) return "";
+  try {
+    return fit_chat_prompt(r.history, r.question, max_tokens, count_tokens);
+  } catch (const Error& e) {
+    bad_field("messages", e.what(), "context_length_exceeded");
+  }
+}
+
+}  // namespace blip2::server

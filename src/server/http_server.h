@@ -1,0 +1,64 @@
+// `blip2 serve`: an OpenAI-compatible HTTP server over the scheduler. Thin: it checks and parses requests
+// (chat_request.h), hands them to the scheduler, and writes responses (JSON, or server-sent events).
+//   POST /v1/chat/completions   GET /v1/models   GET /health   GET /metrics   GET / (a chat page)
+#pragma once
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include <httplib.h>
+
+#include "generate/generate.h"
+#include "model/blip2.h"
+#include "server/chat_request.h"
+#include "server/scheduler.h"
+
+
+namespace blip2::server {
+
+struct ServerOptions {
+  std::string host = "127.0.0.1";
+  int port = 8080;               // 0: any free port (bind() returns it)
+  std::string api_key;           // non-empty: /v1/* needs "Authorization: Bearer KEY"
+  std::string model_id = "blip2";
+  int http_threads = 0;          // connections served at once; 0: max_queue + max_batch_rows + 8
+  double drain_timeout_s = 60;   // shutdown waits this long for running requests
+  Limits limits;
+  SchedulerOptions scheduler;
+};
+
+class HttpServer {
+ public:
+  HttpServer(const Blip2Model& model, const GenerationOptions& defaults, const ServerOptions& options);
+  ~HttpServer();
+  HttpServer(const HttpServer&) = delete;
+  HttpServer& operator=(const HttpServer&) = delete;
+
+  // Binds the listening socket; returns the port. Throws Error(Usage) when the address cannot be bound.
+  int bind();
+  // Serves until shutdown(). Call after bind().
+  void serve();
+  // Drains: new chat requests get 503, queued and running ones finish and their responses are written
+  // (up to drain_timeout_s), then serve() returns. Thread-safe; returns when done.
+  void shutdown();
+
+  Scheduler& scheduler() { return *scheduler_; }
+  std::string metrics_text() const;
+
+ private:
+  struct Counters;
+  void routes();
+  void chat(const httplib::Request& req, httplib::Response& res);
+
+  const Blip2Model& model_;
+  const GenerationOptions defaults_;
+  ServerOptions opt_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<httplib::Server> http_;
+  std::unique_ptr<Counters> counters_;
+  std::atomic<bool> draining_{false};
+  std::atomic<int> in_flight_{0};  // chat requests whose response is not yet written
+  int port_ = 0;
+};
+
+}  // namespace blip2::server

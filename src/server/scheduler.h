@@ -1,0 +1,124 @@
+// The scheduler: one thread that owns the model and runs every request. Requests wait in a bounded queue;
+// at each step boundary the scheduler admits what fits, encodes their images together (through the image
+// cache), runs their prompt stage, and decodes all running requests side by side.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/tensor.h"
+#include "generate/generate.h"
+#include "model/blip2.h"
+#include "server/api_error.h"
+#include "server/image_cache.h"
+
+namespace blip2::server {
+
+struct SchedulerOptions {
+  int max_queue = 64;               // requests waiting to start; a full queue answers 503
+  int max_batch_rows = 32;          // decoder rows running together (a request takes n, or num_beams, rows)
+  double request_timeout_s = 300;   // from arrival to the last token; then the request fails (503)
+  size_t image_cache_bytes = 256u << 20;
+};
+
+// One chat completion as the scheduler sees it. The HTTP layer fills the inputs, submits it, then reads
+// events until Done or Failed; it sets `cancelled` when its client goes away.
+struct Job {
+  // ---- inputs
+  std::string image_key;                    // sha256 of the image bytes
+  std::shared_ptr<const Tensor> image;      // the cached image encoding [1, Q, d], or null: then `pixels`
+  Tensor pixels;                            // [1, 3, S, S]
+  std::string prompt;
+  int64_t prompt_tokens = 0;
+  GenerationOptions options;
+  std::chrono::steady_clock::time_point deadline;
+  std::atomic<bool> cancelled{false};
+
+  // ---- outputs
+  struct Event {
+    enum Kind { Text, Done, Failed } kind = Text;
+    int index = 0;     // Text: the choice
+    std::string text;  // Text: what the choice's text gained
+  };
+  struct Choice {
+    std::string text;
+    std::string finish_reason;  // "stop" (end-of-sequence) or "length"
+    int64_t tokens = 0;
+  };
+  std::vector<Choice> choices;        // valid after Done
+  bool cache_hit = false;             // the image encoding came from the cache
+  std::unique_ptr<ApiError> error;    // set before Failed
+
+  // Moves pending events into `out`, waiting up to `timeout` for one. Thread-safe.
+  void wait(std::vector<Event>& out, std::chrono::milliseconds timeout);
+  void push(Event e);
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Event> events_;
+};
+
+struct SchedulerStats {
+  int64_t queued = 0, running_requests = 0, running_rows = 0;
+  int64_t admitted = 0, completed = 0, failed = 0, cancelled = 0, rejected = 0, timed_out = 0;
+  int64_t generated_tokens = 0, decoder_steps = 0, vision_batches = 0, images_encoded = 0;
+  double tokens_per_second = 0;         // generated tokens over the last 10 s of decoding
+  std::vector<int64_t> batch_rows_hist; // decoder steps by rows, buckets kBatchBuckets (last: more)
+  std::vector<int64_t> vision_batch_hist;
+  int64_t batch_rows_sum = 0, vision_batch_sum = 0;
+  double decode_seconds = 0, vision_seconds = 0, prompt_seconds = 0;
+  ImageCache::Stats cache;
+};
+inline const std::vector<int> kBatchBuckets = {1, 2, 4, 8, 16, 32, 64};
+
+class Scheduler {
+ public:
+  Scheduler(const Blip2Model& model, const SchedulerOptions& options);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Queues a job. Throws ApiError(503) when the queue is full or the server is draining.
+  void submit(const std::shared_ptr<Job>& job);
+  // Stops taking jobs (submit answers 503) and returns once every queued and running job has ended.
+  void drain();
+  ImageCache& cache() { return cache_; }
+  SchedulerStats stats() const;
+  const SchedulerOptions& options() const { return opt_; }
+
+ private:
+  struct Running;
+  void loop();
+  std::vector<std::shared_ptr<Job>> take_admissible(int free_rows);
+  void encode_images(const std::vector<std::shared_ptr<Job>>& jobs);
+  void run(const std::vector<std::shared_ptr<Job>>& jobs);
+  void finish(Job& job, bool ok);
+  void count_tokens(int64_t n);
+
+  const Blip2Model& model_;
+  const SchedulerOptions opt_;
+  ImageCache cache_;
+  SpecialTokens special_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_, idle_cv_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  bool stopping_ = false, draining_ = false;
+  int64_t running_requests_ = 0, running_rows_ = 0;
+  SchedulerStats counters_;
+  std::deque<std::pair<std::chrono::steady_clock::time_point, int64_t>> recent_tokens_;
+  std::thread thread_;
+};
+
+// Decoder rows a request takes: its beams, or its independent sequences.
+inline int rows_of(const GenerationOptions& o) { return o.num_beams > 1 ? o.num_beams : o.num_return_sequences; }
+
+}  // namespace blip2::server

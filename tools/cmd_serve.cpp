@@ -1,0 +1,114 @@
+// blip2 serve: the HTTP server (src/server) on a socket, until SIGTERM or SIGINT, which drain it first.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <thread>
+
+#include "commands.h"
+#include "core/error.h"
+#include "generate/generate.h"
+#include "model/blip2.h"
+#include "server/http_server.h"
+
+using namespace blip2;
+using namespace blip2::server;
+
+namespace {
+
+struct ServeArgs {
+  std::string model;
+  ServerOptions opt;
+  double max_body_mb = 16, max_image_mb = 8, image_cache_mb = 256;
+};
+
+void run_serve(const ServeArgs& a, const std::function<std::unique_ptr<Blip2Model>(const std::string&)>& load) {
+  // SIGTERM and SIGINT are taken by one thread with sigwait: blocked here, before any thread exists, so that
+  // every thread inherits the mask. A peer that closes its socket must not kill the server (SIGPIPE).
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  ServerOptions opt = a.opt;
+  const auto mb = [](double v, const char* name) {
+    if (!(v > 0 && v <= 1 << 20)) fail(ErrorKind::Usage, std::string(name) + " must be a positive number of MiB");
+    return static_cast<size_t>(v * 1024 * 1024);
+  };
+  opt.limits.max_body_bytes = mb(a.max_body_mb, "--max-body-mb");
+  opt.limits.max_image_bytes = mb(a.max_image_mb, "--max-image-mb");
+  opt.scheduler.image_cache_bytes = a.image_cache_mb == 0 ? 0 : mb(a.image_cache_mb, "--image-cache-mb");
+  if (opt.port < 0 || opt.port > 65535) fail(ErrorKind::Usage, "--port must be between 0 and 65535");
+  if (opt.scheduler.max_queue < 1 || opt.scheduler.max_batch_rows < 1)
+    fail(ErrorKind::Usage, "--max-queue and --max-batch-rows must be at least 1");
+  if (!(opt.scheduler.request_timeout_s > 0)) fail(ErrorKind::Usage, "--request-timeout must be positive");
+
+  GenerationOptions defaults = generation_defaults(a.model);
+  const auto model = load(a.model);
+  if (opt.model_id.empty()) opt.model_id = "blip2";
+  HttpServer server(*model, defaults, opt);
+  const int port = server.bind();
+  std::fprintf(stderr, "blip2 serve: listening on http://%s:%d (model %s)\n", opt.host.c_str(), port, a.model.c_str());
+  std::fflush(stderr);
+
+  std::thread waiter([&] {
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    std::fprintf(stderr, "blip2 serve: %s: finishing running requests\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    server.shutdown();
+  });
+  server.serve();
+  waiter.join();
+  std::fprintf(stderr, "blip2 serve: stopped\n");
+}
+
+}  // namespace
+
+void add_serve_command(CLI::App& app, std::function<std::unique_ptr<Blip2Model>(const std::string&)> load,
+                       std::string default_model) {
+  auto args = std::make_shared<ServeArgs>();
+  args->model = std::move(default_model);
+  ServerOptions& o = args->opt;
+  auto* sub = app.add_subcommand("serve", "Serve the model over HTTP: an OpenAI-compatible chat API and a web page");
+  sub->add_option("--model", args->model, "Model directory (Hugging Face layout)")->capture_default_str();
+  sub->add_option("--host", o.host, "Address to listen on (loopback by default; 0.0.0.0 for every interface)")
+      ->capture_default_str();
+  sub->add_option("--port", o.port, "Port to listen on; 0 picks a free one")->capture_default_str();
+  sub->add_option("--api-key", o.api_key, "Require \"Authorization: Bearer KEY\" on /v1/* (default: none)");
+  sub->add_option("--model-id", o.model_id, "Model name reported by /v1/models and in responses")->capture_default_str();
+  const char* lim = "Limits";
+  sub->add_option("--max-queue", o.scheduler.max_queue, "Requests waiting to start; beyond, 503")->capture_default_str()->group(lim);
+  sub->add_option("--max-batch-rows", o.scheduler.max_batch_rows,
+                  "Decoder rows run together (a request takes n, or num_beams, rows)")->capture_default_str()->group(lim);
+  sub->add_option("--request-timeout", o.scheduler.request_timeout_s, "Seconds a request may take, queueing included")
+      ->capture_default_str()->group(lim);
+  sub->add_option("--image-cache-mb", args->image_cache_mb, "Memory for cached image encodings (MiB; 0: no cache)")
+      ->capture_default_str()->group(lim);
+  sub->add_option("--max-body-mb", args->max_body_mb, "Largest request body (MiB)")->capture_default_str()->group(lim);
+  sub->add_option("--max-image-mb", args->max_image_mb, "Largest encoded image (MiB)")->capture_default_str()->group(lim);
+  sub->add_option("--max-image-pixels", o.limits.max_image_pixels, "Largest image, width x height")
+      ->capture_default_str()->group(lim);
+  sub->add_option("--max-tokens", o.limits.max_output_tokens, "Largest max_tokens a request may ask for")
+      ->capture_default_str()->group(lim);
+  sub->add_option("--max-prompt-tokens", o.limits.max_prompt_tokens,
+                  "Longest conversation prompt in tokens; older turns are dropped (0: the model's limit)")
+      ->capture_default_str()->group(lim);
+  sub->add_option("--max-n", o.limits.max_choices, "Largest n and num_beams")->capture_default_str()->group(lim);
+  sub->add_option("--max-json-depth", o.limits.max_json_depth, "Deepest nesting of the request JSON")
+      ->capture_default_str()->group(lim);
+  sub->add_option("--allowed-local-media", o.limits.local_image_dir,
+                  "Allow file:// image URLs inside this directory (default: refused)")->group(lim);
+  sub->add_flag("--allow-remote-images", o.limits.allow_remote_images,
+                "Fetch http(s):// image URLs (default: refused; only data: URLs are read)")->group(lim);
+  sub->add_option("--http-threads", o.http_threads, "Connections served at once (0: max-queue + max-batch-rows + 8)")
+      ->capture_default_str()->group(lim);
+  sub->add_option("--drain-timeout", o.drain_timeout_s, "On SIGTERM, seconds to wait for running requests")
+      ->capture_default_str()->group(lim);
+  sub->footer(
+      "Endpoints: POST /v1/chat/completions (OpenAI's format; images as data:image/...;base64 URLs), GET /v1/models,\n"
+      "GET /health, GET /metrics (Prometheus), GET / (a page to chat about an image). See docs/SERVER.md.\n"
+      "Example: blip2 serve --port 8080, then open http://127.0.0.1:8080/");
+  sub->callback([args, load] { run_serve(*args, load); });
+}

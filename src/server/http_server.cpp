@@ -115,6 +115,10 @@ int HttpServer::bind() {
 
 void HttpServer::serve() { http_->listen_after_bind(); }
 
+void HttpServer::wait_until_listening() const {
+  while (!http_->is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+}
+
 void HttpServer::shutdown() {
   draining_ = true;
   scheduler_->drain();

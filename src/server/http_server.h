@@ -38,6 +38,8 @@ class HttpServer {
   int bind();
   // Serves until shutdown(). Call after bind().
   void serve();
+  // Returns once serve() accepts connections.
+  void wait_until_listening() const;
   // Drains: new chat requests get 503, queued and running ones finish and their responses are written
   // (up to drain_timeout_s), then serve() returns. Thread-safe; returns when done.
   void shutdown();

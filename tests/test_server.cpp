@@ -1,0 +1,578 @@
+// The HTTP server over real loopback sockets: an in-process server on an ephemeral port, driven with
+// httplib's client. Answers match the engine's own generate(); streams, conversations, several choices and the
+// image cache; every kind of bad request gets a 4xx in OpenAI's error shape and the server keeps serving;
+// queue limits, disconnects, timeouts and draining.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <atomic>
+#include <random>
+#include <thread>
+
+#include "generate/chat.h"
+#include "generate/generate.h"
+#include "image/image.h"
+#include "model/blip2.h"
+#include "server/base64.h"
+#include "server/chat_request.h"
+#include "server/http_server.h"
+#include "server_client.h"
+
+using namespace blip2;
+using namespace blip2::server;
+using namespace blip2::testing;
+
+namespace {
+
+const std::string kImages = std::string(BLIP2_FIXTURES_DIR) + "/images/";
+const std::string kCat = kImages + "chelsea.png";
+const std::string kRocket = kImages + "rocket.jpg";
+const std::string kCoffee = kImages + "coffee.png";
+
+Blip2Model& model() {
+  static Blip2Model m(BLIP2_TINY_T5_DIR);
+  return m;
+}
+
+// A server on 127.0.0.1 and a free port, serving until the object goes.
+struct TestServer {
+  std::unique_ptr<HttpServer> srv;
+  std::thread thread;
+  int port = 0;
+  explicit TestServer(ServerOptions o = {}) {
+    signal(SIGPIPE, SIG_IGN);
+    o.host = "127.0.0.1";
+    o.port = 0;
+    srv = std::make_unique<HttpServer>(model(), generation_defaults(BLIP2_TINY_T5_DIR), o);
+    port = srv->bind();
+    thread = std::thread([this] { srv->serve(); });
+    srv->wait_until_listening();
+  }
+  ~TestServer() {
+    srv->shutdown();
+    thread.join();
+  }
+  httplib::Client client() const {
+    httplib::Client c("127.0.0.1", port);
+    c.set_read_timeout(120, 0);
+    return c;
+  }
+};
+
+TestServer& shared_server() {
+  static TestServer s;
+  return s;
+}
+
+// What the engine answers for one image and prompt, run directly.
+std::vector<std::string> reference(const std::string& image, const std::string& prompt, GenerationOptions o) {
+  const Encoded e = model().encode(preprocess_images({load_image(image)}, 224), model().tokenize({prompt}));
+  const auto out = generate([&](int expand) { return model().start_decoder(e, expand); }, 1, o, SpecialTokens{});
+  std::vector<std::string> texts;
+  for (const auto& s : out[0]) texts.push_back(model().tokenizer().decode(s.ids));
+  return texts;
+}
+
+GenerationOptions greedy(int max_new_tokens) {
+  GenerationOptions o;
+  o.max_new_tokens = max_new_tokens;
+  return o;
+}
+
+void expect_error(const Reply& r, int status, const std::string& message_part, const std::string& param = "") {
+  EXPECT_EQ(r.status, status) << r.body;
+  const json j = r.json_body();
+  ASSERT_TRUE(j.is_object() && j.contains("error")) << r.body;
+  const json& e = j["error"];
+  for (const char* k : {"message", "type", "param", "code"}) EXPECT_TRUE(e.contains(k)) << k << ": " << r.body;
+  EXPECT_NE(e["message"].get<std::string>().find(message_part), std::string::npos) << r.body;
+  if (!param.empty()) {
+    EXPECT_EQ(e["param"], param) << r.body;
+  }
+}
+
+int64_t metric(const std::string& text, const std::string& name) {
+  const size_t p = text.find("\n" + name + " ");
+  if (p == std::string::npos) return -1;
+  return static_cast<int64_t>(std::stod(text.substr(p + name.size() + 2)));
+}
+
+// ---- Endpoints -------------------------------------------------------------------------------------------
+
+TEST(Server, HealthModelsMetricsAndPage) {
+  auto cli = shared_server().client();
+  auto h = cli.Get("/health");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200);
+  EXPECT_EQ(json::parse(h->body)["status"], "ok");
+  auto m = cli.Get("/v1/models");
+  ASSERT_TRUE(m);
+  const json models = json::parse(m->body);
+  EXPECT_EQ(models["object"], "list");
+  EXPECT_EQ(models["data"][0]["id"], "blip2");
+  auto page = cli.Get("/");
+  ASSERT_TRUE(page);
+  EXPECT_EQ(page->status, 200);
+  EXPECT_NE(page->get_header_value("Content-Type").find("text/html"), std::string::npos);
+  EXPECT_NE(page->body.find("/v1/chat/completions"), std::string::npos);
+  EXPECT_EQ(page->body.find("http://"), std::string::npos) << "the page loads nothing from elsewhere";
+  EXPECT_EQ(page->body.find("https://"), std::string::npos);
+  auto met = cli.Get("/metrics");
+  ASSERT_TRUE(met);
+  EXPECT_NE(met->get_header_value("Content-Type").find("text/plain"), std::string::npos);
+  for (const char* name : {"blip2_queue_length", "blip2_tokens_per_second", "blip2_image_cache_hits_total",
+                           "blip2_batch_rows_count", "blip2_generated_tokens_total"})
+    EXPECT_GE(metric(met->body, name), 0) << name << " in\n" << met->body;
+  EXPECT_NE(met->body.find("blip2_http_requests_total{path=\"/v1/models\",code=\"200\"}"), std::string::npos);
+}
+
+// ---- Completions ------------------------------------------------------------------------------------------
+
+TEST(Server, PlainCompletionIsTheEnginesAnswer) {
+  auto cli = shared_server().client();
+  const Reply r = post(cli, ask(kCat, "what is this?", {{"max_tokens", 8}, {"model", "anything"}}));
+  ASSERT_EQ(r.status, 200) << r.body;
+  const json j = r.json_body();
+  EXPECT_EQ(j["object"], "chat.completion");
+  EXPECT_EQ(j["model"], "blip2");
+  EXPECT_TRUE(j["id"].get<std::string>().starts_with("chatcmpl-"));
+  ASSERT_EQ(j["choices"].size(), 1u);
+  EXPECT_EQ(j["choices"][0]["message"]["role"], "assistant");
+  const std::string prompt = "Question: what is this? Answer:";
+  EXPECT_EQ(j["choices"][0]["message"]["content"], reference(kCat, prompt, greedy(8))[0]);
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(j["usage"]["prompt_tokens"], static_cast<int64_t>(model().tokenizer().encode(prompt).size()));
+  EXPECT_EQ(j["usage"]["completion_tokens"], 8);
+  EXPECT_EQ(j["usage"]["total_tokens"], j["usage"]["prompt_tokens"].get<int>() + 8);
+}
+
+TEST(Server, ImageAloneIsACaption) {
+  auto cli = shared_server().client();
+  json body = {{"max_tokens", 6}};
+  body["messages"] = json::array({{{"role", "user"}, {"content", json::array({image_part(kRocket)})}}});
+  const Reply r = post(cli, body);
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(choice_texts(r)[0], reference(kRocket, "", greedy(6))[0]);
+}
+
+TEST(Server, StreamedCompletionEqualsThePlainOne) {
+  auto cli = shared_server().client();
+  const Reply plain = post(cli, ask(kCoffee, "what is in the cup?", {{"max_tokens", 12}}));
+  const Reply streamed = post(cli, ask(kCoffee, "what is in the cup?",
+                                       {{"max_tokens", 12}, {"stream", true}, {"stream_options", {{"include_usage", true}}}}));
+  ASSERT_EQ(plain.status, 200);
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  EXPECT_EQ(streamed.headers.find("Content-Type")->second, "text/event-stream");
+  EXPECT_TRUE(streamed.done) << "ends with data: [DONE]";
+  ASSERT_GE(streamed.events.size(), 4u);
+  EXPECT_EQ(streamed.events.front()["choices"][0]["delta"]["role"], "assistant");
+  EXPECT_GT(streamed.events.size(), 5u) << "several content chunks";
+  for (const json& e : streamed.events) EXPECT_EQ(e["object"], "chat.completion.chunk");
+  const json& finish = streamed.events[streamed.events.size() - 2];
+  EXPECT_EQ(finish["choices"][0]["finish_reason"], plain.json_body()["choices"][0]["finish_reason"]);
+  EXPECT_EQ(streamed.events.back()["usage"], plain.json_body()["usage"]);
+  EXPECT_EQ(choice_texts(streamed), choice_texts(plain));
+}
+
+TEST(Server, EarlierTurnsBecomeTheConversationPrompt) {
+  auto cli = shared_server().client();
+  json body = {{"max_tokens", 5}};
+  body["messages"] = json::array(
+      {{{"role", "system"}, {"content", "You are helpful."}},
+       {{"role", "user"}, {"content", json::array({image_part(kCat), text_part("what is this?")})}},
+       {{"role", "assistant"}, {"content", "a cat"}},
+       {{"role", "user"}, {"content", "what color is it?"}}});
+  const Reply r = post(cli, body);
+  ASSERT_EQ(r.status, 200) << r.body;
+  const std::string prompt = chat_prompt({{"what is this?", "a cat"}}, "what color is it?");
+  EXPECT_EQ(prompt, "Question: what is this? Answer: a cat. Question: what color is it? Answer:");
+  EXPECT_EQ(choice_texts(r)[0], reference(kCat, prompt, greedy(5))[0]);
+  EXPECT_EQ(r.json_body()["usage"]["prompt_tokens"], static_cast<int64_t>(model().tokenizer().encode(prompt).size()));
+}
+
+TEST(Server, SeveralChoicesSampledAndFromBeams) {
+  auto cli = shared_server().client();
+  GenerationOptions o = greedy(6);
+  o.do_sample = true;
+  o.temperature = 0.7;
+  o.top_p = 0.9;
+  o.seed = 11;
+  o.num_return_sequences = 3;
+  const json extra = {{"max_tokens", 6}, {"n", 3}, {"temperature", 0.7}, {"top_p", 0.9}, {"seed", 11}};
+  const Reply a = post(cli, ask(kCat, "what is it?", extra));
+  ASSERT_EQ(a.status, 200) << a.body;
+  ASSERT_EQ(a.json_body()["choices"].size(), 3u);
+  EXPECT_EQ(choice_texts(a), reference(kCat, "Question: what is it? Answer:", o));
+  json sextra = extra;
+  sextra["stream"] = true;
+  const Reply s = post(cli, ask(kCat, "what is it?", sextra));
+  EXPECT_EQ(choice_texts(s), choice_texts(a)) << "the same seed streams the same three texts";
+
+  GenerationOptions b = greedy(6);
+  b.num_beams = 4;
+  b.num_return_sequences = 2;
+  b.length_penalty = 0.5;
+  b.repetition_penalty = 1.3;
+  b.no_repeat_ngram_size = 2;
+  b.min_new_tokens = 2;
+  const json bextra = {{"max_tokens", 6}, {"n", 2}, {"num_beams", 4}, {"length_penalty", 0.5},
+                       {"repetition_penalty", 1.3}, {"no_repeat_ngram_size", 2}, {"min_tokens", 2}};
+  const Reply beams = post(cli, ask(kRocket, "what is it?", bextra));
+  ASSERT_EQ(beams.status, 200) << beams.body;
+  EXPECT_EQ(choice_texts(beams), reference(kRocket, "Question: what is it? Answer:", b));
+  json bstream = bextra;
+  bstream["stream"] = true;
+  EXPECT_EQ(choice_texts(post(cli, ask(kRocket, "what is it?", bstream))), choice_texts(beams));
+}
+
+TEST(Server, FollowUpQuestionsHitTheImageCache) {
+  TestServer s;
+  auto cli = s.client();
+  const int64_t before = model().image_encodings();
+  const Reply first = post(cli, ask(kCoffee, "first?", {{"max_tokens", 3}}));
+  ASSERT_EQ(first.status, 200) << first.body;
+  EXPECT_EQ(first.headers.find("X-Image-Cache")->second, "miss");
+  EXPECT_EQ(model().image_encodings(), before + 1);
+  for (const char* q : {"second?", "third?"}) {
+    const Reply r = post(cli, ask(kCoffee, q, {{"max_tokens", 3}, {"stream", true}}));
+    ASSERT_EQ(r.status, 200);
+    EXPECT_EQ(r.headers.find("X-Image-Cache")->second, "hit");
+    EXPECT_EQ(choice_texts(r)[0], reference(kCoffee, std::string("Question: ") + q + " Answer:", greedy(3))[0]);
+  }
+  EXPECT_EQ(model().image_encodings(), before + 1 + 2) << "only the references ran the vision encoder again";
+  const std::string m = cli.Get("/metrics")->body;
+  EXPECT_EQ(metric(m, "blip2_image_cache_hits_total"), 2);
+  EXPECT_EQ(metric(m, "blip2_image_cache_entries"), 1);
+  EXPECT_EQ(metric(m, "blip2_images_encoded_total"), 1);
+}
+
+TEST(Server, CacheEvictsTheLeastRecentImage) {
+  ServerOptions o;
+  const auto& c = model().config();
+  o.scheduler.image_cache_bytes = 2 * (c.num_query_tokens * c.text.d_model * 4 + 64) + 100;  // two encodings
+  TestServer s(o);
+  auto cli = s.client();
+  for (const auto& img : {kCat, kRocket, kCat, kCoffee, kRocket})
+    ASSERT_EQ(post(cli, ask(img, "q", {{"max_tokens", 1}})).status, 200);
+  const std::string m = cli.Get("/metrics")->body;
+  // cat miss, rocket miss, cat hit, coffee miss (evicts rocket), rocket miss (evicts cat)
+  EXPECT_EQ(metric(m, "blip2_image_cache_hits_total"), 1) << m;
+  EXPECT_EQ(metric(m, "blip2_image_cache_evictions_total"), 2) << m;
+  EXPECT_EQ(metric(m, "blip2_image_cache_entries"), 2) << m;
+}
+
+// ---- Bad requests ------------------------------------------------------------------------------------------
+
+TEST(ServerErrors, MalformedAndWrongRequestsGet4xxAndTheServerKeepsServing) {
+  auto cli = shared_server().client();
+  const std::string small = image_part(kImages + "one_pixel.png")["image_url"]["url"];
+  const auto with_url = [&](const std::string& url, const std::string& text = "q") {
+    json j = {{"max_tokens", 2}};
+    j["messages"] = json::array({{{"role", "user"},
+                                  {"content", json::array({{{"type", "image_url"}, {"image_url", {{"url", url}}}},
+                                                           text_part(text)})}}});
+    return j;
+  };
+  const json good = with_url(small);
+  ASSERT_EQ(post(cli, good).status, 200);
+
+  expect_error(post(cli, std::string("{\"messages\": [")), 400, "not valid JSON");
+  expect_error(post(cli, std::string("")), 400, "not valid JSON");
+  expect_error(post(cli, std::string("[1,2]")), 400, "must be a JSON object");
+  expect_error(post(cli, good.dump(), "/v1/chat/completions", "text/plain"), 415, "application/json");
+  expect_error(post(cli, json{{"max_tokens", 2}}), 400, "'messages' is required", "messages");
+  expect_error(post(cli, json{{"messages", "hi"}}), 400, "must be an array", "messages");
+  expect_error(post(cli, json{{"messages", json::array()}}), 400, "must not be empty", "messages");
+  json j = good;
+  j["max_tokens"] = "ten";
+  expect_error(post(cli, j), 400, "must be an integer", "max_tokens");
+  j = good;
+  j["max_tokens"] = 100000;
+  expect_error(post(cli, j), 400, "between 1 and", "max_tokens");
+  j = good;
+  j["temperature"] = 5;
+  expect_error(post(cli, j), 400, "between 0 and 2", "temperature");
+  j = good;
+  j["stream"] = "yes";
+  expect_error(post(cli, j), 400, "true or false", "stream");
+  j = good;
+  j["n"] = 2;
+  expect_error(post(cli, j), 400, "needs sampling", "n");
+  j = good;
+  j["n"] = 100;
+  expect_error(post(cli, j), 400, "between 1 and 8", "n");
+  j = good;
+  j["stop"] = "\n";
+  expect_error(post(cli, j), 400, "not supported", "stop");
+  j = good;
+  j["messages"][0]["role"] = "robot";
+  expect_error(post(cli, j), 400, "not supported", "messages[0].role");
+  j = good;
+  j["messages"][0]["content"][1] = {{"type", "audio"}};
+  expect_error(post(cli, j), 400, "not supported", "messages[0].content[1].type");
+  j = good;
+  j["messages"][0]["content"] = 42;
+  expect_error(post(cli, j), 400, "must be a string or an array", "messages[0].content");
+  j = good;
+  j["messages"].push_back({{"role", "assistant"}, {"content", "a"}});
+  expect_error(post(cli, j), 400, "last message must be the user's", "messages");
+  expect_error(post(cli, json{{"messages", json::array({{{"role", "user"}, {"content", "no image"}}})}}), 400,
+               "needs an image", "messages");
+  j = good;
+  j["messages"][0]["content"].push_back(image_part(kCat));
+  expect_error(post(cli, j), 400, "one image per conversation", "messages");
+
+  // Images: bad base64, not base64, not an image, a truncated image, a forged huge size, refused URLs.
+  expect_error(post(cli, with_url("data:image/png;base64,iVBORw0KGgo!!!")), 400, "not valid base64", "image_url");
+  expect_error(post(cli, with_url(small.substr(0, small.size() - 3))), 400, "not valid base64", "image_url");
+  expect_error(post(cli, with_url("data:image/png,rawbytes")), 400, "must be base64", "image_url");
+  expect_error(post(cli, with_url("data:text/plain;base64,aGVsbG8=")), 400, "not an image", "image_url");
+  expect_error(post(cli, with_url("data:image/png;base64,aGVsbG8gd29ybGQ=")), 422, "not a PNG or JPEG", "image_url");
+  const std::string truncated = image_part(kImages + "truncated.jpg")["image_url"]["url"];
+  expect_error(post(cli, with_url(truncated)), 422, "cannot use the image", "image_url");
+  std::string bomb = slurp(kRocket);  // SOF header rewritten to 60000 x 60000 pixels
+  for (size_t i = 0; i + 9 < bomb.size(); ++i)
+    if (static_cast<unsigned char>(bomb[i]) == 0xFF && (static_cast<unsigned char>(bomb[i + 1]) & 0xFE) == 0xC0) {
+      bomb[i + 5] = bomb[i + 7] = static_cast<char>(0xEA);
+      bomb[i + 6] = bomb[i + 8] = static_cast<char>(0x60);
+      break;
+    }
+  expect_error(post(cli, with_url("data:image/jpeg;base64," + base64_encode(bomb))), 422, "too large", "image_url");
+  expect_error(post(cli, with_url("file:///etc/passwd")), 400, "disabled", "image_url");
+  expect_error(post(cli, with_url("http://127.0.0.1:1/x.png")), 400, "disabled", "image_url");
+  expect_error(post(cli, with_url("ftp://x/y.png")), 400, "data:image", "image_url");
+
+  // Paths and methods.
+  expect_error(get(cli, "/v2/nothing"), 404, "no such endpoint");
+  expect_error(get(cli, "/v1/chat/completions"), 405, "not allowed");
+
+  ASSERT_EQ(post(cli, good).status, 200) << "still serving";
+}
+
+TEST(ServerErrors, LimitsOnBodyImageDepthAndPrompt) {
+  ServerOptions o;
+  o.limits.max_body_bytes = 1000000;
+  o.limits.max_image_bytes = 200000;
+  o.limits.max_json_depth = 8;
+  o.limits.max_prompt_tokens = 20;
+  o.limits.max_image_pixels = 100 * 100;
+  TestServer s(o);
+  auto cli = s.client();
+  expect_error(post(cli, std::string(1100000, ' ')), 413, "too large");
+  expect_error(post(cli, ask(kCat, "q")), 413, "limit is 200000", "image_url");  // chelsea.png: 240 kB
+  expect_error(post(cli, ask(kImages + "exact224.png", "q")), 422, "too large", "image_url");  // 224 x 224 pixels, 151 kB
+  std::string deep = "{\"messages\": " + std::string(20, '[') + std::string(20, ']') + "}";
+  expect_error(post(cli, deep), 400, "deeper than 8");
+  const std::string one = kImages + "one_pixel.png";
+  expect_error(post(cli, ask(one, std::string(200, 'x') + " y z w v u t s r q p o n m l k j i h g f e d c b a")),
+               400, "too long", "messages");
+  // A long conversation keeps only the turns that fit.
+  json body = {{"max_tokens", 2}};
+  body["messages"] = json::array({{{"role", "user"}, {"content", json::array({image_part(one), text_part("a b c")})}},
+                                  {{"role", "assistant"}, {"content", "d e f g h i"}},
+                                  {{"role", "user"}, {"content", "j k"}}});
+  const Reply r = post(cli, body);
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(r.json_body()["usage"]["prompt_tokens"],
+            static_cast<int64_t>(model().tokenizer().encode("Question: j k Answer:").size()));
+  EXPECT_EQ(cli.Get("/health")->status, 200);
+}
+
+TEST(ServerErrors, ApiKeyAndLocalFiles) {
+  ServerOptions o;
+  o.api_key = "s3cret";
+  o.limits.local_image_dir = kImages;
+  TestServer s(o);
+  auto cli = s.client();
+  const json body = ask(kCat, "q", {{"max_tokens", 2}});
+  expect_error(post(cli, body), 401, "API key");
+  expect_error(post(cli, body.dump(), "/v1/chat/completions", "application/json", {{"Authorization", "Bearer nope"}}),
+               401, "API key");
+  auto models = cli.Get("/v1/models");
+  EXPECT_EQ(models->status, 401);
+  EXPECT_EQ(cli.Get("/health")->status, 200) << "health needs no key";
+  const httplib::Headers auth = {{"Authorization", "Bearer s3cret"}};
+  EXPECT_EQ(post(cli, body.dump(), "/v1/chat/completions", "application/json", auth).status, 200);
+
+  json file = {{"max_tokens", 2}};
+  file["messages"] = json::array(
+      {{{"role", "user"},
+        {"content", json::array({{{"type", "image_url"}, {"image_url", {{"url", "file://" + kCat}}}}, text_part("q")})}}});
+  const Reply ok = post(cli, file.dump(), "/v1/chat/completions", "application/json", auth);
+  EXPECT_EQ(ok.status, 200) << ok.body;
+  file["messages"][0]["content"][0]["image_url"]["url"] = "file://" + kImages + "../../CMakeLists.txt";
+  expect_error(post(cli, file.dump(), "/v1/chat/completions", "application/json", auth), 400, "outside", "image_url");
+  file["messages"][0]["content"][0]["image_url"]["url"] = "file:///etc/passwd";
+  expect_error(post(cli, file.dump(), "/v1/chat/completions", "application/json", auth), 400, "outside", "image_url");
+}
+
+// Random damage to a valid request: every answer is a 200 or a 4xx with OpenAI's error object.
+TEST(ServerErrors, MutatedRequestsNeverBreakTheServer) {
+  auto cli = shared_server().client();
+  const std::string valid = ask(kImages + "one_pixel.png", "what?", {{"max_tokens", 2}}).dump();
+  std::mt19937 rng(1234);
+  int ok = 0, rejected = 0;
+  for (int i = 0; i < 150; ++i) {
+    std::string b = valid;
+    const int edits = 1 + static_cast<int>(rng() % 4);
+    for (int k = 0; k < edits; ++k) {
+      const size_t at = rng() % b.size();
+      switch (rng() % 4) {
+        case 0: b[at] = static_cast<char>(rng() % 256); break;
+        case 1: b.erase(at, 1 + rng() % 8); break;
+        case 2: b.insert(at, std::string(1 + rng() % 3, "{}[]\",:0\\"[rng() % 9])); break;
+        case 3: b.resize(at); break;
+      }
+      if (b.empty()) b = "x";
+    }
+    const Reply r = post(cli, b);
+    ASSERT_TRUE(r.status == 200 || (r.status >= 400 && r.status < 500)) << r.status << " for " << b.substr(0, 300);
+    if (r.status == 200) {
+      ++ok;
+    } else {
+      ++rejected;
+      const json j = r.json_body();
+      ASSERT_TRUE(j.is_object() && j.contains("error") && j["error"].contains("message")) << r.body;
+    }
+  }
+  EXPECT_GT(rejected, 50);
+  EXPECT_EQ(cli.Get("/health")->status, 200);
+}
+
+TEST(ServerRequestParsing, Base64IsStrict) {
+  EXPECT_EQ(base64_decode("aGVsbG8=", 100).value(), "hello");
+  EXPECT_EQ(base64_decode("", 100).value(), "");
+  EXPECT_EQ(base64_encode("hello"), "aGVsbG8=");
+  for (const char* bad : {"aGVsbG8", "aGVsbG8==", "aGV sbG8=", "aGVsbG9=", "a===", "====", "aGVs\nbG8=", "aGVsbG8=aGVs"})
+    EXPECT_FALSE(base64_decode(bad, 100)) << bad;
+  EXPECT_FALSE(base64_decode("aGVsbG8=", 4)) << "over the size limit";
+  std::mt19937 rng(5);
+  for (int i = 0; i < 200; ++i) {
+    std::string s(rng() % 40, '\0');
+    for (auto& c : s) c = static_cast<char>(rng());
+    EXPECT_EQ(base64_decode(base64_encode(s), 100).value(), s);
+  }
+}
+
+// ---- Load, queue, disconnects, timeouts, draining ------------------------------------------------------------
+
+TEST(ServerLoad, ConcurrentRequestsAllSucceedWithTheSequentialAnswers) {
+  TestServer s;
+  const std::vector<std::string> images = {kCat, kRocket, kCoffee};
+  std::vector<std::string> want;
+  for (int i = 0; i < 6; ++i)
+    want.push_back(reference(images[i % 3], "Question: q" + std::to_string(i) + " Answer:", greedy(4 + i))[0]);
+  std::atomic<int> errors{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 8; ++c)
+    clients.emplace_back([&, c] {
+      auto cli = s.client();
+      for (int k = 0; k < 3; ++k) {
+        const int i = (c + k) % 6;
+        json extra = {{"max_tokens", 4 + i}};
+        if ((c + k) % 2) extra["stream"] = true;
+        const Reply r = post(cli, ask(images[i % 3], "q" + std::to_string(i), extra));
+        if (r.status != 200 || choice_texts(r).at(0) != want[i]) ++errors;
+      }
+    });
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(errors, 0);
+  const std::string m = s.client().Get("/metrics")->body;
+  EXPECT_EQ(metric(m, "blip2_requests_completed_total"), 24);
+}
+
+TEST(ServerLoad, FullQueueAnswers503) {
+  ServerOptions o;
+  o.scheduler.max_queue = 1;
+  o.scheduler.max_batch_rows = 1;
+  TestServer s(o);
+  std::atomic<int> ok{0}, busy{0}, other{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 12; ++c)
+    clients.emplace_back([&] {
+      auto cli = s.client();
+      const Reply r = post(cli, ask(kCat, "q", {{"max_tokens", 40}, {"min_tokens", 40}}));
+      if (r.status == 200) ++ok;
+      else if (r.status == 503 && r.body.find("busy") != std::string::npos) ++busy;
+      else ++other;
+    });
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(other, 0);
+  EXPECT_GE(ok, 2);
+  EXPECT_GE(busy, 1);
+  auto cli = s.client();
+  EXPECT_EQ(post(cli, ask(kCat, "q", {{"max_tokens", 2}})).status, 200) << "serves again once the queue clears";
+}
+
+TEST(ServerLoad, ClientThatGoesAwayIsCancelled) {
+  ServerOptions o;
+  o.limits.max_output_tokens = 4000;
+  TestServer s(o);
+  for (bool stream : {true, false}) {
+    SCOPED_TRACE(stream);
+    std::atomic<bool> got_data{false};
+    {
+      httplib::Client cli("127.0.0.1", s.port);
+      cli.set_read_timeout(0, 100000);  // the non-streamed request gives up after 0.1 s
+      httplib::Request req;
+      req.method = "POST";
+      req.path = "/v1/chat/completions";
+      req.headers = {{"Content-Type", "application/json"}};
+      req.body = ask(kCat, "q", {{"max_tokens", 4000}, {"min_tokens", 4000}, {"stream", stream}}).dump();
+      req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) {
+        got_data = true;
+        return false;  // hang up on the first bytes
+      };
+      cli.send(req);
+    }
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    std::string m;
+    do {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      m = s.client().Get("/metrics")->body;
+    } while (metric(m, "blip2_requests_cancelled_total") < (stream ? 1 : 2) && std::chrono::steady_clock::now() < until);
+    EXPECT_EQ(metric(m, "blip2_requests_cancelled_total"), stream ? 1 : 2) << m;
+    EXPECT_EQ(metric(m, "blip2_running_requests"), 0);
+    EXPECT_EQ(metric(m, "blip2_requests_completed_total"), 0) << "stopped before its 4000 tokens";
+  }
+}
+
+TEST(ServerLoad, RequestsThatRunOutOfTimeFail) {
+  ServerOptions o;
+  o.scheduler.request_timeout_s = 0.05;
+  o.limits.max_output_tokens = 4000;
+  TestServer s(o);
+  auto cli = s.client();
+  const Reply r = post(cli, ask(kCat, "q", {{"max_tokens", 4000}, {"min_tokens", 4000}}));
+  expect_error(r, 503, "ran out of time");
+  const Reply st = post(cli, ask(kCat, "q", {{"max_tokens", 4000}, {"min_tokens", 4000}, {"stream", true}}));
+  EXPECT_EQ(st.status, 200);
+  ASSERT_FALSE(st.events.empty());
+  EXPECT_TRUE(st.events.back().contains("error")) << st.body.substr(st.body.size() - 300);
+  EXPECT_TRUE(st.done);
+}
+
+TEST(ServerLoad, ShutdownFinishesRunningRequestsAndRefusesNewOnes) {
+  auto s = std::make_unique<TestServer>();
+  Reply running;
+  std::thread t([&] {
+    auto cli = s->client();
+    running = post(cli, ask(kCat, "q", {{"max_tokens", 60}, {"min_tokens", 60}}));
+  });
+  while (metric(s->client().Get("/metrics")->body, "blip2_running_requests") < 1)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  std::thread stopper([&] { s->srv->shutdown(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  auto cli = s->client();
+  const Reply refused = post(cli, ask(kCat, "q", {{"max_tokens", 2}}));
+  stopper.join();
+  t.join();
+  EXPECT_EQ(running.status, 200) << running.body;
+  EXPECT_EQ(running.json_body()["usage"]["completion_tokens"], 60);
+  EXPECT_TRUE(refused.status == 503 || refused.status == 0) << refused.status << " " << refused.body;
+  s->thread.join();
+  s->thread = std::thread([] {});
+  s.reset();
+}
+
+}  // namespace

@@ -8,7 +8,9 @@ packages=(
   libpcre2-dev                            # Unicode regex for the OPT (GPT-2 BPE) tokenizer
   libpng-dev libjpeg62-turbo-dev          # image decoding (libjpeg-turbo: the decoder Pillow uses)
   nlohmann-json3-dev libcli11-dev         # JSON, command line
+  libcpp-httplib-dev libssl-dev           # HTTP server (blip2 serve); SHA-256 of images
   libgtest-dev                            # tests
+  curl chromium                           # server tests: the curl script, the page in headless Chromium
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,5 +1,8 @@
 // blip2 serve: the HTTP server (src/server) on a socket, until SIGTERM or SIGINT, which drain it first.
 #include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -16,6 +19,13 @@ using namespace blip2::server;
 
 namespace {
 
+int g_signal_pipe[2] = {-1, -1};
+
+void on_signal(int sig) {
+  const unsigned char b = static_cast<unsigned char>(sig);
+  [[maybe_unused]] const ssize_t n = write(g_signal_pipe[1], &b, 1);
+}
+
 struct ServeArgs {
   std::string model;
   ServerOptions opt;
@@ -23,13 +33,15 @@ struct ServeArgs {
 };
 
 void run_serve(const ServeArgs& a, const std::function<std::unique_ptr<Blip2Model>(const std::string&)>& load) {
-  // SIGTERM and SIGINT are taken by one thread with sigwait: blocked here, before any thread exists, so that
-  // every thread inherits the mask. A peer that closes its socket must not kill the server (SIGPIPE).
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGTERM);
-  sigaddset(&sigs, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  // SIGTERM and SIGINT write their number to a pipe (any thread may receive them: libraries start threads
+  // before main); a waiter thread reads it and drains the server. A peer that closes its socket must not
+  // kill the server (SIGPIPE).
+  if (pipe(g_signal_pipe) != 0) fail(ErrorKind::Internal, "pipe() failed");
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
   ServerOptions opt = a.opt;
@@ -54,8 +66,9 @@ void run_serve(const ServeArgs& a, const std::function<std::unique_ptr<Blip2Mode
   std::fflush(stderr);
 
   std::thread waiter([&] {
-    int sig = 0;
-    sigwait(&sigs, &sig);
+    unsigned char sig = 0;
+    while (read(g_signal_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+    }
     std::fprintf(stderr, "blip2 serve: %s: finishing running requests\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     server.shutdown();
   });

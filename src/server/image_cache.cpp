@@ -20,14 +20,14 @@ std::string sha256_hex(std::string_view bytes) {
   return out;
 }
 
-std::shared_ptr<const Tensor> ImageCache::get(const std::string& key) {
+std::shared_ptr<const Tensor> ImageCache::get(const std::string& key, bool count) {
   std::lock_guard<std::mutex> lock(mu_);
   const auto it = index_.find(key);
   if (it == index_.end()) {
-    ++misses_;
+    misses_ += count;
     return nullptr;
   }
-  ++hits_;
+  hits_ += count;
   lru_.splice(lru_.begin(), lru_, it->second);
   return it->second->value;
 }

@@ -21,8 +21,8 @@ class ImageCache {
  public:
   explicit ImageCache(size_t max_bytes) : max_bytes_(max_bytes) {}
 
-  // The entry for `key` (now the most recent), or null. Counts a hit or a miss.
-  std::shared_ptr<const Tensor> get(const std::string& key);
+  // The entry for `key` (now the most recent), or null. Counts a hit or a miss unless `count` is false.
+  std::shared_ptr<const Tensor> get(const std::string& key, bool count = true);
   // Stores (or refreshes) an entry, then evicts the least recent ones beyond the budget. An entry larger
   // than the whole budget is not kept.
   void put(const std::string& key, std::shared_ptr<const Tensor> value);

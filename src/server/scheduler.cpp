@@ -137,7 +137,7 @@ void Scheduler::encode_images(const std::vector<std::shared_ptr<Job>>& jobs) {
   std::vector<const Tensor*> pixels;
   for (const auto& j : jobs) {
     if (j->image) continue;
-    if (auto hit = cache_.get(j->image_key)) {  // encoded since it was queued
+    if (auto hit = cache_.get(j->image_key, false)) {  // encoded since it was queued (counted as a miss)
       j->image = std::move(hit);
       j->cache_hit = true;
       continue;

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# blip2 serve as a real process, driven with curl: health, a plain and a streamed completion (the same answer as
+# `blip2 ask`), errors in OpenAI's shape, an oversize body, and SIGTERM draining a running request before exit.
+# Usage: server_curl.sh BLIP2_CLI FIXTURES_DIR
+set -euo pipefail
+cli=$1
+images=$2/images
+tmp=$(mktemp -d)
+pid=
+cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
+fail() { echo "FAIL: $*" >&2; echo "--- server stderr:" >&2; cat "$tmp/err" >&2; exit 1; }
+
+"$cli" serve --port 0 --max-body-mb 1 --max-tokens 4000 2> "$tmp/err" &
+pid=$!
+for _ in $(seq 1 400); do grep -q "listening on" "$tmp/err" && break; sleep 0.05; done
+port=$(grep -o '127\.0\.0\.1:[0-9]*' "$tmp/err" | head -1 | cut -d: -f2)
+[ -n "$port" ] || fail "server did not start"
+url="http://127.0.0.1:$port"
+
+# request FILE -> "STATUS BODY" on one line pair: status in $code, body in $body
+request() {
+  local out
+  out=$(curl -sS -w '\n%{http_code}' -H 'Content-Type: application/json' "$@" "$url/v1/chat/completions")
+  code=${out##*$'\n'}
+  body=${out%$'\n'*}
+}
+
+curl -sSf "$url/health" | grep -q '"status":"ok"' || fail "health"
+curl -sSf "$url/v1/models" | grep -q '"object":"list"' || fail "models"
+curl -sSf "$url/metrics" | grep -q '^blip2_queue_length 0$' || fail "metrics"
+curl -sSf "$url/" | grep -q '<title>BLIP-2</title>' || fail "page"
+
+img=$(base64 -w0 "$images/chelsea.png")
+ask() {  # ask QUESTION MAX_TOKENS [EXTRA_JSON_FIELDS]
+  printf '{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,%s"}},{"type":"text","text":"%s"}]}],"max_tokens":%s%s}' \
+    "$img" "$1" "$2" "${3:-}" > "$tmp/req.json"
+}
+
+want=$("$cli" ask "$images/chelsea.png" "what is this?" --max-new-tokens 8)
+ask "what is this?" 8
+request -d @"$tmp/req.json"
+[ "$code" = 200 ] || fail "plain completion: $code $body"
+echo "$body" | grep -qF "\"content\":\"$want\"" || fail "plain completion: want '$want' in $body"
+
+ask "what is this?" 8 ',"stream":true'
+curl -sSN -H 'Content-Type: application/json' -d @"$tmp/req.json" "$url/v1/chat/completions" > "$tmp/stream"
+grep -q '"object":"chat.completion.chunk"' "$tmp/stream" || fail "stream chunks"
+[ "$(grep -c '^data: ' "$tmp/stream")" -ge 5 ] || fail "stream has too few events"
+[ "$(grep '^data: ' "$tmp/stream" | tail -1)" = "data: [DONE]" ] || fail "stream does not end with [DONE]"
+streamed=$(grep -o '"delta":{"content":"[^"]*"' "$tmp/stream" | sed 's/^"delta":{"content":"//; s/"$//' | tr -d '\n')
+[ "$streamed" = "$want" ] || fail "streamed text '$streamed' != '$want'"
+
+request -d '{"messages": [}'
+[ "$code" = 400 ] && echo "$body" | grep -q '"error":{"code":"invalid_json"' || fail "malformed JSON: $code $body"
+request -d '{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,@@@@"}}]}]}'
+[ "$code" = 400 ] && echo "$body" | grep -q '"invalid_base64"' || fail "bad base64: $code $body"
+head -c 1500000 /dev/zero | tr '\0' ' ' > "$tmp/big.json"
+request --data-binary @"$tmp/big.json"
+[ "$code" = 413 ] && echo "$body" | grep -q '"error"' || fail "oversize body: $code $body"
+code=$(curl -sS -o /dev/null -w '%{http_code}' -H 'Content-Type: text/plain' -d '{}' "$url/v1/chat/completions")
+[ "$code" = 415 ] || fail "wrong content type: $code"
+
+# SIGTERM while a long request streams: it finishes, then the server exits with status 0.
+ask "tell me everything" 1000 ',"min_tokens":1000,"stream":true'
+curl -sSN -H 'Content-Type: application/json' -d @"$tmp/req.json" "$url/v1/chat/completions" > "$tmp/long" &
+curl_pid=$!
+for _ in $(seq 1 400); do [ -s "$tmp/long" ] && break; sleep 0.01; done
+[ -s "$tmp/long" ] || fail "long request did not start"
+kill -TERM "$pid"
+wait "$curl_pid" || fail "the running request failed during shutdown"
+status=0
+wait "$pid" || status=$?
+pid=
+[ "$status" = 0 ] || fail "server exit status $status after SIGTERM"
+grep -q '"finish_reason":"length"' "$tmp/long" || fail "running request was cut short: $(tail -c 300 "$tmp/long")"
+[ "$(grep '^data: ' "$tmp/long" | tail -1)" = "data: [DONE]" ] || fail "running request did not end with [DONE]"
+grep -q "finishing running requests" "$tmp/err" || fail "no drain message"
+echo "server_curl: all checks passed"

@@ -406,6 +406,43 @@ TEST(ServerErrors, ApiKeyAndLocalFiles) {
   expect_error(post(cli, file.dump(), "/v1/chat/completions", "application/json", auth), 400, "outside", "image_url");
 }
 
+TEST(ServerErrors, RemoteImagesOnlyWhenAllowed) {
+  httplib::Server images;  // a stand-in for a web server holding the picture
+  const std::string cat = slurp(kCat);
+  images.Get("/cat.png", [&](const httplib::Request&, httplib::Response& res) { res.set_content(cat, "image/png"); });
+  images.Get("/big.png", [&](const httplib::Request&, httplib::Response& res) { res.set_content(cat + cat, "image/png"); });
+  const int port = images.bind_to_any_port("127.0.0.1");
+  std::thread t([&] { images.listen_after_bind(); });
+  while (!images.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  const std::string base = "http://127.0.0.1:" + std::to_string(port);
+  const auto body = [&](const std::string& url) {
+    json j = {{"max_tokens", 3}};
+    j["messages"] = json::array({{{"role", "user"},
+                                  {"content", json::array({{{"type", "image_url"}, {"image_url", {{"url", url}}}},
+                                                           text_part("what is this?")})}}});
+    return j;
+  };
+  {
+    auto cli = shared_server().client();
+    expect_error(post(cli, body(base + "/cat.png")), 400, "remote image URLs are disabled", "image_url");
+  }
+  {
+    ServerOptions o;
+    o.limits.allow_remote_images = true;
+    o.limits.max_image_bytes = cat.size() + 10;
+    TestServer s(o);
+    auto cli = s.client();
+    const Reply r = post(cli, body(base + "/cat.png"));
+    ASSERT_EQ(r.status, 200) << r.body;
+    EXPECT_EQ(choice_texts(r)[0], reference(kCat, "Question: what is this? Answer:", greedy(3))[0]);
+    expect_error(post(cli, body(base + "/big.png")), 413, "limit", "image_url");
+    expect_error(post(cli, body(base + "/missing.png")), 400, "HTTP 404", "image_url");
+    expect_error(post(cli, body("http://127.0.0.1:1/x.png")), 400, "could not fetch", "image_url");
+  }
+  images.stop();
+  t.join();
+}
+
 // Random damage to a valid request: every answer is a 200 or a 4xx with OpenAI's error object.
 TEST(ServerErrors, MutatedRequestsNeverBreakTheServer) {
   auto cli = shared_server().client();

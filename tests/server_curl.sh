@@ -26,10 +26,12 @@ request() {
   body=${out%$'\n'*}
 }
 
-curl -sSf "$url/health" | grep -q '"status":"ok"' || fail "health"
-curl -sSf "$url/v1/models" | grep -q '"object":"list"' || fail "models"
-curl -sSf "$url/metrics" | grep -q '^blip2_queue_length 0$' || fail "metrics"
-curl -sSf "$url/" | grep -q '<title>BLIP-2</title>' || fail "page"
+# (the whole response first: grep -q stopping early would make curl fail under pipefail)
+get() { curl -sSf "$url$1"; }
+grep -q '"status":"ok"' <<< "$(get /health)" || fail "health"
+grep -q '"object":"list"' <<< "$(get /v1/models)" || fail "models"
+grep -q '^blip2_queue_length 0$' <<< "$(get /metrics)" || fail "metrics"
+grep -q '<title>BLIP-2</title>' <<< "$(get /)" || fail "page"
 
 img=$(base64 -w0 "$images/chelsea.png")
 ask() {  # ask QUESTION MAX_TOKENS [EXTRA_JSON_FIELDS]
@@ -41,7 +43,7 @@ want=$("$cli" ask "$images/chelsea.png" "what is this?" --max-new-tokens 8)
 ask "what is this?" 8
 request -d @"$tmp/req.json"
 [ "$code" = 200 ] || fail "plain completion: $code $body"
-echo "$body" | grep -qF "\"content\":\"$want\"" || fail "plain completion: want '$want' in $body"
+grep -qF "\"content\":\"$want\"" <<< "$body" || fail "plain completion: want '$want' in $body"
 
 ask "what is this?" 8 ',"stream":true'
 curl -sSN -H 'Content-Type: application/json' -d @"$tmp/req.json" "$url/v1/chat/completions" > "$tmp/stream"
@@ -52,12 +54,12 @@ streamed=$(grep -o '"delta":{"content":"[^"]*"' "$tmp/stream" | sed 's/^"delta":
 [ "$streamed" = "$want" ] || fail "streamed text '$streamed' != '$want'"
 
 request -d '{"messages": [}'
-[ "$code" = 400 ] && echo "$body" | grep -q '"error":{"code":"invalid_json"' || fail "malformed JSON: $code $body"
+[ "$code" = 400 ] && grep -q '"error":{"code":"invalid_json"' <<< "$body" || fail "malformed JSON: $code $body"
 request -d '{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,@@@@"}}]}]}'
-[ "$code" = 400 ] && echo "$body" | grep -q '"invalid_base64"' || fail "bad base64: $code $body"
+[ "$code" = 400 ] && grep -q '"invalid_base64"' <<< "$body" || fail "bad base64: $code $body"
 head -c 1500000 /dev/zero | tr '\0' ' ' > "$tmp/big.json"
 request --data-binary @"$tmp/big.json"
-[ "$code" = 413 ] && echo "$body" | grep -q '"error"' || fail "oversize body: $code $body"
+[ "$code" = 413 ] && grep -q '"error"' <<< "$body" || fail "oversize body: $code $body"
 code=$(curl -sS -o /dev/null -w '%{http_code}' -H 'Content-Type: text/plain' -d '{}' "$url/v1/chat/completions")
 [ "$code" = 415 ] || fail "wrong content type: $code"
 

@@ -592,12 +592,14 @@ TEST(ServerLoad, RequestsThatRunOutOfTimeFail) {
 TEST(ServerLoad, ShutdownFinishesRunningRequestsAndRefusesNewOnes) {
   auto s = std::make_unique<TestServer>();
   Reply running;
+  std::atomic<bool> answered{false};
   std::thread t([&] {
     auto cli = s->client();
-    running = post(cli, ask(kCat, "q", {{"max_tokens", 60}, {"min_tokens", 60}}));
+    running = post(cli, ask(kCat, "q", {{"max_tokens", 400}, {"min_tokens", 400}}));
+    answered = true;
   });
-  while (metric(s->client().Get("/metrics")->body, "blip2_running_requests") < 1)
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  while (!answered && metric(s->client().Get("/metrics")->body, "blip2_running_requests") < 1)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   std::thread stopper([&] { s->srv->shutdown(); });
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
   auto cli = s->client();
@@ -605,7 +607,7 @@ TEST(ServerLoad, ShutdownFinishesRunningRequestsAndRefusesNewOnes) {
   stopper.join();
   t.join();
   EXPECT_EQ(running.status, 200) << running.body;
-  EXPECT_EQ(running.json_body()["usage"]["completion_tokens"], 60);
+  EXPECT_EQ(running.json_body()["usage"]["completion_tokens"], 400);
   EXPECT_TRUE(refused.status == 503 || refused.status == 0) << refused.status << " " << refused.body;
   s->thread.join();
   s->thread = std::thread([] {});

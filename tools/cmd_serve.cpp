@@ -89,7 +89,8 @@ void add_serve_command(CLI::App& app, std::function<std::unique_ptr<Blip2Model>(
   sub->add_option("--host", o.host, "Address to listen on (loopback by default; 0.0.0.0 for every interface)")
       ->capture_default_str();
   sub->add_option("--port", o.port, "Port to listen on; 0 picks a free one")->capture_default_str();
-  sub->add_option("--api-key", o.api_key, "Require \"Authorization: Bearer KEY\" on /v1/* (default: none)");
+  sub->add_option("--api-key", o.api_key, "Require \"Authorization: Bearer KEY\" on /v1/* (default: none; $BLIP2_API_KEY keeps it out of ps)")
+      ->envname("BLIP2_API_KEY");
   sub->add_option("--model-id", o.model_id, "Model name reported by /v1/models and in responses")->capture_default_str();
   const char* lim = "Limits";
   sub->add_option("--max-queue", o.scheduler.max_queue, "Requests waiting to start; beyond, 503")->capture_default_str()->group(lim);

@@ -516,6 +516,8 @@ TEST(ServerLoad, ConcurrentRequestsAllSucceedWithTheSequentialAnswers) {
   EXPECT_EQ(errors, 0);
   const std::string m = s.client().Get("/metrics")->body;
   EXPECT_EQ(metric(m, "blip2_requests_completed_total"), 24);
+  EXPECT_GT(metric(m, "blip2_batch_rows_sum"), metric(m, "blip2_batch_rows_count"))
+      << "some decoder steps ran several requests' rows together\n" << m;
 }
 
 TEST(ServerLoad, FullQueueAnswers503) {

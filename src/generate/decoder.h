@@ -22,9 +22,12 @@ class Decoder {
   virtual Tensor start() = 0;
   // Feeds one token per row; returns next-token logits [rows, vocab].
   virtual Tensor step(const std::vector<int32_t>& tokens) = 0;
-  // After this call, row r continues what row src[r] held (beam search). src[r] must stay within the
-  // same batch item.
+  // After this call, row r continues what row src[r] held (its cache and position): beam search re-ranking,
+  // and, with src shorter than rows(), dropping the rows no one takes (continuous batching).
   virtual void reorder(const std::vector<int>& src) = 0;
+  // Continuous batching: takes over `other`'s rows, after this decoder's own, each at its own position
+  // (`other` must be a started decoder of the same model; it is left with no rows).
+  virtual void append(Decoder&& other) = 0;
 };
 
 }  // namespace blip2

@@ -79,18 +79,7 @@ float normalise(float score, int len, double length_penalty) {
   return score / static_cast<float>(std::pow(static_cast<double>(len), length_penalty));
 }
 
-// ---- beam search state ----
-
-struct Hypothesis {
-  std::vector<int32_t> tokens;  // the row's sequence, prefix included
-  float score = 0.0f;
-};
-
-struct BeamItem {
-  std::vector<float> running;        // [num_beams] sums of processed log-probabilities (beam 1.. start ruled out)
-  std::vector<Hypothesis> finished;  // best first, at most num_beams
-  bool done = false;
-};
+// ---- beam search ----
 
 struct Candidate {
   float score;  // running score + this token's processed log-probability
@@ -247,153 +236,194 @@ int32_t sample_token(const float* s, int64_t V, std::mt19937_64& rng) {
   return static_cast<int32_t>(draw(w, total, rng));
 }
 
+std::mt19937_64 make_rng(const GenerationOptions& o) {
+  return std::mt19937_64(o.seed ? *o.seed
+                                : (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}());
+}
+
+Generation::Generation(const GenerationOptions& o, const SpecialTokens& sp, int64_t vocab,
+                       std::vector<std::vector<int32_t>> prefixes, std::mt19937_64* rng, TokenCallback on_token)
+    : o_(o), sp_(sp), V_(vocab), beam_(o.num_beams > 1), seqs_(std::move(prefixes)), on_token_(std::move(on_token)) {
+  const int E = rows_per_item(o);
+  if (static_cast<int>(seqs_.size()) != E)
+    fail(ErrorKind::Internal, "generation: " + std::to_string(seqs_.size()) + " prefixes for " + std::to_string(E) + " rows");
+  if (beam_ && 2 * static_cast<int64_t>(o.num_beams) > V_)
+    usage("--num-beams " + std::to_string(o.num_beams) + " is too large for a vocabulary of " + std::to_string(V_));
+  if (rng) {
+    rng_ = rng;
+  } else {
+    own_rng_ = std::make_unique<std::mt19937_64>(make_rng(o));
+    rng_ = own_rng_.get();
+  }
+  for (const auto& s : seqs_) prefix_len_.push_back(s.size());
+  feed_.assign(static_cast<size_t>(E), sp.pad);
+  parents_.resize(static_cast<size_t>(E));
+  std::iota(parents_.begin(), parents_.end(), 0);
+  row_score_.assign(static_cast<size_t>(E), 0.0f);
+  row_done_.assign(static_cast<size_t>(E), false);
+  if (beam_) {
+    running_.assign(static_cast<size_t>(E), kRuledOut);
+    running_[0] = 0.0f;  // only the first beam is live at the start: the others hold the same sequence
+  }
+}
+
+bool Generation::reordered() const {
+  for (size_t k = 0; k < parents_.size(); ++k)
+    if (parents_[k] != static_cast<int>(k)) return true;
+  return false;
+}
+
+void Generation::advance(const float* logits) {
+  const int K = rows();
+  std::iota(parents_.begin(), parents_.end(), 0);
+  if (done_) {
+    std::fill(feed_.begin(), feed_.end(), sp_.pad);  // its rows idle; nothing of theirs is used
+    return;
+  }
+  const int64_t V = V_;
+  const bool last = step_ + 1 == o_.max_new_tokens;
+  ++step_;
+
+  if (!beam_) {
+    std::vector<float> buf(static_cast<size_t>(V));
+    bool all_done = true;
+    for (int r = 0; r < K; ++r) {
+      if (row_done_[r]) {
+        feed_[r] = sp_.pad;  // finished rows keep feeding padding, as the reference does
+        continue;
+      }
+      const float* raw = logits + r * V;
+      std::copy(raw, raw + V, buf.begin());
+      process_scores(buf.data(), V, seqs_[r], prefix_len_[r], o_, sp_);
+      int32_t next;
+      if (o_.do_sample) {
+        warp_scores(buf.data(), V, o_, 1);
+        next = sample_token(buf.data(), V, *rng_);
+      } else {
+        next = static_cast<int32_t>(std::max_element(buf.begin(), buf.end()) - buf.begin());  // first maximum
+      }
+      row_score_[r] += log_prob(raw, V, next);
+      seqs_[r].push_back(next);
+      feed_[r] = next;
+      if (next == sp_.eos) row_done_[r] = true;
+      if (on_token_) on_token_(r, next);
+      all_done = all_done && row_done_[r];
+    }
+    done_ = all_done || last;
+    return;
+  }
+
+  // Beam search over this item's K beams.
+  const int C = 2 * K;  // candidates kept per step: enough that K of them do not end
+  std::vector<float> acc(static_cast<size_t>(K * V));
+  for (int k = 0; k < K; ++k) {
+    float* lp = acc.data() + k * V;
+    std::copy(logits + k * V, logits + (k + 1) * V, lp);
+    log_softmax(lp, V);  // beam search processes log-probabilities, not logits
+    process_scores(lp, V, seqs_[k], prefix_len_[k], o_, sp_);
+    if (o_.do_sample) warp_scores(lp, V, o_, 2);  // keep an alternative to eos
+    for (int64_t v = 0; v < V; ++v) lp[v] += running_[k];
+  }
+  const std::vector<Candidate> cand = o_.do_sample ? sampled_candidates(acc, V, C, *rng_) : top_candidates(acc, V, C);
+
+  // Candidates that end here: an eos, or any token at the length limit.
+  std::vector<bool> ends(static_cast<size_t>(C));
+  for (int j = 0; j < C; ++j) ends[j] = cand[j].token == sp_.eos || last;
+
+  // Among the first K, those that end are offered to the finished set (after the ones already there).
+  const int generated = step_;
+  for (int j = 0; j < K; ++j) {
+    if (!ends[j]) continue;
+    Hypothesis h{seqs_[cand[j].beam], normalise(cand[j].score, generated, o_.length_penalty)};
+    h.tokens.push_back(cand[j].token);
+    finished_.push_back(std::move(h));
+  }
+  std::stable_sort(finished_.begin(), finished_.end(),
+                   [](const Hypothesis& a, const Hypothesis& c) { return a.score > c.score; });
+  if (static_cast<int>(finished_.size()) > K) finished_.resize(static_cast<size_t>(K));
+
+  // The best K that do not end continue (ended ones are ruled out; they can only fill in at the limit).
+  std::vector<std::pair<float, int>> running;
+  for (int j = 0; j < C; ++j) running.emplace_back(cand[j].score + (ends[j] ? kRuledOut : 0.0f), j);
+  std::stable_sort(running.begin(), running.end(), [](const auto& a, const auto& c) { return a.first > c.first; });
+  std::vector<std::vector<int32_t>> next_seqs(static_cast<size_t>(K));
+  for (int k = 0; k < K; ++k) {
+    const Candidate& c = cand[running[k].second];
+    running_[k] = running[k].first;
+    next_seqs[k] = seqs_[c.beam];
+    next_seqs[k].push_back(c.token);
+    parents_[k] = c.beam;
+    feed_[k] = c.token;
+  }
+  seqs_ = std::move(next_seqs);
+
+  // Done when the finished set is full and the best running beam, normalised at the current length,
+  // cannot beat its worst (Hugging Face's heuristic for early_stopping=False); or at the length limit.
+  done_ = last || (static_cast<int>(finished_.size()) == K &&
+                   !(normalise(running_[0], generated, o_.length_penalty) > finished_.back().score));
+}
+
+std::vector<GeneratedSequence> Generation::results() const {
+  std::vector<GeneratedSequence> out;
+  for (int i = 0; i < o_.num_return_sequences; ++i) {
+    GeneratedSequence g;
+    if (beam_) {
+      if (i < static_cast<int>(finished_.size())) {
+        g.ids = without_prefix(finished_[i].tokens, prefix_len_[0]);
+        g.score = finished_[i].score;
+      }
+    } else {
+      g.ids = without_prefix(seqs_[i], prefix_len_[i]);
+      g.score = row_score_[i];
+    }
+    out.push_back(std::move(g));
+  }
+  return out;
+}
+
 std::vector<std::vector<GeneratedSequence>> generate(
     const std::function<std::unique_ptr<Decoder>(int expand)>& start, int batch, const GenerationOptions& o,
     const SpecialTokens& sp, const TokenCallback& on_token) {
   validate(o);
   if (batch < 1) fail(ErrorKind::Internal, "generate: empty batch");
-  const bool beam = o.num_beams > 1;
-  const int E = beam ? o.num_beams : o.num_return_sequences;  // decoder rows per batch item
+  const int E = rows_per_item(o);  // decoder rows per batch item
   auto dec = start(E);
   const int R = batch * E;
   const int64_t V = dec->vocab_size();
   if (dec->rows() != R) fail(ErrorKind::Internal, "generate: the decoder has the wrong number of rows");
-  if (beam && 2 * static_cast<int64_t>(o.num_beams) > V)
-    usage("--num-beams " + std::to_string(o.num_beams) + " is too large for a vocabulary of " + std::to_string(V));
 
-  std::mt19937_64 rng(o.seed ? *o.seed : (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}());
-
-  std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(R));
-  std::vector<size_t> prefix_len(static_cast<size_t>(R));  // the same for every row of an item
-  for (int r = 0; r < R; ++r) {
-    seqs[r] = dec->prefix(r);
-    prefix_len[r] = seqs[r].size();
-  }
-  std::vector<int32_t> feed(static_cast<size_t>(R), sp.pad);
-  std::vector<float> row_score(static_cast<size_t>(R), 0.0f);  // greedy / sampling
-  std::vector<bool> row_done(static_cast<size_t>(R), false);
-  std::vector<BeamItem> items(beam ? static_cast<size_t>(batch) : 0);
-  for (auto& it : items) {
-    it.running.assign(static_cast<size_t>(E), kRuledOut);
-    it.running[0] = 0.0f;  // only the first beam is live at the start: the others hold the same sequence
-  }
-  std::vector<float> buf(static_cast<size_t>(V));
-
-  for (int step = 0; step < o.max_new_tokens; ++step) {
-    const bool last = step + 1 == o.max_new_tokens;
-    const Tensor logits = step == 0 ? dec->start() : dec->step(feed);
-    bool all_done = true;
-
-    if (!beam) {
-      for (int r = 0; r < R; ++r) {
-        if (row_done[r]) {
-          feed[r] = sp.pad;  // finished rows keep feeding padding, as the reference does
-          continue;
-        }
-        const float* raw = logits.ptr() + r * V;
-        std::copy(raw, raw + V, buf.begin());
-        process_scores(buf.data(), V, seqs[r], prefix_len[r], o, sp);
-        int32_t next;
-        if (o.do_sample) {
-          warp_scores(buf.data(), V, o, 1);
-          next = sample_token(buf.data(), V, rng);
-        } else {
-          next = static_cast<int32_t>(std::max_element(buf.begin(), buf.end()) - buf.begin());  // first maximum
-        }
-        row_score[r] += log_prob(raw, V, next);
-        seqs[r].push_back(next);
-        feed[r] = next;
-        if (next == sp.eos) row_done[r] = true;
-        if (on_token) on_token(r, next);
-        all_done = all_done && row_done[r];
-      }
-      if (all_done) break;
-      continue;
-    }
-
-    // Beam search, one batch item at a time; rows b*K .. b*K+K-1 hold item b's beams.
-    const int K = E, C = 2 * K;  // candidates kept per step: enough that K of them do not end
-    std::vector<int> src(static_cast<size_t>(R));
-    std::iota(src.begin(), src.end(), 0);
-    std::vector<float> acc(static_cast<size_t>(K * V));
-    for (int b = 0; b < batch; ++b) {
-      BeamItem& it = items[b];
-      if (it.done) {
-        for (int k = 0; k < K; ++k) feed[b * K + k] = sp.pad;  // its rows idle; nothing of theirs is used
-        continue;
-      }
-      for (int k = 0; k < K; ++k) {
-        const int r = b * K + k;
-        float* lp = acc.data() + k * V;
-        std::copy(logits.ptr() + r * V, logits.ptr() + (r + 1) * V, lp);
-        log_softmax(lp, V);  // beam search processes log-probabilities, not logits
-        process_scores(lp, V, seqs[r], prefix_len[r], o, sp);
-        if (o.do_sample) warp_scores(lp, V, o, 2);  // keep an alternative to eos
-        for (int64_t v = 0; v < V; ++v) lp[v] += it.running[k];
-      }
-      const std::vector<Candidate> cand = o.do_sample ? sampled_candidates(acc, V, C, rng) : top_candidates(acc, V, C);
-
-      // Candidates that end here: an eos, or any token at the length limit.
-      std::vector<bool> ends(static_cast<size_t>(C));
-      for (int j = 0; j < C; ++j) ends[j] = cand[j].token == sp.eos || last;
-
-      // Among the first K, those that end are offered to the finished set (after the ones already there).
-      const int generated = step + 1;
-      for (int j = 0; j < K; ++j) {
-        if (!ends[j]) continue;
-        Hypothesis h{seqs[b * K + cand[j].beam], normalise(cand[j].score, generated, o.length_penalty)};
-        h.tokens.push_back(cand[j].token);
-        it.finished.push_back(std::move(h));
-      }
-      std::stable_sort(it.finished.begin(), it.finished.end(),
-                       [](const Hypothesis& a, const Hypothesis& c) { return a.score > c.score; });
-      if (static_cast<int>(it.finished.size()) > K) it.finished.resize(static_cast<size_t>(K));
-
-      // The best K that do not end continue (ended ones are ruled out; they can only fill in at the limit).
-      std::vector<std::pair<float, int>> running;
-      for (int j = 0; j < C; ++j) running.emplace_back(cand[j].score + (ends[j] ? kRuledOut : 0.0f), j);
-      std::stable_sort(running.begin(), running.end(),
-                       [](const auto& a, const auto& c) { return a.first > c.first; });
-      std::vector<std::vector<int32_t>> next_seqs(static_cast<size_t>(K));
-      for (int k = 0; k < K; ++k) {
-        const Candidate& c = cand[running[k].second];
-        it.running[k] = running[k].first;
-        next_seqs[k] = seqs[b * K + c.beam];
-        next_seqs[k].push_back(c.token);
-        src[b * K + k] = b * K + c.beam;
-        feed[b * K + k] = c.token;
-      }
-      for (int k = 0; k < K; ++k) seqs[b * K + k] = std::move(next_seqs[k]);
-
-      // Done when the finished set is full and the best running beam, normalised at the current length,
-      // cannot beat its worst (Hugging Face's heuristic for early_stopping=False).
-      if (static_cast<int>(it.finished.size()) == K &&
-          !(normalise(it.running[0], generated, o.length_penalty) > it.finished.back().score))
-        it.done = true;
-      all_done = all_done && it.done;
-    }
-    if (all_done || last) break;
-    dec->reorder(src);
-  }
-
-  std::vector<std::vector<GeneratedSequence>> out(static_cast<size_t>(batch));
+  // One generation per item, sharing one random generator in item order (so a seed reproduces the batch).
+  std::mt19937_64 rng = make_rng(o);
+  std::vector<Generation> items;
+  items.reserve(static_cast<size_t>(batch));
   for (int b = 0; b < batch; ++b) {
-    for (int i = 0; i < o.num_return_sequences; ++i) {
-      GeneratedSequence g;
-      if (beam) {
-        const BeamItem& it = items[b];
-        if (i < static_cast<int>(it.finished.size())) {
-          g.ids = without_prefix(it.finished[i].tokens, prefix_len[b * E]);
-          g.score = it.finished[i].score;
-        }
-      } else {
-        const int r = b * E + i;
-        g.ids = without_prefix(seqs[r], prefix_len[r]);
-        g.score = row_score[r];
-      }
-      out[b].push_back(std::move(g));
-    }
+    std::vector<std::vector<int32_t>> prefixes;
+    for (int e = 0; e < E; ++e) prefixes.push_back(dec->prefix(b * E + e));
+    TokenCallback cb;
+    if (on_token) cb = [&on_token, b, E](int row, int32_t token) { on_token(b * E + row, token); };
+    items.emplace_back(o, sp, V, std::move(prefixes), &rng, std::move(cb));
   }
+
+  std::vector<int32_t> feed(static_cast<size_t>(R), sp.pad);
+  std::vector<int> src(static_cast<size_t>(R));
+  for (int step = 0;; ++step) {
+    const Tensor logits = step == 0 ? dec->start() : dec->step(feed);
+    bool all_done = true, moved = false;
+    for (int b = 0; b < batch; ++b) {
+      items[b].advance(logits.ptr() + static_cast<int64_t>(b) * E * V);
+      all_done = all_done && items[b].done();
+      moved = moved || items[b].reordered();
+      for (int e = 0; e < E; ++e) {
+        src[b * E + e] = b * E + items[b].parents()[e];
+        feed[b * E + e] = items[b].feed()[e];
+      }
+    }
+    if (all_done) break;
+    if (moved) dec->reorder(src);
+  }
+
+  std::vector<std::vector<GeneratedSequence>> out;
+  for (const Generation& g : items) out.push_back(g.results());
   return out;
 }
 

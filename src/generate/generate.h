@@ -52,6 +52,62 @@ struct GeneratedSequence {
 // row = item * num_return_sequences + sequence.
 using TokenCallback = std::function<void(int row, int32_t token)>;
 
+// Decoder rows one batch item takes: num_beams for beam search, else num_return_sequences.
+inline int rows_per_item(const GenerationOptions& o) { return o.num_beams > 1 ? o.num_beams : o.num_return_sequences; }
+
+// The random generator of a generation: seeded with options.seed, or randomly when it is unset.
+std::mt19937_64 make_rng(const GenerationOptions& options);
+
+// One batch item's decoding, one step at a time: its rows' sequences and its strategy's state (greedy,
+// sampling, beam search, beam sampling). generate() runs one per item over one decoder; the server's
+// scheduler runs one per request over a decoder batch that requests join and leave between steps.
+class Generation {
+ public:
+  // `prefixes`: each row's prefix (Decoder::prefix), rows_per_item(options) of them. `rng`: the generator
+  // to draw from (not owned; shared by the items of one generate() call); null: its own, from make_rng.
+  // `on_token` (greedy and sampling): called with (row within this item, token) for each chosen token.
+  Generation(const GenerationOptions& options, const SpecialTokens& special, int64_t vocab,
+             std::vector<std::vector<int32_t>> prefixes, std::mt19937_64* rng = nullptr,
+             TokenCallback on_token = nullptr);
+  Generation(Generation&&) = default;
+
+  int rows() const { return static_cast<int>(seqs_.size()); }
+  // Takes the next-token logits of this item's rows [rows, vocab] and chooses. Afterwards feed() holds the
+  // tokens to feed next and parents()[r] the row that row r continues (beam search; else r). Once done(),
+  // feeds padding and changes nothing.
+  void advance(const float* logits);
+  bool done() const { return done_; }
+  const std::vector<int32_t>& feed() const { return feed_; }
+  const std::vector<int>& parents() const { return parents_; }
+  bool reordered() const;  // parents() is not the identity
+  int steps() const { return step_; }
+  // num_return_sequences sequences, best first for beam search (valid once done, partial before).
+  std::vector<GeneratedSequence> results() const;
+
+ private:
+  struct Hypothesis {
+    std::vector<int32_t> tokens;  // the row's sequence, prefix included
+    float score = 0.0f;
+  };
+  GenerationOptions o_;
+  SpecialTokens sp_;
+  int64_t V_;
+  bool beam_;
+  std::vector<std::vector<int32_t>> seqs_;  // per row, prefix included
+  std::vector<size_t> prefix_len_;
+  TokenCallback on_token_;
+  std::unique_ptr<std::mt19937_64> own_rng_;
+  std::mt19937_64* rng_ = nullptr;
+  std::vector<int32_t> feed_;
+  std::vector<int> parents_;
+  std::vector<float> row_score_;    // greedy / sampling
+  std::vector<bool> row_done_;
+  std::vector<float> running_;      // beam search: [K] sums of processed log-probabilities
+  std::vector<Hypothesis> finished_;  // beam search: best first, at most K
+  int step_ = 0;
+  bool done_ = false;
+};
+
 // Generates for `batch` items. `start(expand)` returns a fresh decoder over the batch with `expand` rows
 // per item (beams, or independent samples). Returns num_return_sequences sequences per item, best first
 // for beam search. Validates `options` first (Error(Usage)).

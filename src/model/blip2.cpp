@@ -1,6 +1,7 @@
 #include "model/blip2.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -144,6 +145,37 @@ Encoded Blip2Model::encode_prompts(const Encoded& image, const PromptBatch& prom
   if (t5_) e.encoder_last_hidden_state = t5_->encode(std::move(x), e.input_mask);
   else e.inputs_embeds = std::move(x);
   return e;
+}
+
+Encoded select_items(const Encoded& e, int64_t begin, int64_t end) {
+  const int64_t B = e.batch();
+  if (begin < 0 || end > B || begin >= end)
+    fail(ErrorKind::Internal, "select_items: [" + std::to_string(begin) + ", " + std::to_string(end) + ") of " +
+                                  std::to_string(B) + " items");
+  const auto rows = [&](const Tensor& t) {
+    if (t.shape.empty()) return Tensor();
+    Shape s = t.shape;
+    const int64_t per = t.size() / s[0];
+    s[0] = end - begin;
+    Tensor out(s);
+    std::copy(t.data.begin() + begin * per, t.data.begin() + end * per, out.data.begin());
+    return out;
+  };
+  const auto part = [&](const auto& v) {
+    using V = std::decay_t<decltype(v)>;
+    if (v.empty()) return V();
+    const int64_t per = static_cast<int64_t>(v.size()) / B;
+    return V(v.begin() + begin * per, v.begin() + end * per);
+  };
+  Encoded out;
+  out.vision_last_hidden_state = rows(e.vision_last_hidden_state);
+  out.qformer_last_hidden_state = rows(e.qformer_last_hidden_state);
+  out.language_projection = rows(e.language_projection);
+  out.input_mask = part(e.input_mask);
+  out.input_ids = part(e.input_ids);
+  out.encoder_last_hidden_state = rows(e.encoder_last_hidden_state);
+  out.inputs_embeds = rows(e.inputs_embeds);
+  return out;
 }
 
 std::unique_ptr<Decoder> Blip2Model::start_decoder(const Encoded& enc, int expand) const {

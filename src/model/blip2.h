@@ -44,6 +44,10 @@ struct Encoded {
   int64_t batch() const { return language_projection.shape.empty() ? 0 : language_projection.dim(0); }
 };
 
+// Items [begin, end) of a batch's stages (every batch-major field that is set), e.g. to start a decoder for
+// some of the prompts encoded together.
+Encoded select_items(const Encoded& e, int64_t begin, int64_t end);
+
 class Blip2Model {
  public:
   using Progress = Checkpoint::Progress;

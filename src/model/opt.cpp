@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <iterator>
 
 #include "core/error.h"
 #include "ops/ops.h"
@@ -151,14 +152,16 @@ class OPTDecoder final : public Decoder {
  public:
   OPTDecoder(const OPTModel& m, const Tensor& x, const std::vector<uint8_t>& mask,
              std::vector<std::vector<int32_t>> prefix, int expand)
-      : m_(m), x_(x), mask_(mask), prefix_(std::move(prefix)), expand_(expand) {
-    if (static_cast<int64_t>(prefix_.size()) != x.dim(0))
+      : m_(m), x_(x), mask_(mask), expand_(expand) {
+    if (static_cast<int64_t>(prefix.size()) != x.dim(0))
       fail(ErrorKind::Internal, "OPT decoder: one prefix per batch item expected");
+    for (auto& p : prefix)
+      for (int e = 0; e < expand; ++e) prefix_.push_back(p);
   }
 
-  int rows() const override { return static_cast<int>(prefix_.size()) * expand_; }
+  int rows() const override { return static_cast<int>(prefix_.size()); }
   int64_t vocab_size() const override { return m_.cfg_.vocab_size; }
-  std::vector<int32_t> prefix(int row) const override { return prefix_[row / expand_]; }
+  std::vector<int32_t> prefix(int row) const override { return prefix_[row]; }
 
   Tensor start() override {
     OPTModel::Cache items;
@@ -195,20 +198,41 @@ class OPTDecoder final : public Decoder {
   }
 
   void reorder(const std::vector<int>& src) override {
-    // A parent taken by one child moves without a copy; only extra children copy.
+    // A parent taken by one child moves without a copy; only extra children copy; rows no one takes go.
+    if (cache_.seqs.size() != prefix_.size()) fail(ErrorKind::Internal, "OPT decoder: reorder before start");
     std::vector<OPTModel::Cache::Seq> next(src.size());
+    std::vector<std::vector<int32_t>> next_prefix(src.size());
     std::vector<int> uses(cache_.seqs.size(), 0);
-    for (int s : src) ++uses[s];
-    for (size_t r = 0; r < src.size(); ++r)
+    for (int s : src) {
+      if (s < 0 || s >= rows()) fail(ErrorKind::Internal, "OPT decoder reorder: no row " + std::to_string(s));
+      ++uses[s];
+    }
+    for (size_t r = 0; r < src.size(); ++r) {
+      next_prefix[r] = prefix_[src[r]];
       next[r] = (--uses[src[r]] == 0) ? std::move(cache_.seqs[src[r]]) : cache_.seqs[src[r]];
+    }
     cache_.seqs = std::move(next);
+    prefix_ = std::move(next_prefix);
+  }
+
+  // Rows are independent sequences with their own positions, so another started decoder's rows join as
+  // they are (continuous batching).
+  void append(Decoder&& other) override {
+    auto* o = dynamic_cast<OPTDecoder*>(&other);
+    if (!o || &o->m_ != &m_) fail(ErrorKind::Internal, "decoder append: not a decoder of the same model");
+    if (o->cache_.seqs.size() != o->prefix_.size() || cache_.seqs.size() != prefix_.size())
+      fail(ErrorKind::Internal, "OPT decoder append: both decoders must have started");
+    std::move(o->cache_.seqs.begin(), o->cache_.seqs.end(), std::back_inserter(cache_.seqs));
+    std::move(o->prefix_.begin(), o->prefix_.end(), std::back_inserter(prefix_));
+    o->cache_.seqs.clear();
+    o->prefix_.clear();
   }
 
  private:
   const OPTModel& m_;
   Tensor x_;
   std::vector<uint8_t> mask_;
-  std::vector<std::vector<int32_t>> prefix_;
+  std::vector<std::vector<int32_t>> prefix_;  // per row
   int expand_;
   OPTModel::Cache cache_;
 };

@@ -2,6 +2,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <iterator>
+#include <map>
 
 #include "core/error.h"
 #include "ops/ops.h"
@@ -124,25 +126,36 @@ Tensor T5Model::encode(Tensor x, const std::vector<uint8_t>& mask) const {
   return x;
 }
 
-// The decoder's state: a self-attention key/value cache per layer and row that grows by one position per
-// step, and cross-attention keys/values computed once per batch item (shared by that item's beams).
+// The decoder's state, per row: a self-attention key/value cache per layer that grows by one position per
+// step, the row's position, and the batch item whose cross-attention keys/values (computed once per item,
+// shared by its beams) it reads. Rows are independent, so a decoder can take rows from another (append) and
+// drop or duplicate rows (reorder): the server's continuous batching runs requests at different positions
+// in one step.
 class T5Decoder final : public Decoder {
  public:
-  T5Decoder(const T5Model& m, const Tensor& enc_out, const std::vector<uint8_t>& enc_mask, int expand)
-      : m_(m), items_(static_cast<int>(enc_out.dim(0))), expand_(expand), enc_len_(enc_out.dim(1)),
-        enc_mask_(enc_mask) {
+  T5Decoder(const T5Model& m, const Tensor& enc_out, const std::vector<uint8_t>& enc_mask, int expand) : m_(m) {
     const auto& blocks = m.decoder_.blocks;
-    cross_k_.resize(blocks.size());
-    cross_v_.resize(blocks.size());
+    const int64_t B = enc_out.dim(0), T = enc_out.dim(1), I = m.cfg_.inner_dim();
+    std::vector<Tensor> k(blocks.size()), v(blocks.size());
     for (size_t l = 0; l < blocks.size(); ++l) {
-      cross_k_[l] = ops::linear(enc_out, blocks[l].cross_attn.k);
-      cross_v_[l] = ops::linear(enc_out, blocks[l].cross_attn.v);
+      k[l] = ops::linear(enc_out, blocks[l].cross_attn.k);
+      v[l] = ops::linear(enc_out, blocks[l].cross_attn.v);
     }
-    self_k_.assign(blocks.size(), std::vector<std::vector<float>>(static_cast<size_t>(rows())));
+    for (int64_t b = 0; b < B; ++b) {
+      auto item = std::make_shared<Item>();
+      item->len = T;
+      item->mask.assign(enc_mask.begin() + b * T, enc_mask.begin() + (b + 1) * T);
+      for (size_t l = 0; l < blocks.size(); ++l) {
+        item->k.emplace_back(k[l].ptr() + b * T * I, k[l].ptr() + (b + 1) * T * I);
+        item->v.emplace_back(v[l].ptr() + b * T * I, v[l].ptr() + (b + 1) * T * I);
+      }
+      for (int e = 0; e < expand; ++e) rows_.push_back({item, 0});
+    }
+    self_k_.assign(blocks.size(), std::vector<std::vector<float>>(rows_.size()));
     self_v_ = self_k_;
   }
 
-  int rows() const override { return items_ * expand_; }
+  int rows() const override { return static_cast<int>(rows_.size()); }
   int64_t vocab_size() const override { return m_.cfg_.vocab_size; }
   std::vector<int32_t> prefix(int) const override { return {m_.cfg_.decoder_start_token_id}; }
   Tensor start() override {
@@ -152,11 +165,14 @@ class T5Decoder final : public Decoder {
   Tensor step(const std::vector<int32_t>& tokens) override {
     const T5Config& c = m_.cfg_;
     const int R = rows();
-    const int64_t d = c.d_model, I = c.inner_dim(), t = pos_;
+    const int64_t d = c.d_model, I = c.inner_dim();
     if (static_cast<int>(tokens.size()) != R) fail(ErrorKind::Internal, "decoder step: wrong token count");
     Tensor x({R, d});
     m_.embed(tokens.data(), R, x.ptr());
-    const std::vector<float> bias = m_.position_bias(m_.decoder_, false, t, 1, t + 1);  // [H, 1, t+1]
+    // Relative position bias [H, 1, t+1] for each position t among the rows.
+    std::map<int64_t, std::vector<float>> bias;
+    for (const Row& row : rows_)
+      if (!bias.count(row.pos)) bias[row.pos] = m_.position_bias(m_.decoder_, false, row.pos, 1, row.pos + 1);
     for (size_t l = 0; l < m_.decoder_.blocks.size(); ++l) {
       const auto& blk = m_.decoder_.blocks[l];
       // causal self-attention over the cache (positions 0..t)
@@ -170,9 +186,10 @@ class T5Decoder final : public Decoder {
         auto& vc = self_v_[l][r];
         kc.insert(kc.end(), k.ptr() + r * I, k.ptr() + (r + 1) * I);
         vc.insert(vc.end(), v.ptr() + r * I, v.ptr() + (r + 1) * I);
+        const int64_t t = rows_[r].pos;
         ops::attention({.q = q.ptr() + r * I, .ldq = I, .tq = 1, .k = kc.data(), .ldk = I, .v = vc.data(),
                         .ldv = I, .tk = t + 1, .heads = c.num_heads, .head_dim = c.d_kv, .scale = 1.0f,
-                        .bias = bias.data(), .out = ctx.ptr() + r * I, .ldo = I});
+                        .bias = bias[t].data(), .out = ctx.ptr() + r * I, .ldo = I});
       }
       ops::add(x, ops::linear(ctx, blk.self_attn.o));
 
@@ -181,41 +198,65 @@ class T5Decoder final : public Decoder {
       ops::rms_norm(n, blk.cross_attn.ln, c.layer_norm_epsilon);
       const Tensor cq = ops::linear(n, blk.cross_attn.q);
       for (int r = 0; r < R; ++r) {
-        const int64_t item = r / expand_;
-        ops::attention({.q = cq.ptr() + r * I, .ldq = I, .tq = 1, .k = cross_k_[l].ptr() + item * enc_len_ * I,
-                        .ldk = I, .v = cross_v_[l].ptr() + item * enc_len_ * I, .ldv = I, .tk = enc_len_,
-                        .heads = c.num_heads, .head_dim = c.d_kv, .scale = 1.0f,
-                        .key_mask = enc_mask_.data() + item * enc_len_, .out = ctx.ptr() + r * I, .ldo = I});
+        const Item& item = *rows_[r].item;
+        ops::attention({.q = cq.ptr() + r * I, .ldq = I, .tq = 1, .k = item.k[l].data(), .ldk = I,
+                        .v = item.v[l].data(), .ldv = I, .tk = item.len, .heads = c.num_heads, .head_dim = c.d_kv,
+                        .scale = 1.0f, .key_mask = item.mask.data(), .out = ctx.ptr() + r * I, .ldo = I});
       }
       ops::add(x, ops::linear(ctx, blk.cross_attn.o));
       m_.feed_forward(blk.ffn, x);
     }
     ops::rms_norm(x, m_.decoder_.final_ln, c.layer_norm_epsilon);
     if (m_.tied_) ops::scale(x, 1.0f / std::sqrt(static_cast<float>(d)));
-    ++pos_;
+    for (Row& row : rows_) ++row.pos;
     return ops::linear(x, m_.lm_head_);
   }
 
   void reorder(const std::vector<int>& src) override {
-    // Rows whose parent is taken by one child move without a copy; only extra children copy.
+    // Rows whose parent is taken by one child move without a copy; only extra children copy; rows no one
+    // takes are dropped.
+    std::vector<int> uses(rows_.size(), 0);
+    for (int s : src) {
+      if (s < 0 || s >= rows()) fail(ErrorKind::Internal, "decoder reorder: no row " + std::to_string(s));
+      ++uses[s];
+    }
     for (size_t l = 0; l < self_k_.size(); ++l)
       for (auto* cache : {&self_k_[l], &self_v_[l]}) {
-        std::vector<std::vector<float>> next(cache->size());
-        std::vector<int> uses(cache->size(), 0);
-        for (int s : src) ++uses[s];
+        std::vector<int> left = uses;
+        std::vector<std::vector<float>> next(src.size());
         for (size_t r = 0; r < src.size(); ++r)
-          next[r] = (--uses[src[r]] == 0) ? std::move((*cache)[src[r]]) : (*cache)[src[r]];
+          next[r] = (--left[src[r]] == 0) ? std::move((*cache)[src[r]]) : (*cache)[src[r]];
         *cache = std::move(next);
       }
+    std::vector<Row> rows(src.size());
+    for (size_t r = 0; r < src.size(); ++r) rows[r] = rows_[src[r]];
+    rows_ = std::move(rows);
+  }
+
+  void append(Decoder&& other) override {
+    auto* o = dynamic_cast<T5Decoder*>(&other);
+    if (!o || &o->m_ != &m_) fail(ErrorKind::Internal, "decoder append: not a decoder of the same model");
+    for (size_t l = 0; l < self_k_.size(); ++l)
+      for (auto [mine, theirs] : {std::pair{&self_k_[l], &o->self_k_[l]}, std::pair{&self_v_[l], &o->self_v_[l]}}) {
+        std::move(theirs->begin(), theirs->end(), std::back_inserter(*mine));
+        theirs->clear();
+      }
+    rows_.insert(rows_.end(), o->rows_.begin(), o->rows_.end());
+    o->rows_.clear();
   }
 
  private:
+  struct Item {  // one batch item's encoder side
+    std::vector<std::vector<float>> k, v;  // [layer] -> cross-attention keys/values [len, I]
+    std::vector<uint8_t> mask;             // [len]
+    int64_t len = 0;
+  };
+  struct Row {
+    std::shared_ptr<const Item> item;
+    int64_t pos = 0;  // the position the next token takes
+  };
   const T5Model& m_;
-  int items_, expand_;
-  int64_t enc_len_;
-  std::vector<uint8_t> enc_mask_;
-  int64_t pos_ = 0;
-  std::vector<Tensor> cross_k_, cross_v_;                       // [layer] -> [items, T_enc, I]
+  std::vector<Row> rows_;
   std::vector<std::vector<std::vector<float>>> self_k_, self_v_;  // [layer][row] -> [t, I]
 };
 

@@ -20,9 +20,6 @@ void add_to_hist(std::vector<int64_t>& hist, int64_t v) {
   ++hist[i];
 }
 
-// Thrown from the token callback to abandon a request that was cancelled or ran out of time.
-struct Abandon {};
-
 }  // namespace
 
 void Job::push(Event e) {
@@ -199,90 +196,218 @@ void Scheduler::finish(Job& job, bool ok) {
   job.push({Job::Event::Failed, 0, {}});
 }
 
-void Scheduler::run(const std::vector<std::shared_ptr<Job>>& jobs) {
-  encode_images(jobs);
-  // The prompt stage, one T5 encoder pass per job (the decoder runs one job at a time).
-  for (const auto& job : jobs) {
-    bool ok = false;
-    try {
-      const auto t0 = Clock::now();
-      Encoded img;
-      img.language_projection = *job->image;
-      const Encoded enc = model_.encode_prompts(img, model_.tokenize({job->prompt}));
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        counters_.prompt_seconds += seconds_since(t0);
-      }
-      const GenerationOptions& o = job->options;
-      const bool beam = o.num_beams > 1;
-      const int E = rows_of(o);
-      std::vector<TextStream> streams(static_cast<size_t>(E), TextStream(model_.tokenizer()));
-      const auto t1 = Clock::now();
-      int64_t steps_tokens = 0;
-      const auto results = generate(
-          [&](int expand) { return model_.start_decoder(enc, expand); }, 1, o, special_,
-          beam ? TokenCallback() : TokenCallback([&](int row, int32_t token) {
-            if (job->cancelled || Clock::now() > job->deadline) throw Abandon{};
-            ++steps_tokens;
-            const std::string piece = streams[row].put(token);
-            if (!piece.empty()) job->push({Job::Event::Text, row, piece});
-          }));
-      int64_t tokens = 0;
-      for (int i = 0; i < static_cast<int>(results[0].size()); ++i) {
-        const GeneratedSequence& s = results[0][i];
-        Job::Choice c;
-        c.text = model_.tokenizer().decode(s.ids);
-        c.tokens = static_cast<int64_t>(s.ids.size());
-        c.finish_reason = !s.ids.empty() && s.ids.back() == special_.eos ? "stop" : "length";
-        const std::string rest = beam ? c.text : streams[i].end(s.ids);
-        if (!rest.empty()) job->push({Job::Event::Text, i, rest});
-        tokens += c.tokens;
-        job->choices.push_back(std::move(c));
-      }
-      count_tokens(tokens);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        counters_.decode_seconds += seconds_since(t1);
-        ++counters_.decoder_steps;
-        add_to_hist(counters_.batch_rows_hist, E);
-        counters_.batch_rows_sum += E;
-      }
-      ok = true;
-    } catch (const Abandon&) {
-    } catch (const std::exception& e) {
-      job->error = std::make_unique<ApiError>(500, std::string("generation failed: ") + e.what(), "", "internal_error",
-                                              "server_error");
+struct Scheduler::Running {
+  std::shared_ptr<Job> job;
+  std::vector<TextStream> streams;  // one per row (greedy and sampling stream as they go)
+  std::unique_ptr<Generation> gen;
+};
+
+// Starts the decoder rows of `jobs` (all taking `expand` rows) over their prompt stage `enc`, chooses their
+// first tokens, and appends them to the running batch.
+void Scheduler::admit() {
+  int used = 0;
+  for (const auto& r : running_) used += r->gen->rows();
+  std::vector<std::shared_ptr<Job>> jobs = take_admissible(opt_.max_batch_rows - used);
+  if (jobs.empty()) return;
+  try {
+    encode_images(jobs);
+  } catch (const std::exception& e) {
+    for (const auto& j : jobs) {
+      j->error = std::make_unique<ApiError>(500, std::string("image encoding failed: ") + e.what(), "",
+                                            "internal_error", "server_error");
+      finish(*j, false);
     }
-    finish(*job, ok);
     std::lock_guard<std::mutex> lock(mu_);
-    --running_requests_;
-    running_rows_ -= rows_of(job->options);
+    running_requests_ -= static_cast<int64_t>(jobs.size());
+    for (const auto& j : jobs) running_rows_ -= rows_of(j->options);
+    return;
   }
+  // Jobs taking the same number of rows start together: one prompt-stage pass, one decoder start.
+  std::stable_sort(jobs.begin(), jobs.end(),
+                   [](const auto& a, const auto& b) { return rows_of(a->options) < rows_of(b->options); });
+  const int64_t V = model_.config().lm_vocab_size();
+  const bool t5 = model_.config().family == LanguageFamily::T5;
+  const auto t0 = Clock::now();
+  // T5: every new prompt through the encoder at once (right padding is masked: each answer is the same as
+  // alone). OPT's prompt stage is only the embedding; its prompts run alone, since left padding would enter
+  // what its logits processors see.
+  Encoded all;
+  if (t5) {
+    std::vector<std::string> prompts;
+    Encoded img;
+    const int64_t Q = jobs[0]->image->dim(1), d = jobs[0]->image->dim(2);
+    img.language_projection = Tensor({static_cast<int64_t>(jobs.size()), Q, d});
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      std::copy(jobs[i]->image->data.begin(), jobs[i]->image->data.end(), img.language_projection.data.begin() + i * Q * d);
+      prompts.push_back(jobs[i]->prompt);
+    }
+    all = model_.encode_prompts(img, model_.tokenize(prompts));
+  }
+  for (size_t g0 = 0; g0 < jobs.size();) {
+    size_t g1 = g0 + 1;
+    const int E = rows_of(jobs[g0]->options);
+    if (t5)
+      while (g1 < jobs.size() && rows_of(jobs[g1]->options) == E) ++g1;
+    std::vector<std::unique_ptr<Running>> group;
+    try {
+      Encoded enc;
+      if (t5) {
+        enc = select_items(all, static_cast<int64_t>(g0), static_cast<int64_t>(g1));
+      } else {
+        Encoded img;
+        img.language_projection = *jobs[g0]->image;
+        enc = model_.encode_prompts(img, model_.tokenize({jobs[g0]->prompt}));
+      }
+      std::unique_ptr<Decoder> d = model_.start_decoder(enc, E);
+      const Tensor logits = d->start();
+      std::vector<int> src;
+      bool moved = false;
+      for (size_t i = g0; i < g1; ++i) {
+        auto r = std::make_unique<Running>();
+        r->job = jobs[i];
+        r->streams = std::vector<TextStream>(static_cast<size_t>(E), TextStream(model_.tokenizer()));
+        const int base = static_cast<int>(i - g0) * E;
+        std::vector<std::vector<int32_t>> prefixes;
+        for (int e = 0; e < E; ++e) prefixes.push_back(d->prefix(base + e));
+        TokenCallback cb;
+        if (jobs[i]->options.num_beams == 1) {
+          Running* p = r.get();
+          cb = [p](int row, int32_t token) {
+            const std::string piece = p->streams[row].put(token);
+            if (!piece.empty()) p->job->push({Job::Event::Text, row, piece});
+          };
+        }
+        r->gen = std::make_unique<Generation>(jobs[i]->options, special_, V, std::move(prefixes), nullptr, std::move(cb));
+        r->gen->advance(logits.ptr() + static_cast<int64_t>(base) * V);
+        moved = moved || r->gen->reordered();
+        for (int e = 0; e < E; ++e) src.push_back(base + r->gen->parents()[e]);
+        group.push_back(std::move(r));
+      }
+      if (moved) d->reorder(src);
+      if (dec_) dec_->append(std::move(*d));
+      else dec_ = std::move(d);
+      for (auto& r : group) running_.push_back(std::move(r));
+    } catch (const std::exception& e) {
+      for (size_t i = g0; i < g1; ++i) {
+        jobs[i]->error = std::make_unique<ApiError>(500, std::string("generation failed: ") + e.what(), "",
+                                                    "internal_error", "server_error");
+        finish(*jobs[i], false);
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      running_requests_ -= static_cast<int64_t>(g1 - g0);
+      running_rows_ -= static_cast<int64_t>(g1 - g0) * E;
+    }
+    g0 = g1;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  counters_.prompt_seconds += seconds_since(t0);
+}
+
+void Scheduler::step() {
+  std::vector<int32_t> feed;
+  for (const auto& r : running_) feed.insert(feed.end(), r->gen->feed().begin(), r->gen->feed().end());
+  const auto t0 = Clock::now();
+  try {
+    const Tensor logits = dec_->step(feed);
+    const int64_t V = logits.dim(1);
+    int64_t offset = 0;
+    for (const auto& r : running_) {
+      r->gen->advance(logits.ptr() + offset * V);
+      offset += r->gen->rows();
+    }
+  } catch (const std::exception& e) {
+    fail_running(std::string("generation failed: ") + e.what());
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_.decode_seconds += seconds_since(t0);
+    ++counters_.decoder_steps;
+    add_to_hist(counters_.batch_rows_hist, static_cast<int64_t>(feed.size()));
+    counters_.batch_rows_sum += static_cast<int64_t>(feed.size());
+  }
+  retire();
+}
+
+void Scheduler::retire() {
+  std::vector<int> src;
+  std::vector<std::unique_ptr<Running>> kept;
+  bool changed = false;
+  int offset = 0, left_rows = 0, gone = 0;
+  for (auto& r : running_) {
+    const int n = r->gen->rows();
+    Job& job = *r->job;
+    if (r->gen->done()) {
+      complete(*r);
+      changed = true;
+      ++gone;
+    } else if (job.cancelled || Clock::now() > job.deadline) {
+      finish(job, false);
+      changed = true;
+      ++gone;
+    } else {
+      changed = changed || r->gen->reordered();
+      for (int k = 0; k < n; ++k) src.push_back(offset + r->gen->parents()[k]);
+      left_rows += n;
+      kept.push_back(std::move(r));
+    }
+    offset += n;
+  }
+  running_ = std::move(kept);
+  if (running_.empty()) {
+    dec_.reset();
+  } else if (changed) {
+    dec_->reorder(src);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  running_requests_ -= gone;
+  running_rows_ = left_rows;
+}
+
+void Scheduler::complete(Running& r) {
+  Job& job = *r.job;
+  const bool beam = job.options.num_beams > 1;
+  const auto results = r.gen->results();
+  int64_t tokens = 0;
+  for (size_t i = 0; i < results.size(); ++i) {
+    const GeneratedSequence& s = results[i];
+    Job::Choice c;
+    c.text = model_.tokenizer().decode(s.ids);
+    c.tokens = static_cast<int64_t>(s.ids.size());
+    c.finish_reason = !s.ids.empty() && s.ids.back() == special_.eos ? "stop" : "length";
+    const std::string rest = beam ? c.text : r.streams[i].end(s.ids);
+    if (!rest.empty()) job.push({Job::Event::Text, static_cast<int>(i), rest});
+    tokens += c.tokens;
+    job.choices.push_back(std::move(c));
+  }
+  count_tokens(tokens);
+  finish(job, true);
+}
+
+void Scheduler::fail_running(const std::string& what) {
+  for (auto& r : running_) {
+    r->job->error = std::make_unique<ApiError>(500, what, "", "internal_error", "server_error");
+    finish(*r->job, false);
+  }
+  running_.clear();
+  dec_.reset();
+  std::lock_guard<std::mutex> lock(mu_);
+  running_requests_ = 0;
+  running_rows_ = 0;
 }
 
 void Scheduler::loop() {
   while (true) {
     {
       std::unique_lock<std::mutex> lock(mu_);
-      if (queue_.empty() && running_requests_ == 0) idle_cv_.notify_all();
-      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-      if (stopping_ && queue_.empty()) return;
-    }
-    auto jobs = take_admissible(opt_.max_batch_rows);
-    if (jobs.empty()) continue;
-    try {
-      run(jobs);
-    } catch (const std::exception& e) {  // the image stage failed: every job of the batch fails
-      for (const auto& j : jobs) {
-        if (!j->error)
-          j->error = std::make_unique<ApiError>(500, std::string("image encoding failed: ") + e.what(), "",
-                                                "internal_error", "server_error");
-        finish(*j, false);
+      if (running_.empty()) {
+        if (queue_.empty()) idle_cv_.notify_all();
+        cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+        if (stopping_ && queue_.empty()) return;
       }
-      std::lock_guard<std::mutex> lock(mu_);
-      running_requests_ = 0;
-      running_rows_ = 0;
     }
+    admit();
+    if (!running_.empty()) step();
   }
 }
 

@@ -1,6 +1,9 @@
-// The scheduler: one thread that owns the model and runs every request. Requests wait in a bounded queue;
-// at each step boundary the scheduler admits what fits, encodes their images together (through the image
-// cache), runs their prompt stage, and decodes all running requests side by side.
+// The scheduler: one thread that owns the model and runs every request, with continuous batching. Requests
+// wait in a bounded queue; at each step boundary the scheduler admits what fits in the decoder batch: it
+// encodes their new images in one vision pass (through the image cache), runs their prompt stage together,
+// starts their decoder rows and appends them to the running batch. Then one decoder step runs for every row
+// of every running request, each request's Generation chooses its tokens, and finished, cancelled and
+// expired requests leave the batch.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -99,8 +102,12 @@ class Scheduler {
   void loop();
   std::vector<std::shared_ptr<Job>> take_admissible(int free_rows);
   void encode_images(const std::vector<std::shared_ptr<Job>>& jobs);
-  void run(const std::vector<std::shared_ptr<Job>>& jobs);
+  void admit();   // queued jobs that fit join the batch (their first token chosen)
+  void step();    // one decoder step over the batch, then retire()
+  void retire();  // finished, cancelled and expired requests leave; beams re-ranked
+  void complete(Running& r);
   void finish(Job& job, bool ok);
+  void fail_running(const std::string& what);
   void count_tokens(int64_t n);
 
   const Blip2Model& model_;
@@ -115,10 +122,14 @@ class Scheduler {
   int64_t running_requests_ = 0, running_rows_ = 0;
   SchedulerStats counters_;
   std::deque<std::pair<std::chrono::steady_clock::time_point, int64_t>> recent_tokens_;
+  // The running batch, touched only by the scheduler thread: one decoder over every running request's rows,
+  // in the order of `running_`.
+  std::unique_ptr<Decoder> dec_;
+  std::vector<std::unique_ptr<Running>> running_;
   std::thread thread_;
 };
 
 // Decoder rows a request takes: its beams, or its independent sequences.
-inline int rows_of(const GenerationOptions& o) { return o.num_beams > 1 ? o.num_beams : o.num_return_sequences; }
+inline int rows_of(const GenerationOptions& o) { return rows_per_item(o); }
 
 }  // namespace blip2::server

@@ -1,6 +1,7 @@
 // What every decoding strategy needs from a language model: the logits after each row's prefix, then one
 // step of next-token logits at a time over a cache the decoder owns, and a way to reorder that cache when
-// beams are re-ranked. Encoder-decoders (T5) and decoder-only models (OPT) differ only in what the prefix is.
+// beams are re-ranked (or rows leave), and another decoder's rows joining (continuous batching). Encoder-
+// decoders (T5) and decoder-only models (OPT) differ only in what the prefix is.
 #pragma once
 #include <cstdint>
 #include <vector>

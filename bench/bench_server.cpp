@@ -52,6 +52,7 @@ Outcome send(httplib::Client& cli, const json& body) {
   Outcome o;
   o.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   o.status = r.status;
+  if (r.status != 200) o.text = r.body.substr(0, 300);
   if (r.status == 200) {
     const auto texts = choice_texts(r);
     o.text = texts.empty() ? "" : texts[0];
@@ -166,7 +167,8 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < total; ++i) {
       tok += out[i].tokens;
       lat.push_back(out[i].seconds);
-      if (out[i].status != 200) ++err;
+      if (out[i].status != 200 && ++err == 1)
+        std::printf("first error: status %d: %s\n", out[i].status, out[i].text.c_str());
       else if (out[i].text != base[i].text) ++diff;
     }
     errors += err;

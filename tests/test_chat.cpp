@@ -393,6 +393,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadOptions{"TemperatureWithoutSampling", {"--temperature", "0.7"}, "--do-sample"},
         BadOptions{"SeedWithoutSampling", {"--seed", "3"}, "--do-sample"},
         BadOptions{"LengthPenaltyWithoutBeams", {"--length-penalty", "2"}, "--num-beams"},
+        BadOptions{"EarlyStoppingWithoutBeams", {"--early-stopping", "true"}, "--num-beams"},
+        BadOptions{"EarlyStoppingUnknown", {"--num-beams", "2", "--early-stopping", "soon"}, "--early-stopping"},
         BadOptions{"UnknownPreset", {"--preset", "poem"}, "--preset"},
         BadOptions{"BeamsNotANumber", {"--num-beams", "five"}, "five"}),
     [](const auto& info) { return std::string(info.param.name); });

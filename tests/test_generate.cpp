@@ -396,6 +396,64 @@ TEST(Processors, MinNewTokensSuppressesEos) {
   EXPECT_FALSE(std::isinf(s[1]));
 }
 
+// A decoder whose logits depend only on the step (the same for every row): beam search over a scripted
+// distribution, for what the fixtures cannot show (their tiny model almost never ends early).
+class ScriptedDecoder final : public Decoder {
+ public:
+  ScriptedDecoder(std::vector<std::vector<float>> per_step, int rows) : steps_(std::move(per_step)), rows_(rows) {}
+  int rows() const override { return rows_; }
+  int64_t vocab_size() const override { return static_cast<int64_t>(steps_[0].size()); }
+  std::vector<int32_t> prefix(int) const override { return {0}; }
+  Tensor start() override { return logits(); }
+  Tensor step(const std::vector<int32_t>&) override { return logits(); }
+  void reorder(const std::vector<int>& src) override { rows_ = static_cast<int>(src.size()); }
+  void append(Decoder&& other) override { rows_ += other.rows(); }
+
+ private:
+  Tensor logits() {
+    const std::vector<float>& l = steps_.at(static_cast<size_t>(t_++));
+    Tensor out({rows_, static_cast<int64_t>(l.size())});
+    for (int r = 0; r < rows_; ++r) std::copy(l.begin(), l.end(), out.ptr() + r * static_cast<int64_t>(l.size()));
+    return out;
+  }
+  std::vector<std::vector<float>> steps_;
+  int rows_, t_ = 0;
+};
+
+TEST(Generate, EarlyStoppingModes) {
+  // Two beams, length penalty 1, at most 4 tokens, eos = 1. Worked by hand (and by a Python model of Hugging
+  // Face's _beam_search): a one-token hypothesis ends first; at step 2 the finished set is full with a
+  // second, two-token one, so early_stopping=true stops there; the heuristic (false) sees the best running
+  // beam, scored at the current length, still able to win and stops after step 3 with a better second
+  // hypothesis; "never" scores it at the full 4 tokens and finds a better one yet at the last step.
+  const std::vector<std::vector<float>> logits = {{-2.1f, -0.7f, -2.3f, -2.8f, -2.6f},
+                                                  {-1.9f, 1.6f, 1.0f, 1.8f, -1.3f},
+                                                  {-2.1f, 2.8f, 2.0f, 2.7f, -2.9f},
+                                                  {-0.6f, 0.8f, 1.4f, 2.5f, 0.2f}};
+  GenerationOptions o;
+  o.num_beams = 2;
+  o.num_return_sequences = 2;
+  o.max_new_tokens = 4;
+  const auto run = [&](EarlyStopping mode) {
+    o.early_stopping = mode;
+    return generate([&](int expand) { return std::make_unique<ScriptedDecoder>(logits, expand); }, 1, o,
+                    SpecialTokens{})[0];
+  };
+  const auto heuristic = run(EarlyStopping::Heuristic), always = run(EarlyStopping::Always),
+             never = run(EarlyStopping::Never);
+  for (const auto* r : {&heuristic, &always, &never}) {
+    ASSERT_EQ(r->size(), 2u);
+    EXPECT_EQ((*r)[0].ids, std::vector<int32_t>({1}));  // the one-token hypothesis wins in every mode
+    EXPECT_NEAR((*r)[0].score, -0.5426f, 1e-4);
+  }
+  EXPECT_EQ(always[1].ids.size(), 2u);
+  EXPECT_NEAR(always[1].score, -1.4959f, 1e-4);
+  EXPECT_EQ(heuristic[1].ids.size(), 3u);
+  EXPECT_NEAR(heuristic[1].score, -1.2175f, 1e-4);
+  EXPECT_EQ(never[1].ids.size(), 4u);
+  EXPECT_NEAR(never[1].score, -1.065f, 1e-4);
+}
+
 TEST(Generate, MinAndMaxNewTokensBoundTheLength) {
   Fixture& f = Fixture::get();
   GenerationOptions o;

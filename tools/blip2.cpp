@@ -71,7 +71,7 @@ Tensor load_pixels(const Blip2Model& model, const std::vector<std::string>& path
 // left out comes from --preset, else from the checkpoint's generation_config.json, else Hugging Face's default.
 struct GenerateArgs {
   std::string model = default_model_dir();
-  std::string preset;
+  std::string preset, early_stopping;
   GenerationOptions given;  // the values of the options given on the command line
   uint64_t seed = 0;
   bool do_sample = false;
@@ -93,6 +93,12 @@ void add_generate_options(CLI::App* cmd, GenerateArgs& a) {
   opt("--num-beams", g.num_beams, "Beam search with this many beams; 1 = greedy or sampling (default 1)");
   opt("--length-penalty", g.length_penalty,
       "Beam search: a finished beam scores sum_logprobs / length^this; negative favours short (default 1)");
+  a.opts["--early-stopping"] =
+      cmd->add_option("--early-stopping", a.early_stopping,
+                      "Beam search: when an input is done: false (Hugging Face's heuristic), true (as soon as "
+                      "--num-beams hypotheses end) or never (only when no beam can still win) (default false)")
+          ->check(CLI::IsMember({"true", "false", "never"}))
+          ->group("Decoding (Hugging Face names; defaults from generation_config.json)");
   opt("--repetition-penalty", g.repetition_penalty, "> 1 discourages tokens already generated (default 1 = off)");
   opt("--no-repeat-ngram-size", g.no_repeat_ngram_size, "No n-gram of this size appears twice (default 0 = off)");
   opt("--num-return-sequences", g.num_return_sequences,
@@ -124,6 +130,10 @@ GenerationOptions resolve_options(const GenerateArgs& a) {
   if (a.has("--min-length")) o.min_length = g.min_length;
   if (a.has("--num-beams")) o.num_beams = g.num_beams;
   if (a.has("--length-penalty")) o.length_penalty = g.length_penalty;
+  if (a.has("--early-stopping"))
+    o.early_stopping = a.early_stopping == "true"    ? EarlyStopping::Always
+                       : a.early_stopping == "never" ? EarlyStopping::Never
+                                                     : EarlyStopping::Heuristic;
   if (a.has("--repetition-penalty")) o.repetition_penalty = g.repetition_penalty;
   if (a.has("--no-repeat-ngram-size")) o.no_repeat_ngram_size = g.no_repeat_ngram_size;
   if (a.has("--num-return-sequences")) o.num_return_sequences = g.num_return_sequences;
@@ -135,8 +145,9 @@ GenerationOptions resolve_options(const GenerateArgs& a) {
   if (!o.do_sample)
     for (const char* name : {"--temperature", "--top-k", "--top-p", "--seed"})
       if (a.has(name)) fail(ErrorKind::Usage, std::string(name) + " only applies when sampling: add --do-sample");
-  if (o.num_beams == 1 && a.has("--length-penalty"))
-    fail(ErrorKind::Usage, "--length-penalty only applies to beam search: add --num-beams (more than 1)");
+  for (const char* name : {"--length-penalty", "--early-stopping"})
+    if (o.num_beams == 1 && a.has(name))
+      fail(ErrorKind::Usage, std::string(name) + " only applies to beam search: add --num-beams (more than 1)");
   validate(o);
   return o;
 }

@@ -357,10 +357,15 @@ void Generation::advance(const float* logits) {
   }
   seqs_ = std::move(next_seqs);
 
-  // Done when the finished set is full and the best running beam, normalised at the current length,
-  // cannot beat its worst (Hugging Face's heuristic for early_stopping=False); or at the length limit.
+  // Done at the length limit, or once the finished set is full and (early_stopping) the best running beam
+  // cannot beat its worst: scored at the current length (Hugging Face's heuristic, early_stopping=False),
+  // at the longest length still allowed ("never", where a positive length penalty rewards length), or
+  // without asking (true).
+  const int bound_len = o_.early_stopping == EarlyStopping::Never && o_.length_penalty > 0.0 ? o_.max_new_tokens
+                                                                                             : generated;
   done_ = last || (static_cast<int>(finished_.size()) == K &&
-                   !(normalise(running_[0], generated, o_.length_penalty) > finished_.back().score));
+                   (o_.early_stopping == EarlyStopping::Always ||
+                    !(normalise(running_[0], bound_len, o_.length_penalty) > finished_.back().score)));
 }
 
 std::vector<GeneratedSequence> Generation::results() const {
@@ -463,6 +468,12 @@ GenerationOptions generation_defaults(const std::string& model_dir) {
   get_double("repetition_penalty", o.repetition_penalty);
   get_double("temperature", o.temperature);
   get_double("top_p", o.top_p);
+  if (j.contains("early_stopping") && !j["early_stopping"].is_null()) {
+    const nlohmann::json& e = j["early_stopping"];
+    if (e.is_boolean()) o.early_stopping = e.get<bool>() ? EarlyStopping::Always : EarlyStopping::Heuristic;
+    else if (e == "never") o.early_stopping = EarlyStopping::Never;
+    else bad("early_stopping", "true, false or \"never\"");
+  }
   if (j.contains("do_sample") && !j["do_sample"].is_null()) {
     if (!j["do_sample"].is_boolean()) bad("do_sample", "true or false");
     o.do_sample = j["do_sample"].get<bool>();

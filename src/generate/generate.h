@@ -13,6 +13,12 @@
 
 namespace blip2 {
 
+// When beam search stops (Hugging Face's early_stopping): Heuristic (false, the default) once the finished
+// set is full and the best running beam, scored at the current length, cannot beat its worst; Always (true)
+// as soon as num_beams hypotheses have finished; Never ("never") only when no running beam can beat the
+// worst finished one at any length still allowed (with length_penalty > 0: at max_new_tokens).
+enum class EarlyStopping { Heuristic, Always, Never };
+
 // Decoding options, with Hugging Face's names and defaults (GenerationConfig). A plain struct: fill it,
 // then validate(). Options a strategy does not use are ignored by it (e.g. temperature without do_sample).
 struct GenerationOptions {
@@ -22,6 +28,7 @@ struct GenerationOptions {
                                    // included (HF min_length: for T5, min_length 1 suppresses nothing)
   int num_beams = 1;               // 1: greedy (or sampling); more: beam search (beam sampling with do_sample)
   double length_penalty = 1.0;     // beam search: a finished hypothesis scores sum_logprobs / len^length_penalty,
+  EarlyStopping early_stopping = EarlyStopping::Heuristic;  // beam search: when an item is done (above)
                                    // len = generated tokens, end-of-sequence included; negative favours short
   double repetition_penalty = 1.0; // > 1 discourages every token already in the decoder's sequence
   int no_repeat_ngram_size = 0;    // > 0: no n-gram of this size occurs twice in the decoder's sequence

@@ -188,6 +188,11 @@ ChatRequest parse_chat_request(const std::string& body, const GenerationOptions&
     if (o.repetition_penalty <= 0.0) bad_field("repetition_penalty", "'repetition_penalty' must be greater than 0");
   }
   if (const json* v = field(j, "length_penalty")) o.length_penalty = get_number(*v, "length_penalty", -100.0, 100.0);
+  if (const json* v = field(j, "early_stopping")) {
+    if (v->is_boolean()) o.early_stopping = v->get<bool>() ? EarlyStopping::Always : EarlyStopping::Heuristic;
+    else if (*v == "never") o.early_stopping = EarlyStopping::Never;
+    else bad_field("early_stopping", "'early_stopping' must be true, false or \"never\"");
+  }
   if (const json* v = field(j, "no_repeat_ngram_size"))
     o.no_repeat_ngram_size = static_cast<int>(get_int(*v, "no_repeat_ngram_size", 0, 1024));
 

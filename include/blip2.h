@@ -61,6 +61,8 @@ typedef struct {
   int min_new_tokens;        /* end-of-sequence suppressed until this many */
   int num_beams;             /* 1: greedy or sampling; more: beam search */
   float length_penalty;      /* beam search: score = sum_logprobs / length^length_penalty */
+  int early_stopping;        /* beam search: 0 Hugging Face's heuristic (false), 1 as soon as num_beams
+                                hypotheses end (true), 2 only when no beam can still win ("never") */
   float repetition_penalty;  /* > 1 discourages tokens already present; 1 = off */
   int no_repeat_ngram_size;  /* > 0: no n-gram of this size twice; 0 = off */
   int do_sample;             /* non-zero: sample instead of taking the most likely tokens */
@@ -80,6 +82,13 @@ blip2_generate_params blip2_generate_default_params(const blip2_model* model);
  * generated text (UTF-8, special tokens dropped), to free with blip2_string_free. */
 blip2_status blip2_generate(blip2_model* model, const uint8_t* image, size_t image_size, const char* prompt,
                             const blip2_generate_params* params, char** text, char** error);
+
+/* The same, calling `on_text` with each new piece of text as it is decided (greedy and sampling; beam search
+ * calls it once, with the whole text, at the end). The pieces joined equal *text. */
+typedef void (*blip2_text_callback)(const char* piece, void* user_data);
+blip2_status blip2_generate_stream(blip2_model* model, const uint8_t* image, size_t image_size, const char* prompt,
+                                   const blip2_generate_params* params, blip2_text_callback on_text, void* user_data,
+                                   char** text, char** error);
 
 void blip2_string_free(char* s);
 

@@ -66,6 +66,32 @@ TEST(CApi, UsableFromC) {
   blip2_string_free(text);
 }
 
+TEST(CApi, StreamedPiecesJoinToTheText) {
+  Model model(BLIP2_TINY_T5_DIR);
+  const auto img = file_bytes(kFixtures + "/images/chelsea.png");
+  for (int beams : {1, 3}) {
+    blip2_generate_params p = blip2_generate_default_params(model.m);
+    p.num_beams = beams;
+    std::vector<std::string> pieces;
+    char *text = nullptr, *err = nullptr;
+    ASSERT_EQ(blip2_generate_stream(
+                  model.m, img.data(), img.size(), "", &p,
+                  [](const char* piece, void* user) { static_cast<std::vector<std::string>*>(user)->push_back(piece); },
+                  &pieces, &text, &err),
+              BLIP2_OK)
+        << (err ? err : "");
+    std::string joined;
+    for (const auto& x : pieces) joined += x;
+    EXPECT_EQ(joined, text) << beams;
+    if (beams == 1) {
+      EXPECT_GT(pieces.size(), 5u);  // token by token
+    } else {
+      EXPECT_EQ(pieces.size(), 1u);  // beams change their past: the whole text at the end
+    }
+    blip2_string_free(text);
+  }
+}
+
 TEST(CApi, ErrorsAreStatusesWithMessages) {
   char* err = nullptr;
   blip2_model* m = reinterpret_cast<blip2_model*>(1);

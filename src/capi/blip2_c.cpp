@@ -12,6 +12,7 @@
 #include "generate/generate.h"
 #include "image/image.h"
 #include "model/blip2.h"
+#include "text/text_stream.h"
 
 struct blip2_model {
   std::string dir;
@@ -55,6 +56,7 @@ blip2_generate_params to_c(const blip2::GenerationOptions& o) {
   p.min_new_tokens = o.min_new_tokens;
   p.num_beams = o.num_beams;
   p.length_penalty = static_cast<float>(o.length_penalty);
+  p.early_stopping = static_cast<int>(o.early_stopping);
   p.repetition_penalty = static_cast<float>(o.repetition_penalty);
   p.no_repeat_ngram_size = o.no_repeat_ngram_size;
   p.do_sample = o.do_sample ? 1 : 0;
@@ -71,6 +73,8 @@ blip2::GenerationOptions from_c(const blip2_generate_params& p, blip2::Generatio
   o.min_new_tokens = p.min_new_tokens;
   o.num_beams = p.num_beams;
   o.length_penalty = p.length_penalty;
+  usage_unless(p.early_stopping >= 0 && p.early_stopping <= 2, "early_stopping must be 0, 1 or 2");
+  o.early_stopping = static_cast<blip2::EarlyStopping>(p.early_stopping);
   o.repetition_penalty = p.repetition_penalty;
   o.no_repeat_ngram_size = p.no_repeat_ngram_size;
   o.do_sample = p.do_sample != 0;
@@ -119,8 +123,9 @@ blip2_generate_params blip2_generate_default_params(const blip2_model* model) {
   return to_c(o);
 }
 
-blip2_status blip2_generate(blip2_model* model, const uint8_t* image, size_t image_size, const char* prompt,
-                            const blip2_generate_params* params, char** text, char** error) {
+blip2_status blip2_generate_stream(blip2_model* model, const uint8_t* image, size_t image_size, const char* prompt,
+                                   const blip2_generate_params* params, blip2_text_callback on_text, void* user_data,
+                                   char** text, char** error) {
   if (text) *text = nullptr;
   return guarded(error, [&] {
     usage_unless(model != nullptr, "blip2_generate: model is NULL");
@@ -134,12 +139,28 @@ blip2_status blip2_generate(blip2_model* model, const uint8_t* image, size_t ima
     const blip2::Tensor pixels =
         blip2::preprocess_images({blip2::decode_image(image, image_size, "image")}, m.config().vision.image_size);
     const blip2::Encoded enc = m.encode(pixels, m.tokenize({prompt ? prompt : ""}));
+    // Streams the first sequence (the one returned) when each chosen token is final: not in beam search.
+    blip2::TextStream stream(m.tokenizer());
+    const auto emit = [&](const std::string& piece) {
+      if (on_text && !piece.empty()) on_text(piece.c_str(), user_data);
+    };
+    blip2::TokenCallback on_token;
+    if (on_text && o.num_beams == 1)
+      on_token = [&](int row, int32_t token) {
+        if (row == 0) emit(stream.put(token));
+      };
     const auto results =
-        blip2::generate([&](int expand) { return m.start_decoder(enc, expand); }, 1, o, m.special_tokens());
+        blip2::generate([&](int expand) { return m.start_decoder(enc, expand); }, 1, o, m.special_tokens(), on_token);
+    emit(stream.end(results[0][0].ids));
     char* out = copy_string(m.tokenizer().decode(results[0][0].ids));
     if (!out) throw std::bad_alloc();
     *text = out;
   });
+}
+
+blip2_status blip2_generate(blip2_model* model, const uint8_t* image, size_t image_size, const char* prompt,
+                            const blip2_generate_params* params, char** text, char** error) {
+  return blip2_generate_stream(model, image, image_size, prompt, params, nullptr, nullptr, text, error);
 }
 
 void blip2_string_free(char* s) { std::free(s); }

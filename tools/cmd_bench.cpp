@@ -318,10 +318,10 @@ void run_bench(const BenchArgs& a, const CLI::App& app) {
   for (const auto& [key, label] : kStages) {
     const Stats& s = st[key];
     if (!s.n) continue;
-    std::printf("%-30s %11.1f %11.1f %11.1f %8zu\n", label.c_str(), 1e3 * s.median, 1e3 * s.mean, 1e3 * s.min, s.n);
+    std::printf("%-30s %11.2f %11.2f %11.2f %8zu\n", label.c_str(), 1e3 * s.median, 1e3 * s.mean, 1e3 * s.min, s.n);
   }
   std::printf("\nfloors (median times against this run's ceilings):\n");
-  std::printf("  decode step: %.3f GB of weights read per step / %.2f GB/s = %.1f ms; measured %.1f ms: %.0f%% of the floor (%.2f GB/s)\n",
+  std::printf("  decode step: %.3f GB of weights read per step / %.2f GB/s = %.2f ms; measured %.2f ms: %.0f%% of the floor (%.2f GB/s)\n",
               static_cast<double>(step_bytes) / 1e9, bw / 1e9, 1e3 * decode_floor, 1e3 * t_step, 100.0 * decode_floor / t_step,
               static_cast<double>(step_bytes) / t_step / 1e9);
   std::printf("  vision: %.1f GFLOP / %.1f GFLOP/s = %.3f s; measured %.3f s: %.0f%% of the sgemm peak (%.1f GFLOP/s)\n",

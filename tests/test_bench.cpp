@@ -1,71 +1,20 @@
 // `blip2 bench` on the bundled tiny model, run as a real process: the JSON report has every stage with
 // positive times, the ceilings and floors; bad options exit with status 2 before any work.
-#include <fcntl.h>
 #include <gtest/gtest.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
-extern char** environ;
+#include "cli_runner.h"
 
-namespace fs = std::filesystem;
 using nlohmann::json;
+
+using blip2::test::CliRun;
+using blip2::test::run_cli;
 
 namespace {
 
-const std::string kCli = BLIP2_CLI_PATH;
 const std::string kModel = BLIP2_TINY_T5_DIR;
 const std::string kImage = std::string(BLIP2_FIXTURES_DIR) + "/images/chelsea.png";
-
-struct CliRun {
-  int status = -1;
-  std::string out, err;
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-// Runs the CLI with `args`, stdin from /dev/null, stdout and stderr into files read back afterwards.
-CliRun run_cli(const std::vector<std::string>& args) {
-  const fs::path dir = fs::temp_directory_path() / ("blip2-bench-test-" + std::to_string(getpid()));
-  fs::create_directories(dir);
-  const std::string out = (dir / "out").string(), err = (dir / "err").string();
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  std::vector<std::string> argv_s = {kCli};
-  argv_s.insert(argv_s.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& a : argv_s) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  CliRun r;
-  pid_t pid = 0;
-  const int rc = posix_spawn(&pid, kCli.c_str(), &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) {
-    ADD_FAILURE() << "posix_spawn " << kCli << " failed";
-    return r;
-  }
-  int st = 0;
-  while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
-  }
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  r.out = slurp(out);
-  r.err = slurp(err);
-  fs::remove_all(dir);
-  return r;
-}
 
 const char* kStages[] = {"preprocess", "vision", "qformer", "prompt", "first_decode_step", "decode_per_token",
                          "total_per_caption"};

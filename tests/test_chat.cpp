@@ -1,32 +1,25 @@
 // Chat about an image (blip2 chat driven through a pipe, and the pieces it is made of), and the decoding
 // options of generate / caption / ask on the command line: results, presets, and bad options rejected
 // before any work.
-#include <fcntl.h>
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
-#include <thread>
 
 #include "core/error.h"
 #include "generate/chat.h"
 #include "generate/generate.h"
 #include "image/image.h"
 #include "model/blip2.h"
-
-extern char** environ;
+#include "cli_runner.h"
 
 using namespace blip2;
-namespace fs = std::filesystem;
+using blip2::test::CliRun;
+using blip2::test::run_cli;
 using nlohmann::json;
 
 namespace {
@@ -36,58 +29,6 @@ const std::string kImages = kFixtures + "/images/";
 const std::string kModel = BLIP2_TINY_T5_DIR;
 const std::string kCat = kImages + "chelsea.png";
 const std::string kRocket = kImages + "rocket.jpg";
-
-struct CliRun {
-  int status = -1;
-  std::string out, err;
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// Runs the CLI with `args`, `input` on its stdin (a file: a pipe's reader sees the same bytes and EOF),
-// stdout and stderr captured through files.
-CliRun run_cli(const std::vector<std::string>& args, const std::string& input = "") {
-  static int counter = 0;
-  const fs::path dir = fs::temp_directory_path() / ("blip2-chat-" + std::to_string(::getpid()) + "-" + std::to_string(++counter));
-  fs::create_directories(dir);
-  std::ofstream(dir / "in", std::ios::binary) << input;
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 0, (dir / "in").c_str(), O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&fa, 1, (dir / "out").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-  posix_spawn_file_actions_addopen(&fa, 2, (dir / "err").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-  std::vector<std::string> argv_s = {BLIP2_CLI_PATH};
-  argv_s.insert(argv_s.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& a : argv_s) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  CliRun r;
-  pid_t pid = 0;
-  if (posix_spawn(&pid, BLIP2_CLI_PATH, &fa, nullptr, argv.data(), environ) == 0) {
-    // A hung child fails its test instead of stalling the suite.
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-    int st = 0;
-    pid_t done = 0;
-    while ((done = waitpid(pid, &st, WNOHANG)) == 0 && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    if (done == 0) {
-      kill(pid, SIGKILL);
-      waitpid(pid, &st, 0);
-      ADD_FAILURE() << "timed out: blip2 " << ::testing::PrintToString(args);
-    }
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  }
-  posix_spawn_file_actions_destroy(&fa);
-  r.out = slurp(dir / "out");
-  r.err = slurp(dir / "err");
-  fs::remove_all(dir);
-  return r;
-}
 
 std::vector<json> json_lines(const std::string& s) {
   std::vector<json> out;

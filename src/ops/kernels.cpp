@@ -237,6 +237,9 @@ const Impl kScalar = {"scalar",
 #ifndef BLIP2_HAVE_AVX2_KERNELS
 const Impl* avx2_impl() { return nullptr; }
 #endif
+#ifndef BLIP2_HAVE_VNNI_KERNELS
+const Impl* vnni_impl() { return nullptr; }
+#endif
 
 }  // namespace detail
 
@@ -256,8 +259,18 @@ QView view(const QuantRows& x) {
 
 std::atomic<bool> g_force_scalar{false};
 
+// The best vector set this CPU runs: AVX2 with VNNI dot products where it has AVX-512 VNNI (and VL), else
+// AVX2; null without AVX2. BLIP2_ISA=avx2 in the environment keeps to AVX2 (to compare the two).
 const Impl* avx2_or_null() {
-  static const Impl* p = cpu_has_avx2() ? detail::avx2_impl() : nullptr;
+  static const Impl* p = [] {
+    if (!cpu_has_avx2()) return static_cast<const Impl*>(nullptr);
+    const char* want = std::getenv("BLIP2_ISA");
+    const Impl* v = (want && std::string(want) == "avx2") ? nullptr : detail::vnni_impl();
+#if defined(__x86_64__) || defined(__i386__)
+    if (v && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return v;
+#endif
+    return detail::avx2_impl();
+  }();
   return p;
 }
 

@@ -16,7 +16,7 @@ namespace blip2::kern {
 bool cpu_has_avx2();          // __builtin_cpu_supports("avx2") && "fma" && "f16c"
 void force_scalar(bool on);   // tests and benchmarks: use the scalar fallback even where AVX2 is present
 bool using_avx2();            // what the kernels use now
-const char* isa_name();       // "avx2" or "scalar"
+const char* isa_name();       // "avx2+vnni" (AVX-512 VNNI dot products), "avx2" or "scalar"
 
 // ---- activations quantized for the integer products -----------------------------------------------------
 // Each row of x[rows, cols] in blocks of `block` elements (a multiple of 32, zero-padded to `ld`):

@@ -11,6 +11,11 @@
 //       and the offset is removed with the block's Σa (computed when quantizing the activations). Pair sums
 //       are ≤ 2·15·127 = 3810, so the int16 products of a whole group (up to 4 vectors) are added before the
 //       one vpmaddwd per group. Unpacking is an AND and a shift per 64 weights (see DType::I4's layout).
+//
+// The same source, compiled again with AVX-512 VNNI (kernels_vnni.cpp defines BLIP2_KERNELS_VNNI), replaces
+// each vpmaddubsw + vpmaddwd pair by one vpdpbusd (unsigned × signed bytes, four products summed into int32,
+// no intermediate saturation): the same integers, so the same results, with fewer instructions where the
+// I4 kernel is bound by them. Everything else compiles to the same AVX2 code.
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
@@ -20,6 +25,15 @@
 namespace blip2::kern::detail {
 
 namespace {
+
+// Σ over groups of four adjacent byte products u·s into int32 lanes, added to acc.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#ifdef BLIP2_KERNELS_VNNI
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
 
 inline int imin(int a, int b) { return a < b ? a : b; }
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -157,7 +171,6 @@ void i8_row(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int
   const auto* wq = static_cast<const int8_t*>(w.data) + o * ld;
   const int8_t* aq = x.q + r0 * ld;
   const float* as = x.scale + r0 * nb;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
@@ -168,8 +181,7 @@ void i8_row(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int
       const __m256i aw = _mm256_abs_epi8(wv);
       for (int r = 0; r < NR; ++r) {
         const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + r * ld + i));
-        const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(av, wv));
-        s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(p, ones));
+        s32[r] = dot_u8s8(s32[r], aw, _mm256_sign_epi8(av, wv));
       }
     }
     for (int r = 0; r < NR; ++r)
@@ -213,7 +225,8 @@ void i4_row(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int
   const int8_t* aq = x.q + r0 * ld;
   const float* as = x.scale + r0 * ng;
   const float* ac = x.corr + r0 * ng;
-  const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
   // With few rows, groups alternate between two accumulators so that the FMA latency does not bound the loop.
   constexpr int A = NR <= 2 ? 2 : 1;
   __m256 acc[A][NR], corr[NR];
@@ -252,12 +265,19 @@ void i4_row(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int
         const int64_t gl = (e - g0 * G) / G + gi;  // group index within the chunk
         for (int r = 0; r < NR; ++r) {
           const int8_t* a = aq + r * ld + e + gi * G;
+#ifdef BLIP2_KERNELS_VNNI
+          __m256i t = _mm256_setzero_si256();
+          for (int v = 0; v < NV; ++v)
+            t = dot_u8s8(t, wv[gi * NV + v], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * v)));
+#else
           __m256i t = _mm256_maddubs_epi16(wv[gi * NV], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
           for (int v = 1; v < NV; ++v)
             t = _mm256_add_epi16(t, _mm256_maddubs_epi16(wv[gi * NV + v],
                                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * v))));
+          t = _mm256_madd_epi16(t, ones);
+#endif
           __m256& a_ = acc[A == 2 ? (gl & 1) : 0][r];
-          a_ = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(t, ones)), _mm256_set1_ps(P[r][gl]), a_);
+          a_ = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(P[r][gl]), a_);
         }
       }
     }
@@ -689,7 +709,11 @@ void axpy_avx2(float a, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+#ifdef BLIP2_KERNELS_VNNI
+const Impl kAvx2 = {"avx2+vnni",
+#else
 const Impl kAvx2 = {"avx2",
+#endif
                     gemv_float_avx2,
                     gemv_i8_avx2,
                     gemv_i4_avx2,
@@ -707,6 +731,10 @@ const Impl kAvx2 = {"avx2",
 
 }  // namespace
 
+#ifdef BLIP2_KERNELS_VNNI
+const Impl* vnni_impl() { return &kAvx2; }
+#else
 const Impl* avx2_impl() { return &kAvx2; }
+#endif
 
 }  // namespace blip2::kern::detail

@@ -62,6 +62,8 @@ struct Impl {
 extern const Impl kScalar;
 // Null when the library was built without the AVX2 file (non-x86 targets).
 const Impl* avx2_impl();
+// The AVX2 kernels with AVX-512 VNNI dot products (kernels_vnni.cpp); null when not built.
+const Impl* vnni_impl();
 
 // Scalar helpers for both files; static, so that each file keeps its own copy.
 static inline float bits_to_f32(uint32_t b) {

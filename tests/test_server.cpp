@@ -457,7 +457,7 @@ TEST(ServerErrors, MutatedRequestsNeverBreakTheServer) {
       switch (rng() % 4) {
         case 0: b[at] = static_cast<char>(rng() % 256); break;
         case 1: b.erase(at, 1 + rng() % 8); break;
-        case 2: b.insert(at, std::string(1 + rng() % 3, "{}[]\",:0\\"[rng() % 9])); break;
+        case 2: b.insert(at, 1 + rng() % 3, "{}[]\",:0\\"[rng() % 9]); break;
         case 3: b.resize(at); break;
       }
       if (b.empty()) b = "x";

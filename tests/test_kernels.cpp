@@ -32,6 +32,7 @@
 #include "image/image.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
+#include "support.h"
 #include "ops/kernels.h"
 #include "ops/ops.h"
 #include "ops/parallel.h"
@@ -530,16 +531,6 @@ struct FormatCase {
 
 class FixtureFormats : public ::testing::TestWithParam<FormatCase> {};
 
-double rel_error(const Tensor& got, const Tensor& want) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < want.size(); ++i) {
-    const double d = static_cast<double>(got.data[i]) - want.data[i];
-    num += d * d;
-    den += static_cast<double>(want.data[i]) * want.data[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
-
 TEST_P(FixtureFormats, StagesAndLogitsStayWithinTheFormatsBound) {
   const FormatCase& fc = GetParam();
   LoadOptions opt;
@@ -557,7 +548,7 @@ TEST_P(FixtureFormats, StagesAndLogitsStayWithinTheFormatsBound) {
     const PromptBatch p = model.tokenize(c["prompts"].get<std::vector<std::string>>());
     const Encoded e = model.encode(preprocess_images(imgs, 224), p);
     const auto check = [&](const std::string& stage, const Tensor& got, double bound) {
-      const double rel = rel_error(got, ref.tensor(cname + "/" + stage));
+      const double rel = test::compare(got, ref.tensor(cname + "/" + stage)).rel;
       worst[stage] = std::max(worst[stage], rel);
       EXPECT_LE(rel, bound) << fc.name << " " << cname << " " << stage;
     };
@@ -637,7 +628,8 @@ TEST(FixtureFormatsScalar, WholeModelMatchesTheAvx2Path) {
       for (size_t t = 0; t < ids[0].size(); ++t) l = dec->step({ids[0][t]});
       out[isa] = {e.encoder_last_hidden_state, l};
     });
-    const double re = rel_error(out["scalar"].first, out["avx2"].first), rl = rel_error(out["scalar"].second, out["avx2"].second);
+    const double re = test::compare(out["scalar"].first, out["avx2"].first).rel;
+    const double rl = test::compare(out["scalar"].second, out["avx2"].second).rel;
     std::printf("  %-9s scalar vs avx2: encoder %.2e  logits %.2e\n", f.name, re, rl);
     const double bound = f.dtype == DType::I8 || f.dtype == DType::I4 ? 5e-2 : 1e-5;
     EXPECT_LE(re, bound) << f.name;

@@ -22,6 +22,7 @@
 #include "io/config.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
+#include "support.h"
 
 using namespace blip2;
 namespace fs = std::filesystem;
@@ -504,16 +505,6 @@ void expect_bitwise_same(const Outputs& a, const Outputs& b) {
   EXPECT_EQ(a.greedy, b.greedy);
 }
 
-double rel_diff(const Tensor& got, const Tensor& want) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < want.size(); ++i) {
-    const double d = static_cast<double>(got.data[i]) - want.data[i];
-    num += d * d;
-    den += static_cast<double>(want.data[i]) * want.data[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
-
 TEST(ModelDirectory, CopyOfTheBundledModelLoads) {
   // The baseline every mutation below departs from, and a check that the rewrite helper is lossless.
   ModelDir dir;
@@ -899,8 +890,8 @@ TEST_P(HalfPrecision, LoadsAndMatchesRoundedFloat32Bitwise) {
   expect_bitwise_same(h, r);
 
   // And it runs sensibly: close to the float32 model, yet not identical to it.
-  const double rel = rel_diff(h.enc.encoder_last_hidden_state, f.enc.encoder_last_hidden_state);
-  const double rel_logits = rel_diff(h.logits, f.logits);
+  const double rel = test::compare(h.enc.encoder_last_hidden_state, f.enc.encoder_last_hidden_state).rel;
+  const double rel_logits = test::compare(h.logits, f.logits).rel;
   std::printf("  %s vs float32: encoder rel %.3g, logits rel %.3g\n", GetParam().c_str(), rel, rel_logits);
   EXPECT_GT(rel, 0.0);
   EXPECT_LT(rel, GetParam() == "F16" ? 1e-2 : 5e-2);

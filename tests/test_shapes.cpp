@@ -33,15 +33,6 @@ struct Variant : test::Variant {
   explicit Variant(const std::string& name) : test::Variant("t5-" + name, BLIP2_TINY_T5_DIR) {}
 };
 
-double rel_error(const Tensor& a, const Tensor& b) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < b.size(); ++i) {
-    num += (double(a.data[i]) - b.data[i]) * (double(a.data[i]) - b.data[i]);
-    den += double(b.data[i]) * b.data[i];
-  }
-  return std::sqrt(num / den);
-}
-
 struct Outputs {
   Encoded enc;
   Tensor logits;                 // teacher-forced on the case's forced_decoder_input_ids
@@ -88,7 +79,7 @@ void expect_matches_reference(const Outputs& r) {
   for (const auto& [name, t] : stages) {
     const Tensor want = ref.tensor(std::string("vqa/") + name);
     ASSERT_EQ(t->shape, want.shape) << name;
-    EXPECT_LE(rel_error(*t, want), 1e-5) << name;
+    EXPECT_LE(test::compare(*t, want).rel, 1e-5) << name;
   }
   EXPECT_EQ(r.greedy, reference_greedy());
 }
@@ -206,10 +197,10 @@ TEST(OtherShapes, AbsentLmHeadMeansTiedWithRescale) {
   for (float& x : head.data) x /= std::sqrt(64.0f);
   expl.tensors["language_model.lm_head.weight"] = head;
   const Outputs b = run_vqa(expl.load());
-  EXPECT_LE(rel_error(a.logits, b.logits), 1e-6);
+  EXPECT_LE(test::compare(a.logits, b.logits).rel, 1e-6);
   EXPECT_EQ(a.greedy, b.greedy);
   // ... and it is not the untied model's answer
-  EXPECT_GT(rel_error(a.logits, run_vqa(Variant("untied").load()).logits), 1e-2);
+  EXPECT_GT(test::compare(a.logits, run_vqa(Variant("untied").load()).logits).rel, 1e-2);
 }
 
 TEST(OtherShapes, GeluNewIsHonoured) {
@@ -218,8 +209,8 @@ TEST(OtherShapes, GeluNewIsHonoured) {
   v.config["text_config"]["dense_act_fn"] = "gelu_new";
   const Outputs r = run_vqa(v.load());
   const SafetensorsFile ref(kFixtures + "/tiny-blip2-t5/reference.safetensors");
-  EXPECT_LE(rel_error(r.enc.language_projection, ref.tensor("vqa/language_projection")), 1e-5);
-  const double moved = rel_error(r.logits, ref.tensor("vqa/forced_logits"));
+  EXPECT_LE(test::compare(r.enc.language_projection, ref.tensor("vqa/language_projection")).rel, 1e-5);
+  const double moved = test::compare(r.logits, ref.tensor("vqa/forced_logits")).rel;
   EXPECT_GT(moved, 1e-5) << "activation ignored";
   EXPECT_LT(moved, 1e-2);
   EXPECT_EQ(r.greedy, reference_greedy());

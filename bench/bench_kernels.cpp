@@ -1,16 +1,21 @@
 // bench_kernels: the machine's ceilings and every product kernel against them.
 //   read bandwidth   a 1 GiB sum with all threads (the floor for streaming weights)
 //   sgemm            OpenBLAS at 1024³ and the ViT-g shapes (the ceiling for the many-row path), and
-//                    ops::linear on those shapes with bf16 / int8 / int4 weights (widen + sgemm)
+//                    ops::linear on those shapes with bf16 / f16 weights (widen + sgemm) and int8 / int4
+//                    weights (integer products)
 //   gemv             ops::linear with 1 and 5 rows on decode-sized matrices, every weight format: time per
 //                    product, weight bytes/s and the ratio to the measured bandwidth
 // Matrices are cycled through enough copies (≥ 256 MiB) that every product streams from DRAM, not the L3.
 //
-// Usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] [--only gemv|sgemm|bw|widen]
-//                      [--i8-block B] [--widen R1,R2,...] [--rounds N] [--gemv-rows N]
+//   widen / tile     the two block sizes of ops::linear (float weights widened per block for sgemm; quantized
+//                    activations per row tile of the integer products) swept over the shapes they matter for
+//
+// Usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] [--only gemv|sgemm|bw|widen|tile]
+//                      [--i8-block B] [--widen R1,R2,...] [--tile KiB1,KiB2,...] [--rounds N]
 #include <cblas.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -85,28 +90,29 @@ void bench_sgemm(double bw) {
   }
 }
 
-void bench_widen(const std::vector<int64_t>& blocks) {
-  std::printf("\n== widen block rows for the BLAS path (257x6144x1408 and 45x10240x4096, GFLOP/s)\n");
-  const int shapes[][3] = {{257, 6144, 1408}, {45, 10240, 4096}};
-  for (const auto& s : shapes) {
-    const int64_t M = s[0], N = s[1], K = s[2];
+// One setting of ops::linear swept over the shapes it matters for (GFLOP/s per value), then reset to its
+// default (`set(0)`).
+void bench_setting(const char* title, const std::vector<DType>& dtypes, const std::vector<std::array<int64_t, 3>>& shapes,
+                   const std::vector<int64_t>& values, void (*set)(int64_t)) {
+  std::printf("\n== %s (GFLOP/s)\n", title);
+  for (const auto& [M, N, K] : shapes) {
     const auto x = random_floats(static_cast<size_t>(M * K), 1);
     const auto wv = random_floats(static_cast<size_t>(N * K), 2, 0.02f);
     std::vector<float> y(static_cast<size_t>(M * N));
     const Weight w32 = f32_weight(wv, N, K);
-    for (DType d : {DType::BF16, DType::I8, DType::I4}) {
+    for (DType d : dtypes) {
       const Weight w = kern::convert(w32, d, 64);
       std::printf("%5ldx%5ldx%5ld %-4s", static_cast<long>(M), static_cast<long>(N), static_cast<long>(K),
                   dtype_name(d));
-      for (int64_t b : blocks) {
-        ops::set_widen_rows(b);
+      for (int64_t v : values) {
+        set(v);
         const double t = time_best([&](int) { ops::linear(x.data(), M, w, Weight{}, y.data()); }, 3, 0.3);
-        std::printf("  %4ld: %6.1f", static_cast<long>(b), 2.0 * M * N * K / t / 1e9);
+        std::printf("  %5ld: %6.1f", static_cast<long>(v), 2.0 * M * N * K / t / 1e9);
       }
       std::printf("\n");
     }
   }
-  ops::set_widen_rows(1024);
+  set(0);
 }
 
 // Every format of one shape and row count, interleaved: each round times every format once (a batch of
@@ -217,7 +223,7 @@ int main(int argc, char** argv) {
   bool quick = false;
   std::string only;
   std::vector<int> rows = {1, 5};
-  std::vector<int> widen;
+  std::vector<int64_t> widen, tile;
   int rounds = 9;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -228,12 +234,12 @@ int main(int argc, char** argv) {
     else if (a == "--rows") rows = parse_ints(next());
     else if (a == "--only") only = next();
     else if (a == "--i8-block") kern::set_i8_act_block(std::stoi(next()));
-    else if (a == "--widen") widen = parse_ints(next());
+    else if (a == "--widen") { const auto v = parse_ints(next()); widen.assign(v.begin(), v.end()); }
     else if (a == "--rounds") rounds = std::max(1, std::stoi(next()));
-    else if (a == "--gemv-rows") ops::set_gemv_max_rows_quant(std::stoi(next()));
+    else if (a == "--tile") { const auto v = parse_ints(next()); tile.assign(v.begin(), v.end()); }
     else {
       std::fprintf(stderr, "usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] "
-                           "[--only gemv|sgemm|bw|widen] [--i8-block B] [--widen 128,256,...] [--rounds N] [--gemv-rows N]\n");
+                           "[--only gemv|sgemm|bw|widen|tile] [--i8-block B] [--widen 128,256,...] [--tile KiB,...] [--rounds N]\n");
       return 2;
     }
   }
@@ -243,11 +249,15 @@ int main(int argc, char** argv) {
   const double bw = read_bandwidth();
   std::printf("read bandwidth (1 GiB sum, %d threads): %.2f GB/s\n", par::threads(), bw / 1e9);
   if (only.empty() || only == "sgemm") bench_sgemm(bw);
-  if (!widen.empty() || only == "widen") {
-    std::vector<int64_t> b;
-    for (int v : widen.empty() ? std::vector<int>{64, 128, 256, 512, 1024} : widen) b.push_back(v);
-    bench_widen(b);
-  }
+  if (!widen.empty() || only == "widen")
+    bench_setting("float weights: rows widened per block for sgemm", {DType::BF16, DType::F16},
+                  {{257, 6144, 1408}, {45, 10240, 4096}},
+                  widen.empty() ? std::vector<int64_t>{64, 128, 256, 512, 1024} : widen, ops::set_widen_rows);
+  if (!tile.empty() || only == "tile")
+    bench_setting("integer products: KiB of quantized activations per row tile", {DType::I8, DType::I4},
+                  {{257, 6144, 1408}, {257, 1408, 6144}, {1028, 1408, 1408}},
+                  tile.empty() ? std::vector<int64_t>{32, 128, 256, 512, 1 << 20} : tile,
+                  [](int64_t kib) { ops::set_quant_tile_bytes(kib << 10); });
   if (only.empty() || only == "gemv") bench_gemv(bw, rows, quick, rounds);
   return 0;
 }

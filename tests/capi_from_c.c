@@ -3,10 +3,10 @@
 
 #include "blip2.h"
 
-/* Loads `model_dir` with int8 weights and captions `image`; returns the status, *text the caption. */
+/* Loads `model_dir` with float16 weights and captions `image`; returns the status, *text the caption. */
 int caption_from_c(const char* model_dir, const unsigned char* image, size_t size, char** text, char** error) {
   blip2_load_params lp = blip2_load_default_params();
-  lp.weights = "int8";
+  lp.weights = "f16";
   blip2_model* m = NULL;
   blip2_status s = blip2_model_load(model_dir, &lp, &m, error);
   if (s != BLIP2_OK) return (int)s;

@@ -60,7 +60,7 @@ TEST(CApi, UsableFromC) {
   const auto img = file_bytes(kFixtures + "/images/chelsea.png");
   char *text = nullptr, *err = nullptr;
   ASSERT_EQ(caption_from_c(BLIP2_TINY_T5_DIR, img.data(), img.size(), &text, &err), BLIP2_OK) << (err ? err : "");
-  // int8 weights: the fixture's greedy caption survives quantization (tests/test_kernels.cpp measures how far)
+  // float16 weights: the fixture's greedy caption survives the conversion (tests/test_kernels.cpp measures how far)
   const auto c = read_json(kFixtures + "/tiny-blip2-t5/reference.json")["cases"]["caption"];
   EXPECT_EQ(std::string(text), c["generate"]["greedy"]["text"][0].get<std::string>());
   blip2_string_free(text);

@@ -111,7 +111,6 @@ void quantize_rows_scalar(const float* x, int64_t rows, int64_t cols, int64_t ld
       }
       out.scale[r * nb + b] = amax / 127.0f;
       out.sum[r * nb + b] = sum;
-      out.corr[r * nb + b] = 8.0f * (amax / 127.0f) * static_cast<float>(sum);
     }
   }
 }
@@ -253,8 +252,10 @@ using detail::WView;
 WView view(const Weight& w) {
   return {w.dtype, w.data, w.scales, w.rows(), w.cols(), w.ld, w.group};
 }
-QView view(const QuantRows& x) {
-  return {x.q.data(), x.scale.data(), x.sum.data(), x.corr.data(), x.rows, x.ld, x.block};
+// Rows [r0, r1) of x.
+QView view(const QuantRows& x, int64_t r0, int64_t r1) {
+  const int64_t nb = x.ld / x.block;
+  return {x.q.data() + r0 * x.ld, x.scale.data() + r0 * nb, x.sum.data() + r0 * nb, r1 - r0, x.ld, x.block};
 }
 
 std::atomic<bool> g_force_scalar{false};
@@ -303,7 +304,6 @@ void QuantRows::resize(int64_t r, int64_t l, int b) {
   q.resize(static_cast<size_t>(r * l));
   scale.resize(static_cast<size_t>(r * (l / b)));
   sum.resize(scale.size());
-  corr.resize(scale.size());
 }
 
 namespace {
@@ -320,22 +320,26 @@ int act_block(const Weight& w) {
   return w.ld % b == 0 ? b : 32;
 }
 
-void quantize_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, QuantRows& out) {
-  if (out.rows != rows || out.ld < cols || out.ld % out.block != 0 || out.block % 32 != 0)
+void quantize_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, QuantRows& out, int64_t first) {
+  if (first < 0 || first + rows > out.rows || out.ld < cols || out.ld % out.block != 0 || out.block % 32 != 0)
     fail(ErrorKind::Internal, "quantize_rows: output not sized for the input");
+  const int64_t nb = out.ld / out.block;
   impl().quantize_rows(x, rows, cols, ldx,
-                       QOut{out.q.data(), out.scale.data(), out.sum.data(), out.corr.data(), out.rows, out.ld, out.block});
+                       QOut{out.q.data() + first * out.ld, out.scale.data() + first * nb, out.sum.data() + first * nb,
+                            rows, out.ld, out.block});
 }
 
 void gemv(const float* x, int64_t ldx, int R, const Weight& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
   impl().gemv_float(x, ldx, R, view(w), o0, o1, y, ldy);
 }
 
-void gemv_q(const QuantRows& x, const Weight& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+void gemv_q(const QuantRows& x, int64_t r0, int64_t r1, const Weight& w, int64_t o0, int64_t o1, float* y,
+            int64_t ldy) {
+  if (r0 < 0 || r1 > x.rows || r0 > r1) fail(ErrorKind::Internal, "gemv_q: rows out of range");
   if (x.ld != w.ld || x.block != act_block(w))
     fail(ErrorKind::Internal, "gemv_q: activations not quantized for this weight (ld " + std::to_string(x.ld) + " vs " + std::to_string(w.ld) + ", block " + std::to_string(x.block) + " vs " + std::to_string(act_block(w)) + ")");
-  if (w.dtype == DType::I8) impl().gemv_i8(view(x), view(w), o0, o1, y, ldy);
-  else impl().gemv_i4(view(x), view(w), o0, o1, y, ldy);
+  if (w.dtype == DType::I8) impl().gemv_i8(view(x, r0, r1), view(w), o0, o1, y + r0 * ldy, ldy);
+  else impl().gemv_i4(view(x, r0, r1), view(w), o0, o1, y + r0 * ldy, ldy);
 }
 
 void gemv_i8_float(const float* x, int64_t ldx, int R, const Weight& w, int64_t o0, int64_t o1, float* y,

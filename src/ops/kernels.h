@@ -20,18 +20,18 @@ const char* isa_name();       // "avx2+vnni" (AVX-512 VNNI dot products), "avx2"
 
 // ---- activations quantized for the integer products -----------------------------------------------------
 // Each row of x[rows, cols] in blocks of `block` elements (a multiple of 32, zero-padded to `ld`):
-// q = round(x / scale), scale = max|x| / 127 over the block, q in [-127, 127]; `sum` is the block's Σq and
-// `corr` = 8 · scale · sum (the I4 kernels' offset correction, exact in the scalar one, float in AVX2).
+// q = round(x / scale), scale = max|x| / 127 over the block, q in [-127, 127]; `sum` is the block's Σq (the
+// I4 kernels remove their +8 weight offset with it, exactly, in integers).
 struct QuantRows {
   int64_t rows = 0, ld = 0;
   int block = 0;
   std::vector<int8_t> q;      // [rows][ld]
   std::vector<float> scale;   // [rows][ld / block]
   std::vector<int32_t> sum;   // [rows][ld / block]
-  std::vector<float> corr;    // [rows][ld / block]
   void resize(int64_t rows, int64_t ld, int block);
 };
-void quantize_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, QuantRows& out);
+// Rows [first, first + rows) of `out` from x (x points at row `first`).
+void quantize_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, QuantRows& out, int64_t first = 0);
 
 // The activation block each quantized format multiplies with: the I4 group; for I8 the setting below
 // (default kI8ActBlock; 0 = one scale per row).
@@ -39,12 +39,15 @@ int act_block(const Weight& w);
 constexpr int kI8ActBlock = 128;
 void set_i8_act_block(int block);  // benchmark/tests: a multiple of 32, or 0
 
-// ---- matrix-vector products for a few rows (decoding) ---------------------------------------------------
-// y[r * ldy + o] = Σ_i x[r][i] · w[o][i] for rows r < R and output channels o in [o0, o1). Each weight row
-// is read once for all R rows. F32/F16/BF16 weights take float x (row stride ldx); I8/I4 take quantized
-// rows (QuantRows with block == act_block(w)).
+// ---- products that read each weight row once per call ----------------------------------------------------
+// y[r * ldy + o] = Σ_i x[r][i] · w[o][i] for the rows r given and output channels o in [o0, o1); each weight
+// row is read once for all of them.
+//   gemv: F32/F16/BF16 weights and float rows r < R (row stride ldx): decoding, a few rows.
+//   gemv_q: I8/I4 weights and quantized rows r in [r0, r1) of x (QuantRows with block == act_block(w)): any
+//   number of rows, which ops::linear passes in tiles.
 void gemv(const float* x, int64_t ldx, int R, const Weight& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
-void gemv_q(const QuantRows& x, const Weight& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
+void gemv_q(const QuantRows& x, int64_t r0, int64_t r1, const Weight& w, int64_t o0, int64_t o1, float* y,
+            int64_t ldy);
 // I8 alternative kept for the benchmark: weights widened to float and multiplied with float x (no
 // activation quantization).
 void gemv_i8_float(const float* x, int64_t ldx, int R, const Weight& w, int64_t o0, int64_t o1, float* y,

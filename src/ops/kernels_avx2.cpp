@@ -2,20 +2,23 @@
 // dispatcher in kernels.cpp only calls into it when the CPU reports all three.
 //
 // Matrix-vector products read each weight row once for all activation rows (in chunks of up to 5 rows; a
-// second chunk finds the row in L1).
+// second chunk finds the row in L1). The integer ones also serve many rows (the ViT's 257, taken in tiles by
+// ops::linear): there two weight rows share each activation load, since the work is bound by instructions.
 // Integer products (I8, I4) use vpmaddubsw (unsigned × signed bytes → int16 pairs) and vpmaddwd:
 //   I8: |w| × sign(a, w) (w, a in [-127, 127]: pair sums ≤ 32258, never saturate), int32 per block of
 //       activations, then one float multiply-add per block with the activation scale; the weight's
 //       per-row scale multiplies the final sum.
 //   I4: stored nibbles are u = q + 8 in [0, 15], used directly as the unsigned operand: Σ u·a = Σ q·a + 8 Σ a,
-//       and the offset is removed with the block's Σa (computed when quantizing the activations). Pair sums
-//       are ≤ 2·15·127 = 3810, so the int16 products of a whole group (up to 4 vectors) are added before the
-//       one vpmaddwd per group. Unpacking is an AND and a shift per 64 weights (see DType::I4's layout).
+//       and the offset is removed in integers with the block's Σa (computed when quantizing the
+//       activations). Pair sums are ≤ 2·15·127 = 3810, so the int16 products of a whole group (up to 4
+//       vectors) are added before the one vpmaddwd per group. Unpacking is an AND and a shift per 64
+//       weights (see DType::I4's layout).
 //
 // The same source, compiled again with AVX-512 VNNI (kernels_vnni.cpp defines BLIP2_KERNELS_VNNI), replaces
 // each vpmaddubsw + vpmaddwd pair by one vpdpbusd (unsigned × signed bytes, four products summed into int32,
-// no intermediate saturation): the same integers, so the same results, with fewer instructions where the
-// I4 kernel is bound by them. Everything else compiles to the same AVX2 code.
+// no intermediate saturation), and I8 multiplies w + 128 (unsigned) by a, removing 128·Σa as I4 removes its
+// offset, instead of the sign trick: the same integers, so the same results, with fewer instructions.
+// Everything else compiles to the same AVX2 code.
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
@@ -73,9 +76,9 @@ inline float load1(const void* p, int64_t i) {
   else return bf16_bits_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
-// Every kernel below walks one output row at a time: a thread's share of the matrix is then one sequential
-// stream, which the hardware prefetchers follow at full speed (measured: interleaving 2–8 rows per pass
-// streams 25–50 % slower). The activation rows (≤ 8, a few KiB each) stay in L1/L2 and are re-read per row.
+// For decoding every kernel below walks one output row at a time: a thread's share of the matrix is then one
+// sequential stream, which the hardware prefetchers follow at full speed (measured: interleaving 2–8 rows per
+// pass streams 25–50 % slower). The activation rows (a few KiB each) stay in L1/L2 and are re-read per row.
 
 // Activation rows are split into chunks of at most kMaxNR (balanced: 6 → 3+3, 7 → 4+3, 8 → 4+4).
 constexpr int kMaxNR = 5;
@@ -165,56 +168,99 @@ void gemv_float_avx2(const float* x, int64_t ldx, int R, const WView& w, int64_t
 
 // ---- I8 weights × quantized activations -----------------------------------------------------------------
 
-template <int NR>
-void i8_row(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int64_t ldy) {
+// NO output rows × NR activation rows. Per block of B activations and row pair: the int32 dot product, then
+// one float multiply-add with the activation scale; the weight's per-row scale multiplies the final sum.
+// AVX2: |w| × sign(a, w) (vpmaddubsw needs one unsigned operand). VNNI: (w + 128) × a as unsigned × signed
+// bytes, one instruction per vector and row, and the offset 128·Σa (the block's activation sum) subtracted
+// in integers.
+template <int NO, int NR>
+void i8_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int64_t ldy) {
   const int64_t ld = w.ld, B = x.block, nb = ld / B;
   const auto* wq = static_cast<const int8_t*>(w.data) + o * ld;
   const int8_t* aq = x.q + r0 * ld;
   const float* as = x.scale + r0 * nb;
-  __m256 acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  [[maybe_unused]] const int32_t* asum = x.sum + r0 * nb;
+  __m256 acc[NO][NR];
+  for (int a = 0; a < NO; ++a)
+    for (int r = 0; r < NR; ++r) acc[a][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i s32[NR];
-    for (int r = 0; r < NR; ++r) s32[r] = _mm256_setzero_si256();
+    __m256i s32[NO][NR];
+    for (int a = 0; a < NO; ++a)
+      for (int r = 0; r < NR; ++r) s32[a][r] = _mm256_setzero_si256();
     for (int64_t i = b * B; i < (b + 1) * B; i += 32) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + i));
-      const __m256i aw = _mm256_abs_epi8(wv);
+      __m256i wv[NO];
+      for (int a = 0; a < NO; ++a) {
+        wv[a] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + a * ld + i));
+#ifdef BLIP2_KERNELS_VNNI
+        wv[a] = _mm256_xor_si256(wv[a], _mm256_set1_epi8(-128));  // w + 128 as unsigned bytes
+#endif
+      }
       for (int r = 0; r < NR; ++r) {
         const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + r * ld + i));
-        s32[r] = dot_u8s8(s32[r], aw, _mm256_sign_epi8(av, wv));
+        for (int a = 0; a < NO; ++a) {
+#ifdef BLIP2_KERNELS_VNNI
+          s32[a][r] = dot_u8s8(s32[a][r], wv[a], av);
+#else
+          s32[a][r] = dot_u8s8(s32[a][r], _mm256_abs_epi8(wv[a]), _mm256_sign_epi8(av, wv[a]));
+#endif
+        }
       }
     }
-    for (int r = 0; r < NR; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_set1_ps(as[r * nb + b]), acc[r]);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 sa = _mm256_set1_ps(as[r * nb + b]);
+#ifdef BLIP2_KERNELS_VNNI
+      const __m256i off = _mm256_zextsi128_si256(_mm_cvtsi32_si128(128 * asum[r * nb + b]));
+#endif
+      for (int a = 0; a < NO; ++a) {
+#ifdef BLIP2_KERNELS_VNNI
+        s32[a][r] = _mm256_sub_epi32(s32[a][r], off);
+#endif
+        acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[a][r]), sa, acc[a][r]);
+      }
+    }
   }
-  const float sw = static_cast<const float*>(w.scales)[o];
-  for (int r = 0; r < NR; ++r) y[(r0 + r) * ldy + o] = hsum(acc[r]) * sw;
+  for (int a = 0; a < NO; ++a) {
+    const float sw = static_cast<const float*>(w.scales)[o + a];
+    for (int r = 0; r < NR; ++r) y[(r0 + r) * ldy + o + a] = hsum(acc[a][r]) * sw;
+  }
 }
 
-void gemv_i8_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+template <int NO>
+void i8_rows(const QView& x, const WView& w, int64_t o, float* y, int64_t ldy) {
   const int R = static_cast<int>(x.rows);
-  for (int64_t o = o0; o < o1; ++o)
-    for (int r0 = 0; r0 < R;) {
-      const int nr = chunk_rows(R, r0);
-      switch (nr) {
-        case 1: i8_row<1>(x, r0, w, o, y, ldy); break;
-        case 2: i8_row<2>(x, r0, w, o, y, ldy); break;
-        case 3: i8_row<3>(x, r0, w, o, y, ldy); break;
-        case 4: i8_row<4>(x, r0, w, o, y, ldy); break;
-        default: i8_row<5>(x, r0, w, o, y, ldy); break;
-      }
-      r0 += nr;
+  for (int r0 = 0; r0 < R;) {
+    const int nr = chunk_rows(R, r0);
+    switch (nr) {
+      case 1: i8_tile<NO, 1>(x, r0, w, o, y, ldy); break;
+      case 2: i8_tile<NO, 2>(x, r0, w, o, y, ldy); break;
+      case 3: i8_tile<NO, 3>(x, r0, w, o, y, ldy); break;
+      case 4: i8_tile<NO, 4>(x, r0, w, o, y, ldy); break;
+      default: i8_tile<NO, 5>(x, r0, w, o, y, ldy); break;
     }
+    r0 += nr;
+  }
+}
+
+// Decoding (a few rows) streams one weight row at a time; with many rows the products are bound by
+// instructions, not bytes, and two weight rows share each activation load.
+void gemv_i8_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  int64_t o = o0;
+  if (x.rows > kMaxNR)
+    for (; o + 2 <= o1; o += 2) i8_rows<2>(x, w, o, y, ldy);
+  for (; o < o1; ++o) i8_rows<1>(x, w, o, y, ldy);
 }
 
 // ---- I4 weights × quantized activations -----------------------------------------------------------------
 
 // One output row against NR activation rows, groups of G = 32·NV. Per group and activation row: the
 // unsigned-nibble dot d_u = Σ u·a (vpmaddubsw over the group's vectors, int16 adds, one vpmaddwd), then
-// acc += d_u · (s_w · s_a), the product of scales prepared per chunk of 64 groups with vector multiplies.
-// The offset Σ 8·a·s_w·s_a = Σ_g s_w[g]·corr[g] is subtracted once at the end.
-template <int NV, int NR>
-void i4_row(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int64_t ldy) {
+// the offset removed exactly in integers (d = d_u − 8·Σa, subtracted from one lane), then
+// acc += d · (s_w · s_a), the product of scales prepared per chunk of 64 groups with vector multiplies.
+// Removing the offset before the float multiply keeps the result as accurate as the scalar kernel's: Σ u·a
+// carries 8·Σa, often far larger than the result, and subtracting it in float afterwards cancelled low bits
+// (test_kernels needed a 20× wider rounding allowance for I4 before; now one bound serves every format).
+template <int NV, int NO, int NR>
+void i4_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int64_t ldy) {
   constexpr int G = 32 * NV;
   constexpr int kUnit = NV == 4 ? 128 : 64;  // elements per step: one 32-byte block (two for G = 128)
   constexpr int kVec = kUnit / 32, kGroups = kUnit / G;
@@ -224,93 +270,100 @@ void i4_row(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int
   const uint16_t* s16 = static_cast<const uint16_t*>(w.scales) + o * ng;
   const int8_t* aq = x.q + r0 * ld;
   const float* as = x.scale + r0 * ng;
-  const float* ac = x.corr + r0 * ng;
+  const int32_t* asum = x.sum + r0 * ng;
   const __m256i m4 = _mm256_set1_epi8(0x0f);
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
   // With few rows, groups alternate between two accumulators so that the FMA latency does not bound the loop.
-  constexpr int A = NR <= 2 ? 2 : 1;
-  __m256 acc[A][NR], corr[NR];
-  float corr_tail[NR];
-  for (int r = 0; r < NR; ++r) {
-    for (int k = 0; k < A; ++k) acc[k][r] = _mm256_setzero_ps();
-    corr[r] = _mm256_setzero_ps();
-    corr_tail[r] = 0.0f;
-  }
-  alignas(32) float P[NR][kChunk];
+  constexpr int A = NO * NR <= 2 ? 2 : 1;
+  __m256 acc[A][NO][NR];
+  for (int k = 0; k < A; ++k)
+    for (int a = 0; a < NO; ++a)
+      for (int r = 0; r < NR; ++r) acc[k][a][r] = _mm256_setzero_ps();
+  alignas(32) float P[NO][NR][kChunk];
   for (int64_t g0 = 0; g0 < ng; g0 += kChunk) {
     const int64_t gn = imin(static_cast<int64_t>(kChunk), ng - g0);
-    int64_t g = 0;
-    for (; g + 8 <= gn; g += 8) {
-      const __m256 swv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + g0 + g)));
-      for (int r = 0; r < NR; ++r) {
-        _mm256_store_ps(&P[r][g], _mm256_mul_ps(swv, _mm256_loadu_ps(as + r * ng + g0 + g)));
-        corr[r] = _mm256_fmadd_ps(swv, _mm256_loadu_ps(ac + r * ng + g0 + g), corr[r]);
+    for (int a = 0; a < NO; ++a) {
+      int64_t g = 0;
+      for (; g + 8 <= gn; g += 8) {
+        const __m256 swv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + a * ng + g0 + g)));
+        for (int r = 0; r < NR; ++r)
+          _mm256_store_ps(&P[a][r][g], _mm256_mul_ps(swv, _mm256_loadu_ps(as + r * ng + g0 + g)));
       }
-    }
-    for (; g < gn; ++g) {
-      const float sw = _cvtsh_ss(s16[g0 + g]);
-      for (int r = 0; r < NR; ++r) {
-        P[r][g] = sw * as[r * ng + g0 + g];
-        corr_tail[r] += sw * ac[r * ng + g0 + g];
+      for (; g < gn; ++g) {
+        const float sw = _cvtsh_ss(s16[a * ng + g0 + g]);
+        for (int r = 0; r < NR; ++r) P[a][r][g] = sw * as[r * ng + g0 + g];
       }
     }
     for (int64_t e = g0 * G; e < (g0 + gn) * G; e += kUnit) {
-      __m256i wv[kVec];
-      for (int s = 0; s < kVec / 2; ++s) {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + e / 2 + 32 * s));
-        wv[2 * s] = _mm256_and_si256(b, m4);
-        wv[2 * s + 1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
-      }
+      __m256i wv[NO][kVec];
+      for (int a = 0; a < NO; ++a)
+        for (int s = 0; s < kVec / 2; ++s) {
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + a * (ld / 2) + e / 2 + 32 * s));
+          wv[a][2 * s] = _mm256_and_si256(b, m4);
+          wv[a][2 * s + 1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+        }
       for (int gi = 0; gi < kGroups; ++gi) {
         const int64_t gl = (e - g0 * G) / G + gi;  // group index within the chunk
         for (int r = 0; r < NR; ++r) {
-          const int8_t* a = aq + r * ld + e + gi * G;
+          const int8_t* ap = aq + r * ld + e + gi * G;
+          __m256i av[NV];
+          for (int v = 0; v < NV; ++v) av[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + 32 * v));
+          const __m256i off = _mm256_zextsi128_si256(_mm_cvtsi32_si128(8 * asum[r * ng + g0 + gl]));
+          for (int a = 0; a < NO; ++a) {
 #ifdef BLIP2_KERNELS_VNNI
-          __m256i t = _mm256_setzero_si256();
-          for (int v = 0; v < NV; ++v)
-            t = dot_u8s8(t, wv[gi * NV + v], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * v)));
+            __m256i t = _mm256_setzero_si256();
+            for (int v = 0; v < NV; ++v) t = dot_u8s8(t, wv[a][gi * NV + v], av[v]);
 #else
-          __m256i t = _mm256_maddubs_epi16(wv[gi * NV], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
-          for (int v = 1; v < NV; ++v)
-            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(wv[gi * NV + v],
-                                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * v))));
-          t = _mm256_madd_epi16(t, ones);
+            __m256i t = _mm256_maddubs_epi16(wv[a][gi * NV], av[0]);
+            for (int v = 1; v < NV; ++v) t = _mm256_add_epi16(t, _mm256_maddubs_epi16(wv[a][gi * NV + v], av[v]));
+            t = _mm256_madd_epi16(t, ones);
 #endif
-          __m256& a_ = acc[A == 2 ? (gl & 1) : 0][r];
-          a_ = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(P[r][gl]), a_);
+            t = _mm256_sub_epi32(t, off);
+            __m256& acc_ = acc[A == 2 ? (gl & 1) : 0][a][r];
+            acc_ = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(P[a][r][gl]), acc_);
+          }
         }
       }
     }
   }
-  for (int r = 0; r < NR; ++r) {
-    __m256 t = acc[0][r];
-    if constexpr (A == 2) t = _mm256_add_ps(t, acc[A - 1][r]);
-    y[(r0 + r) * ldy + o] = hsum(t) - (hsum(corr[r]) + corr_tail[r]);
+  for (int a = 0; a < NO; ++a)
+    for (int r = 0; r < NR; ++r) {
+      __m256 t = acc[0][a][r];
+      if constexpr (A == 2) t = _mm256_add_ps(t, acc[A - 1][a][r]);
+      y[(r0 + r) * ldy + o + a] = hsum(t);
+    }
+}
+
+template <int NV, int NO>
+void i4_rows(const QView& x, const WView& w, int64_t o, float* y, int64_t ldy) {
+  const int R = static_cast<int>(x.rows);
+  for (int r0 = 0; r0 < R;) {
+    const int nr = chunk_rows(R, r0);
+    switch (nr) {
+      case 1: i4_tile<NV, NO, 1>(x, r0, w, o, y, ldy); break;
+      case 2: i4_tile<NV, NO, 2>(x, r0, w, o, y, ldy); break;
+      case 3: i4_tile<NV, NO, 3>(x, r0, w, o, y, ldy); break;
+      case 4: i4_tile<NV, NO, 4>(x, r0, w, o, y, ldy); break;
+      default: i4_tile<NV, NO, 5>(x, r0, w, o, y, ldy); break;
+    }
+    r0 += nr;
   }
 }
 
+// As for I8: one weight row at a time for decoding, two sharing each activation load for many rows.
 template <int NV>
-void i4_rows(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-  const int R = static_cast<int>(x.rows);
-  for (int64_t o = o0; o < o1; ++o)
-    for (int r0 = 0; r0 < R;) {
-      const int nr = chunk_rows(R, r0);
-      switch (nr) {
-        case 1: i4_row<NV, 1>(x, r0, w, o, y, ldy); break;
-        case 2: i4_row<NV, 2>(x, r0, w, o, y, ldy); break;
-        case 3: i4_row<NV, 3>(x, r0, w, o, y, ldy); break;
-        case 4: i4_row<NV, 4>(x, r0, w, o, y, ldy); break;
-        default: i4_row<NV, 5>(x, r0, w, o, y, ldy); break;
-      }
-      r0 += nr;
-    }
+void i4_outputs(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  int64_t o = o0;
+  if (x.rows > kMaxNR)
+    for (; o + 2 <= o1; o += 2) i4_rows<NV, 2>(x, w, o, y, ldy);
+  for (; o < o1; ++o) i4_rows<NV, 1>(x, w, o, y, ldy);
 }
 
 void gemv_i4_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
   switch (w.group) {
-    case 32: i4_rows<1>(x, w, o0, o1, y, ldy); return;
-    case 64: i4_rows<2>(x, w, o0, o1, y, ldy); return;
-    default: i4_rows<4>(x, w, o0, o1, y, ldy); return;
+    case 32: i4_outputs<1>(x, w, o0, o1, y, ldy); return;
+    case 64: i4_outputs<2>(x, w, o0, o1, y, ldy); return;
+    default: i4_outputs<4>(x, w, o0, o1, y, ldy); return;
   }
 }
 
@@ -395,10 +448,8 @@ void quantize_rows_avx2(const float* x, int64_t rows, int64_t cols, int64_t ldx,
         const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16, p16b), perm);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q + r * ld + i), p8);
       }
-      const int32_t isum = hsum_i32(sum);
       out.scale[r * nb + b] = amax / 127.0f;
-      out.sum[r * nb + b] = isum;
-      out.corr[r * nb + b] = 8.0f * (amax / 127.0f) * static_cast<float>(isum);
+      out.sum[r * nb + b] = hsum_i32(sum);
     }
   }
 }

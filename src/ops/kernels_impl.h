@@ -23,7 +23,6 @@ struct QView {  // quantized activation rows (see QuantRows)
   const int8_t* q;
   const float* scale;
   const int32_t* sum;
-  const float* corr;
   int64_t rows, ld;
   int block;
 };
@@ -32,7 +31,6 @@ struct QOut {
   int8_t* q;
   float* scale;
   int32_t* sum;
-  float* corr;
   int64_t rows, ld;
   int block;
 };

@@ -34,11 +34,10 @@ void for_elements(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
 
 }  // namespace
 
-static int64_t g_gemv_rows_quant = kGemvMaxRowsQuant;
-void set_gemv_max_rows_quant(int64_t rows) { g_gemv_rows_quant = rows > 0 ? rows : kGemvMaxRowsQuant; }
-int64_t gemv_max_rows(const Weight& w) { return w.quantized() ? g_gemv_rows_quant : kGemvMaxRows; }
+static int64_t g_quant_tile_bytes = kQuantTileBytes;
+void set_quant_tile_bytes(int64_t bytes) { g_quant_tile_bytes = bytes > 0 ? bytes : kQuantTileBytes; }
 
-void set_widen_rows(int64_t rows) { kWidenRows = std::max<int64_t>(rows, 8); }
+void set_widen_rows(int64_t rows) { kWidenRows = rows > 0 ? std::max<int64_t>(rows, 8) : 1024; }
 
 Weight convert_weight(const Weight& w, WeightFormat format, int int4_group) {
   switch (format) {
@@ -52,23 +51,38 @@ Weight convert_weight(const Weight& w, WeightFormat format, int int4_group) {
   return w;
 }
 
+namespace {
+
+// x quantized once (rows split between threads), then per tile of rows the output channels split between
+// threads, each streaming its share of the weight once per tile.
+void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
+  const int64_t out = w.rows(), in = w.cols();
+  thread_local kern::QuantRows tls;
+  kern::QuantRows& qx = tls;  // the caller's buffer (inside the lambdas `tls` would be the worker's own)
+  qx.resize(rows, w.ld, kern::act_block(w));
+  par::parallel_for(rows, [&](int64_t r0, int64_t r1) { kern::quantize_rows(x + r0 * in, r1 - r0, in, in, qx, r0); },
+                    std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(in, 1)));
+  const int64_t tile = std::max(kQuantTileMinRows, g_quant_tile_bytes / w.ld);
+  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+    const int64_t r1 = std::min(rows, r0 + tile);
+    const int64_t min_out = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(in * (r1 - r0), 1));
+    par::parallel_for(out, [&](int64_t o0, int64_t o1) { kern::gemv_q(qx, r0, r1, w, o0, o1, y, out); }, min_out, 16);
+  }
+}
+
+}  // namespace
+
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y) {
   const int64_t out = w.rows(), in = w.cols();
   if (rows == 0 || out == 0) return;
-  if (rows <= gemv_max_rows(w)) {
+  if (w.quantized()) {
+    linear_quantized(x, rows, w, y);
+  } else if (rows <= kGemvMaxRows) {
     // Output channels split between threads; each thread streams its share of the weight once.
     const int64_t min_rows = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(in * rows, 1));
-    if (w.quantized()) {
-      thread_local kern::QuantRows tls;
-      kern::QuantRows& qx = tls;  // the caller's buffer (inside the lambda `tls` would be the worker's own)
-      qx.resize(rows, w.ld, kern::act_block(w));
-      kern::quantize_rows(x, rows, in, in, qx);
-      par::parallel_for(out, [&](int64_t o0, int64_t o1) { kern::gemv_q(qx, w, o0, o1, y, out); }, min_rows, 16);
-    } else {
-      par::parallel_for(
-          out, [&](int64_t o0, int64_t o1) { kern::gemv(x, in, static_cast<int>(rows), w, o0, o1, y, out); },
-          min_rows, 16);
-    }
+    par::parallel_for(
+        out, [&](int64_t o0, int64_t o1) { kern::gemv(x, in, static_cast<int>(rows), w, o0, o1, y, out); },
+        min_rows, 16);
   } else if (w.dtype == DType::F32) {
     sgemm_nt(x, rows, in, static_cast<const float*>(w.data), out, y, out);
   } else {

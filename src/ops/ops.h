@@ -10,21 +10,25 @@
 namespace blip2::ops {
 
 // y[rows, out] = x[rows, in] · wᵀ (+ b), w stored [out, in] as in PyTorch. `b` may be empty.
-// Few rows (decoding: one row per beam) take the matrix-vector kernels, which read each weight once for all
-// rows (I8/I4: with the rows quantized to int8 per block); more rows take OpenBLAS's sgemm, non-F32 weights
-// widened block by block into a scratch buffer first. "Few" is gemv_max_rows(w): kGemvMaxRows for float
-// weights, kGemvMaxRowsQuant for I8/I4, whose integer kernels beat widening + sgemm up to ~100-200 rows
-// (measured on 4096×4096: 2.4–2.8× faster at 16–48 rows, 1.3–1.7× at 96, even at 257); 64 covers the T5
-// encoder over typical prompts and batched beams, and keeps the ViT on float activations.
+//   I8/I4 weights, any number of rows: the rows are quantized to int8 per block and multiplied with the
+//     integer kernels, which read each weight row once per tile of rows. They beat widening the weights to
+//     float + sgemm at every row count measured, decoding and the ViT's 257 rows alike (docs/PERFORMANCE.md,
+//     `bench_kernels --only sgemm`).
+//   F32/F16/BF16 weights, at most kGemvMaxRows rows (decoding: one row per beam): the matrix-vector kernels,
+//     which read each weight once for all rows.
+//   F32/F16/BF16 weights, more rows: OpenBLAS's sgemm, F16/BF16 weights widened block by block into a
+//     scratch buffer first.
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y);
 Tensor linear(const Tensor& x, const Weight& w, const Weight& b = {});
 
 constexpr int64_t kGemvMaxRows = 8;
-constexpr int64_t kGemvMaxRowsQuant = 64;
-int64_t gemv_max_rows(const Weight& w);
-// Benchmark hook: overrides kGemvMaxRowsQuant (0 restores it).
-void set_gemv_max_rows_quant(int64_t rows);
-// Benchmark hook: weight rows widened per block on the BLAS path (default 1024).
+// Rows per tile of the integer products: as many as keep a tile's quantized activations within this many
+// bytes (in L2 while each thread streams its share of the weight), at least kQuantTileMinRows.
+constexpr int64_t kQuantTileBytes = 256 << 10;
+constexpr int64_t kQuantTileMinRows = 16;
+// Benchmark hooks: bytes per tile of the integer products, weight rows widened per block on the BLAS path
+// (default 1024). 0 restores the default.
+void set_quant_tile_bytes(int64_t bytes);
 void set_widen_rows(int64_t rows);
 
 // `w` in `format` (a load-time conversion; see LoadOptions in model/blip2.h), or `w` itself when that is

@@ -42,6 +42,8 @@ typedef enum {
 typedef struct {
   const char* weights; /* linear-layer weights after loading: "stored" (the file's bytes, no copy; default),
                           "f32", "f16", "bf16", "int8" or "int4" */
+  const char* vision_weights; /* the vision encoder's weights, same choices; NULL (default): as `weights`,
+                                 except "int8" for "int4" (faster and more accurate for the ViT) */
   int int4_group;      /* int4: weights per scale, 32, 64 (default) or 128 */
   int threads;         /* worker threads for the whole process; 0 (default) = all cores */
 } blip2_load_params;

@@ -22,11 +22,13 @@
 #include <cmath>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <cstring>
 #include <set>
 
+#include "core/error.h"
 #include "generate/generate.h"
 #include "image/image.h"
 #include "io/safetensors.h"
@@ -533,6 +535,34 @@ TEST(LoadOptions, ConvertsExactlyTheLinearMatrices) {
   EXPECT_FALSE(converts_tensor("vision_model.embeddings.patch_embedding.weight", {64, 3, 14, 14}, false));
 }
 
+// The vision encoder's format follows --weights except that int4 means int8 there, unless set on its own.
+TEST(LoadOptions, VisionEncoderFormat) {
+  const auto wv = random_vec(64 * 64, 21, 0.05f);
+  const Weight w = f32_weight(wv, 64, 64);
+  const std::string vit = "vision_model.encoder.layers.0.mlp.fc1.weight";
+  const std::string lm = "language_model.encoder.block.0.layer.1.DenseReluDense.wo.weight";
+  const auto formats = [&](WeightFormat weights, std::optional<WeightFormat> vision) {
+    LoadOptions o;
+    o.weights = weights;
+    o.vision_weights = vision;
+    const Checkpoint::Convert convert = weight_converter(o, false);
+    if (!convert) return std::pair<DType, DType>{w.dtype, w.dtype};
+    return std::pair<DType, DType>{convert(vit, w).dtype, convert(lm, w).dtype};
+  };
+  EXPECT_EQ(formats(WeightFormat::I4, std::nullopt), std::make_pair(DType::I8, DType::I4));
+  EXPECT_EQ(formats(WeightFormat::I4, WeightFormat::I4), std::make_pair(DType::I4, DType::I4));
+  EXPECT_EQ(formats(WeightFormat::I8, std::nullopt), std::make_pair(DType::I8, DType::I8));
+  EXPECT_EQ(formats(WeightFormat::BF16, std::nullopt), std::make_pair(DType::BF16, DType::BF16));
+  EXPECT_EQ(formats(WeightFormat::I4, WeightFormat::F16), std::make_pair(DType::F16, DType::I4));
+  EXPECT_EQ(formats(WeightFormat::AsStored, WeightFormat::I8), std::make_pair(DType::I8, DType::F32));
+  EXPECT_EQ(formats(WeightFormat::AsStored, std::nullopt), std::make_pair(DType::F32, DType::F32));
+  LoadOptions bad;
+  bad.weights = WeightFormat::I8;
+  bad.vision_weights = WeightFormat::I4;
+  bad.int4_group = 48;
+  EXPECT_THROW(weight_converter(bad, false), blip2::Error);
+}
+
 // ---- every weight format on the fixture model ---------------------------------------------------------------
 
 const std::string kFixtures = BLIP2_FIXTURES_DIR;
@@ -547,6 +577,7 @@ struct FormatCase {
   double max_rel_image;   // vision, Q-Former, projection
   double max_rel_text;    // encoder output and logits
   bool greedy_exact;      // every greedy sequence identical to the reference
+  std::optional<WeightFormat> vision = std::nullopt;  // LoadOptions::vision_weights
 };
 
 class FixtureFormats : public ::testing::TestWithParam<FormatCase> {};
@@ -556,6 +587,7 @@ TEST_P(FixtureFormats, StagesAndLogitsStayWithinTheFormatsBound) {
   LoadOptions opt;
   opt.weights = fc.format;
   opt.int4_group = fc.group;
+  opt.vision_weights = fc.vision;
   const Blip2Model model(BLIP2_TINY_T5_DIR, opt);
   const SafetensorsFile ref(kFixtures + "/tiny-blip2-t5/reference.safetensors");
   std::ifstream jin(kFixtures + "/tiny-blip2-t5/reference.json");
@@ -664,9 +696,10 @@ INSTANTIATE_TEST_SUITE_P(
                       FormatCase{"bf16", WeightFormat::BF16, 64, 1e-2, 4e-2, false},
                       FormatCase{"f16", WeightFormat::F16, 64, 1.5e-3, 5e-3, false},
                       FormatCase{"int8", WeightFormat::I8, 64, 4e-2, 0.15, false},
-                      FormatCase{"int4g32", WeightFormat::I4, 32, 0.5, 1.0, false},
-                      FormatCase{"int4g64", WeightFormat::I4, 64, 0.5, 1.0, false},
-                      FormatCase{"int4g128", WeightFormat::I4, 128, 0.5, 1.0, false}),
+                      FormatCase{"int4g32", WeightFormat::I4, 32, 0.5, 1.0, false, WeightFormat::I4},
+                      FormatCase{"int4g64", WeightFormat::I4, 64, 0.5, 1.0, false, WeightFormat::I4},
+                      FormatCase{"int4g128", WeightFormat::I4, 128, 0.5, 1.0, false, WeightFormat::I4},
+                      FormatCase{"int4default", WeightFormat::I4, 64, 0.5, 1.0, false}),
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

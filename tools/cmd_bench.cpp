@@ -213,6 +213,8 @@ void run_bench(const BenchArgs& a, const CLI::App& app) {
   const std::string weights = app.get_option("--weights")->as<std::string>();
   lo.weights = parse_weight_format(weights);
   lo.int4_group = app.get_option("--int4-group")->as<int>();
+  const std::string vision_weights = app.get_option("--vision-weights")->as<std::string>();
+  if (!vision_weights.empty()) lo.vision_weights = parse_weight_format(vision_weights);
   lo.threads = app.get_option("--threads")->as<int>();
   if (!a.image.empty()) load_image(a.image);  // a bad image fails now, before minutes of measuring and loading
 
@@ -261,6 +263,7 @@ void run_bench(const BenchArgs& a, const CLI::App& app) {
     nlohmann::ordered_json j;
     j["model"] = a.model;
     j["weights"] = weights;
+    j["vision_weights"] = weight_format_name(vision_format(lo));
     j["int4_group"] = lo.int4_group;
     j["threads"] = par::threads();
     j["kernels"] = kern::isa_name();
@@ -301,9 +304,10 @@ void run_bench(const BenchArgs& a, const CLI::App& app) {
     return;
   }
 
-  std::printf("blip2 bench: %s, weights %s%s, %d threads (%s kernels), batch %d, %d new tokens, %d runs (+%d warm-up)\n",
+  std::printf("blip2 bench: %s, weights %s%s (vision %s), %d threads (%s kernels), batch %d, %d new tokens, %d runs (+%d warm-up)\n",
               a.model.c_str(), weights.c_str(),
-              lo.weights == WeightFormat::I4 ? (" g" + std::to_string(lo.int4_group)).c_str() : "", par::threads(),
+              lo.weights == WeightFormat::I4 ? (" g" + std::to_string(lo.int4_group)).c_str() : "",
+              weight_format_name(vision_format(lo)), par::threads(),
               kern::isa_name(), a.batch, a.new_tokens, a.repeat, a.warmup);
   std::printf("image %s, prompt \"%s\"\n", image.c_str(), a.prompt.c_str());
   std::printf("machine: %s; read bandwidth %.2f GB/s; sgemm peak %.1f GFLOP/s (", machine::cpu_name().c_str(), bw / 1e9,

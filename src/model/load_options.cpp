@@ -55,12 +55,20 @@ bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_h
   return false;
 }
 
+WeightFormat vision_format(const LoadOptions& o) {
+  if (o.vision_weights) return *o.vision_weights;
+  return o.weights == WeightFormat::I4 ? WeightFormat::I8 : o.weights;
+}
+
 Checkpoint::Convert weight_converter(const LoadOptions& o, bool tied_lm_head) {
-  if (o.weights == WeightFormat::I4 && o.int4_group != 32 && o.int4_group != 64 && o.int4_group != 128)
+  const WeightFormat vision = vision_format(o);
+  if ((o.weights == WeightFormat::I4 || vision == WeightFormat::I4) && o.int4_group != 32 && o.int4_group != 64 &&
+      o.int4_group != 128)
     fail(ErrorKind::Usage, "int4 group size must be 32, 64 or 128 (got " + std::to_string(o.int4_group) + ")");
-  if (o.weights == WeightFormat::AsStored) return nullptr;
-  return [o, tied_lm_head](const std::string& name, const Weight& w) -> Weight {
-    if (converts_tensor(name, w.shape, tied_lm_head)) return ops::convert_weight(w, o.weights, o.int4_group);
+  if (o.weights == WeightFormat::AsStored && vision == WeightFormat::AsStored) return nullptr;
+  return [o, vision, tied_lm_head](const std::string& name, const Weight& w) -> Weight {
+    if (converts_tensor(name, w.shape, tied_lm_head))
+      return ops::convert_weight(w, name.rfind("vision_model.", 0) == 0 ? vision : o.weights, o.int4_group);
     // The small tensors that stay as stored (norms, biases, position tables: a few MB in all) are copied too,
     // so that once loading is done no page of the file is needed in memory. An untied embedding stays in the
     // file: a lookup reads only the rows it needs.

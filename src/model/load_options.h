@@ -1,6 +1,7 @@
 // How a model is loaded: the storage format of its linear layers' weights and the thread count. The one
 // place that decides which tensors a format applies to is weight_converter() (load_options.cpp).
 #pragma once
+#include <optional>
 #include <string>
 
 #include "core/tensor.h"
@@ -17,6 +18,8 @@ struct LoadOptions {
   // anything else converts each matrix once, as it is taken, from whatever the file holds (F32/F16/BF16).
   WeightFormat weights = WeightFormat::AsStored;
   int int4_group = kDefaultInt4Group;  // 32, 64 or 128 elements per scale along the input dimension
+  // Format of the vision encoder's matrices; unset: vision_format() below.
+  std::optional<WeightFormat> vision_weights;
   int threads = 0;                     // worker threads for the kernels and OpenBLAS; 0 = all cores
 };
 
@@ -27,6 +30,12 @@ struct LoadOptions {
 // embeddings, query tokens, relative attention bias and an untied embedding (a lookup touches only the
 // rows it needs, so the file's pages serve it best).
 bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_head);
+
+// The vision encoder's format: `vision_weights` when set, else `weights`, except that int4 becomes int8.
+// The ViT multiplies all 257 patch rows by each weight, so it is bound by arithmetic, not by weight bytes:
+// there the int8 products run faster than int4's (docs/PERFORMANCE.md) and are more accurate, for 0.5 GB
+// more on ViT-g (1.0 GB in int8, 0.53 GB in int4).
+WeightFormat vision_format(const LoadOptions& options);
 
 // The Checkpoint::Convert hook for `options` (null for AsStored: every tensor is used in place). With a
 // conversion, the tensors that are not converted are copied as stored (all but an untied embedding), so

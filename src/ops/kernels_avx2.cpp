@@ -184,9 +184,16 @@ void i8_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, in
   for (int a = 0; a < NO; ++a)
     for (int r = 0; r < NR; ++r) acc[a][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
+    // VNNI: the sums start from −128·Σa, the offset of (w + 128)·a (see the file comment).
     __m256i s32[NO][NR];
-    for (int a = 0; a < NO; ++a)
-      for (int r = 0; r < NR; ++r) s32[a][r] = _mm256_setzero_si256();
+    for (int r = 0; r < NR; ++r) {
+#ifdef BLIP2_KERNELS_VNNI
+      const __m256i init = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-128 * asum[r * nb + b]));
+#else
+      const __m256i init = _mm256_setzero_si256();
+#endif
+      for (int a = 0; a < NO; ++a) s32[a][r] = init;
+    }
     for (int64_t i = b * B; i < (b + 1) * B; i += 32) {
       __m256i wv[NO];
       for (int a = 0; a < NO; ++a) {
@@ -208,15 +215,7 @@ void i8_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, in
     }
     for (int r = 0; r < NR; ++r) {
       const __m256 sa = _mm256_set1_ps(as[r * nb + b]);
-#ifdef BLIP2_KERNELS_VNNI
-      const __m256i off = _mm256_zextsi128_si256(_mm_cvtsi32_si128(128 * asum[r * nb + b]));
-#endif
-      for (int a = 0; a < NO; ++a) {
-#ifdef BLIP2_KERNELS_VNNI
-        s32[a][r] = _mm256_sub_epi32(s32[a][r], off);
-#endif
-        acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[a][r]), sa, acc[a][r]);
-      }
+      for (int a = 0; a < NO; ++a) acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[a][r]), sa, acc[a][r]);
     }
   }
   for (int a = 0; a < NO; ++a) {
@@ -308,17 +307,17 @@ void i4_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, in
           const int8_t* ap = aq + r * ld + e + gi * G;
           __m256i av[NV];
           for (int v = 0; v < NV; ++v) av[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + 32 * v));
-          const __m256i off = _mm256_zextsi128_si256(_mm_cvtsi32_si128(8 * asum[r * ng + g0 + gl]));
+          // The offset −8·Σa in one lane: VNNI sums start from it, AVX2 adds it to the pair sums.
+          const __m256i off = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * asum[r * ng + g0 + gl]));
           for (int a = 0; a < NO; ++a) {
 #ifdef BLIP2_KERNELS_VNNI
-            __m256i t = _mm256_setzero_si256();
+            __m256i t = off;
             for (int v = 0; v < NV; ++v) t = dot_u8s8(t, wv[a][gi * NV + v], av[v]);
 #else
             __m256i t = _mm256_maddubs_epi16(wv[a][gi * NV], av[0]);
             for (int v = 1; v < NV; ++v) t = _mm256_add_epi16(t, _mm256_maddubs_epi16(wv[a][gi * NV + v], av[v]));
-            t = _mm256_madd_epi16(t, ones);
+            t = _mm256_add_epi32(_mm256_madd_epi16(t, ones), off);
 #endif
-            t = _mm256_sub_epi32(t, off);
             __m256& acc_ = acc[A == 2 ? (gl & 1) : 0][a][r];
             acc_ = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(P[a][r][gl]), acc_);
           }

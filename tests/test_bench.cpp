@@ -63,6 +63,21 @@ TEST(Bench, DecodeBytesFollowTheWeightFormat) {
   EXPECT_GT(i4, 0);
 }
 
+// int4 keeps the ViT in int8 unless --vision-weights says otherwise; the JSON names what was loaded.
+TEST(Bench, ReportsTheVisionEncodersFormat) {
+  const auto vision = [](std::vector<std::string> args) {
+    args.insert(args.end(), {"bench", "--model", kModel, "--new-tokens", "1", "--repeat", "1", "--warmup", "0",
+                             "--quick", "--json"});
+    const CliRun r = run_cli(args);
+    EXPECT_EQ(r.status, 0) << r.err;
+    const json j = json::parse(r.out, nullptr, false);
+    return j.is_discarded() ? std::string("?") : j["vision_weights"].get<std::string>();
+  };
+  EXPECT_EQ(vision({"--weights", "int4"}), "int8");
+  EXPECT_EQ(vision({"--weights", "int4", "--vision-weights", "int4"}), "int4");
+  EXPECT_EQ(vision({"--weights", "bf16"}), "bf16");
+}
+
 TEST(Bench, TextTableNamesEveryStage) {
   const CliRun r = run_cli({"bench", "--model", kModel, "--new-tokens", "3", "--repeat", "1", "--warmup", "0",
                          "--quick"});
@@ -76,7 +91,7 @@ TEST(Bench, BadOptionsExitWithStatus2) {
   for (const std::vector<std::string>& args :
        {std::vector<std::string>{"bench", "--batch", "0"}, {"bench", "--new-tokens", "0"}, {"bench", "--repeat", "0"},
         {"bench", "--batch", "two"}, {"bench", "--no-such-option"}, {"--weights", "int3", "bench"},
-        {"--int4-group", "48", "bench"}, {"bench", "--warmup", "-1"}}) {
+        {"--int4-group", "48", "bench"}, {"--vision-weights", "int3", "bench"}, {"bench", "--warmup", "-1"}}) {
     const CliRun r = run_cli(args);
     std::string cmd;
     for (const auto& a : args) cmd += " " + a;

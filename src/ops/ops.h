@@ -11,9 +11,10 @@ namespace blip2::ops {
 
 // y[rows, out] = x[rows, in] · wᵀ (+ b), w stored [out, in] as in PyTorch. `b` may be empty.
 //   I8/I4 weights, any number of rows: the rows are quantized to int8 per block and multiplied with the
-//     integer kernels, which read each weight row once per tile of rows. They beat widening the weights to
-//     float + sgemm at every row count measured, decoding and the ViT's 257 rows alike (docs/PERFORMANCE.md,
-//     `bench_kernels --only sgemm`).
+//     integer kernels, which read each weight row once per tile of rows. For decoding they are the point
+//     (bandwidth); on the ViT's 257 rows they run 1.2–2× sgemm's rate with AVX-512 VNNI and 0.9–1.5× with
+//     AVX2 alone (docs/PERFORMANCE.md, `bench_kernels --only sgemm`), where widening to float + sgemm ran
+//     at 0.8–0.95× sgemm.
 //   F32/F16/BF16 weights, at most kGemvMaxRows rows (decoding: one row per beam): the matrix-vector kernels,
 //     which read each weight once for all rows.
 //   F32/F16/BF16 weights, more rows: OpenBLAS's sgemm, F16/BF16 weights widened block by block into a

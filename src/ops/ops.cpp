@@ -15,7 +15,7 @@ namespace blip2::ops {
 
 namespace {
 
-// Weight rows widened per block for the BLAS path (F16/BF16/I8/I4 weights and more than gemv_max_rows rows),
+// Weight rows widened per block for the BLAS path (F16/BF16 weights and more than kGemvMaxRows rows),
 // so that no float32 copy of the whole matrix is ever made.
 int64_t kWidenRows = 1024;
 // Below this many multiply-adds per thread a kernel runs on the calling thread alone.

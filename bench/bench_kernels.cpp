@@ -22,7 +22,6 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -41,22 +40,7 @@ double seconds(clk::time_point a, clk::time_point b) { return std::chrono::durat
 // The ceilings and the timing loop are shared with `blip2 bench` (ops/machine.h).
 using machine::time_best;
 using machine::read_bandwidth;
-
-std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::vector<float> v(n);
-  std::mt19937 g(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  for (auto& x : v) x = d(g);
-  return v;
-}
-
-Weight f32_weight(const std::vector<float>& v, int64_t rows, int64_t cols) {
-  Weight w;
-  w.dtype = DType::F32;
-  w.shape = {rows, cols};
-  w.data = v.data();
-  return w;
-}
+using machine::random_floats;
 
 struct Format {
   const char* name;

@@ -64,14 +64,6 @@ std::vector<float> random_vec(size_t n, uint32_t seed, float scale = 1.0f) {
   return v;
 }
 
-Weight f32_weight(const std::vector<float>& v, int64_t rows, int64_t cols) {
-  Weight w;
-  w.dtype = DType::F32;
-  w.shape = {rows, cols};
-  w.data = v.data();
-  return w;
-}
-
 // Runs fn once on the AVX2 path (where the CPU has it) and once on the scalar fallback.
 template <typename F>
 void for_each_isa(F&& fn) {

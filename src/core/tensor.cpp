@@ -180,4 +180,15 @@ std::vector<float> Weight::f32() const {
   return out;
 }
 
+Weight f32_weight(const std::vector<float>& v, int64_t rows, int64_t cols) {
+  if (static_cast<int64_t>(v.size()) != rows * cols)
+    fail(ErrorKind::Internal, "f32_weight: " + std::to_string(v.size()) + " values for " + std::to_string(rows) + "x" +
+                                  std::to_string(cols));
+  Weight w;
+  w.dtype = DType::F32;
+  w.shape = {rows, cols};
+  w.data = v.data();
+  return w;
+}
+
 }  // namespace blip2

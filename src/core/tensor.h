@@ -59,6 +59,10 @@ struct Weight {
   std::vector<float> f32() const;
 };
 
+// A float32 [rows, cols] Weight viewing v's elements (not owned: v must outlive it). For tests and
+// benchmarks that make weights in memory.
+Weight f32_weight(const std::vector<float>& v, int64_t rows, int64_t cols);
+
 struct Tensor {
   Shape shape;
   std::vector<float> data;

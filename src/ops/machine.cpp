@@ -60,6 +60,8 @@ uint64_t sum_words(const uint64_t* p, int64_t n) {
   return kern::cpu_has_avx2() ? sum_avx2(p, n) : sum_scalar(p, n);
 }
 
+}  // namespace
+
 std::vector<float> random_floats(size_t n, uint32_t seed, float scale) {
   std::vector<float> v(n);
   std::mt19937 g(seed);
@@ -67,8 +69,6 @@ std::vector<float> random_floats(size_t n, uint32_t seed, float scale) {
   for (auto& x : v) x = d(g);
   return v;
 }
-
-}  // namespace
 
 double time_best(const std::function<void(int)>& fn, int trials, double min_s) {
   fn(0);  // warm-up

@@ -35,6 +35,9 @@ struct SgemmShape {
 std::vector<SgemmShape> sgemm_survey(int trials = 3, double min_s = 0.3);
 double best_flops(const std::vector<SgemmShape>& shapes);
 
+// n values drawn from N(0, scale²), the same for the same seed: the data of the measured products.
+std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1.0f);
+
 // The CPU's model name from /proc/cpuinfo ("" when unknown).
 std::string cpu_name();
 

@@ -283,37 +283,31 @@ TEST(ServerErrors, MalformedAndWrongRequestsGet4xxAndTheServerKeepsServing) {
   expect_error(post(cli, json{{"max_tokens", 2}}), 400, "'messages' is required", "messages");
   expect_error(post(cli, json{{"messages", "hi"}}), 400, "must be an array", "messages");
   expect_error(post(cli, json{{"messages", json::array()}}), 400, "must not be empty", "messages");
+  // One field of the good request replaced (a JSON pointer into it) → the message and the `param` named.
+  struct Replaced {
+    const char* pointer;
+    json value;
+    const char* message;
+    const char* param;
+  };
+  const Replaced replaced[] = {
+      {"/max_tokens", "ten", "must be an integer", "max_tokens"},
+      {"/max_tokens", 100000, "between 1 and", "max_tokens"},
+      {"/temperature", 5, "between 0 and 2", "temperature"},
+      {"/stream", "yes", "true or false", "stream"},
+      {"/n", 2, "needs sampling", "n"},
+      {"/n", 100, "between 1 and 8", "n"},
+      {"/stop", "\n", "not supported", "stop"},
+      {"/messages/0/role", "robot", "not supported", "messages[0].role"},
+      {"/messages/0/content/1", {{"type", "audio"}}, "not supported", "messages[0].content[1].type"},
+      {"/messages/0/content", 42, "must be a string or an array", "messages[0].content"}};
+  for (const Replaced& c : replaced) {
+    json j = good;
+    j[json::json_pointer(c.pointer)] = c.value;
+    SCOPED_TRACE(c.pointer);
+    expect_error(post(cli, j), 400, c.message, c.param);
+  }
   json j = good;
-  j["max_tokens"] = "ten";
-  expect_error(post(cli, j), 400, "must be an integer", "max_tokens");
-  j = good;
-  j["max_tokens"] = 100000;
-  expect_error(post(cli, j), 400, "between 1 and", "max_tokens");
-  j = good;
-  j["temperature"] = 5;
-  expect_error(post(cli, j), 400, "between 0 and 2", "temperature");
-  j = good;
-  j["stream"] = "yes";
-  expect_error(post(cli, j), 400, "true or false", "stream");
-  j = good;
-  j["n"] = 2;
-  expect_error(post(cli, j), 400, "needs sampling", "n");
-  j = good;
-  j["n"] = 100;
-  expect_error(post(cli, j), 400, "between 1 and 8", "n");
-  j = good;
-  j["stop"] = "\n";
-  expect_error(post(cli, j), 400, "not supported", "stop");
-  j = good;
-  j["messages"][0]["role"] = "robot";
-  expect_error(post(cli, j), 400, "not supported", "messages[0].role");
-  j = good;
-  j["messages"][0]["content"][1] = {{"type", "audio"}};
-  expect_error(post(cli, j), 400, "not supported", "messages[0].content[1].type");
-  j = good;
-  j["messages"][0]["content"] = 42;
-  expect_error(post(cli, j), 400, "must be a string or an array", "messages[0].content");
-  j = good;
   j["messages"].push_back({{"role", "assistant"}, {"content", "a"}});
   expect_error(post(cli, j), 400, "last message must be the user's", "messages");
   expect_error(post(cli, json{{"messages", json::array({{{"role", "user"}, {"content", "no image"}}})}}), 400,

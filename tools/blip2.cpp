@@ -38,6 +38,14 @@ LoadOptions g_load;
 std::string g_weights = "stored";
 std::string g_vision_weights;  // empty: vision_format()'s default
 
+// The global options as LoadOptions (parsed when a command runs, after CLI11 has filled them in).
+LoadOptions global_load_options() {
+  LoadOptions lo = g_load;
+  lo.weights = parse_weight_format(g_weights);
+  if (!g_vision_weights.empty()) lo.vision_weights = parse_weight_format(g_vision_weights);
+  return lo;
+}
+
 std::unique_ptr<Blip2Model> load_model(const std::string& dir) {
   const bool tty = isatty(STDERR_FILENO);
   // On a terminal: one line, rewritten as loading advances (each percent), then the time it took.
@@ -50,9 +58,7 @@ std::unique_ptr<Blip2Model> load_model(const std::string& dir) {
     std::fprintf(stderr, "\rloading %s: %d/%d files, weights %3d%% of %.2f GB", dir.c_str(), p.shards_opened,
                  p.shards, pct, static_cast<double>(p.bytes_total) / 1e9);
   };
-  g_load.weights = parse_weight_format(g_weights);
-  if (!g_vision_weights.empty()) g_load.vision_weights = parse_weight_format(g_vision_weights);
-  auto model = std::make_unique<Blip2Model>(dir, g_load, progress);
+  auto model = std::make_unique<Blip2Model>(dir, global_load_options(), progress);
   if (tty && shown >= 0)
     std::fprintf(stderr, " (%.1f s)\n",
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
@@ -468,7 +474,7 @@ int main(int argc, char** argv) {
       "[B,len(ids),vocab] (teacher-forced decoder), for OPT logits [B,Q+L,vocab] (every prompt position).");
 
   add_make_random_command(app);  // runs its work inside parse(), hence one try block for both
-  add_bench_command(app);        // likewise
+  add_bench_command(app, global_load_options);        // likewise
   add_serve_command(app, load_model, default_model_dir());
 
   try {

@@ -203,19 +203,13 @@ nlohmann::ordered_json stats_json(const Stats& s) {
   return {{"mean_s", s.mean}, {"median_s", s.median}, {"min_s", s.min}, {"max_s", s.max}, {"samples", s.n}};
 }
 
-void run_bench(const BenchArgs& a, const CLI::App& app) {
+void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   if (a.batch < 1 || a.batch > 4096) fail(ErrorKind::Usage, "--batch must be between 1 and 4096");
   if (a.new_tokens < 1 || a.new_tokens > 100000) fail(ErrorKind::Usage, "--new-tokens must be at least 1");
   if (a.repeat < 1 || a.repeat > 10000) fail(ErrorKind::Usage, "--repeat must be at least 1");
   if (a.warmup < 0 || a.warmup > 10000) fail(ErrorKind::Usage, "--warmup must be 0 or more");
   if (a.bw_mib < 16 || a.bw_mib > (1 << 20)) fail(ErrorKind::Usage, "--bandwidth-mib must be at least 16");
-  LoadOptions lo;
-  const std::string weights = app.get_option("--weights")->as<std::string>();
-  lo.weights = parse_weight_format(weights);
-  lo.int4_group = app.get_option("--int4-group")->as<int>();
-  const std::string vision_weights = app.get_option("--vision-weights")->as<std::string>();
-  if (!vision_weights.empty()) lo.vision_weights = parse_weight_format(vision_weights);
-  lo.threads = app.get_option("--threads")->as<int>();
+  const std::string weights = weight_format_name(lo.weights);
   if (!a.image.empty()) load_image(a.image);  // a bad image fails now, before minutes of measuring and loading
 
   const auto note = [&](const std::string& s) { std::fprintf(stderr, "bench: %s\n", s.c_str()); };
@@ -334,7 +328,7 @@ void run_bench(const BenchArgs& a, const CLI::App& app) {
 
 }  // namespace
 
-void add_bench_command(CLI::App& app) {
+void add_bench_command(CLI::App& app, std::function<LoadOptions()> load_options) {
   auto args = std::make_shared<BenchArgs>();
   const char* env = std::getenv("BLIP2_MODEL");
   args->model = (env && *env) ? env : BLIP2_BUNDLED_MODEL_DIR;
@@ -363,5 +357,5 @@ void add_bench_command(CLI::App& app) {
       "the LM head; in the loaded format, scales included) / read bandwidth; vision = the ViT's FLOPs from the\n"
       "config / the best sgemm rate of the run. Peak RSS counts from the model load (VmHWM).\n"
       "Example: blip2 --weights int8 --threads 2 bench --model /tmp/blip2-xl-bf16 --image cat.png --json");
-  sub->callback([args, &app] { run_bench(*args, app); });
+  sub->callback([args, load_options] { run_bench(*args, load_options()); });
 }

@@ -46,6 +46,8 @@ typedef struct {
                                  except "int8" for "int4" (faster and more accurate for the ViT) */
   int int4_group;      /* int4: weights per scale, 32, 64 (default) or 128 */
   int threads;         /* worker threads for the whole process; 0 (default) = all cores */
+  const char* device;  /* where the model runs: "cpu" (NULL, the default), "cuda", "cuda:N" (a build with
+                          CUDA; one GPU per process) or "emulated" (the device code path on the CPU, for tests) */
 } blip2_load_params;
 
 blip2_load_params blip2_load_default_params(void);

@@ -32,7 +32,8 @@ struct Diff {
   double rel = 0, max_abs = 0;
 };
 
-inline Diff compare(const Tensor& got, const Tensor& want) {
+inline Diff compare(const Tensor& got_any, const Tensor& want_any) {
+  const Tensor got = on_host(got_any), want = on_host(want_any);  // from whichever device they are on
   double num = 0, den = 0, mx = 0;
   for (int64_t i = 0; i < want.size(); ++i) {
     const double d = static_cast<double>(got.data[i]) - want.data[i];

@@ -37,12 +37,14 @@ std::string default_model_dir() {
 LoadOptions g_load;
 std::string g_weights = "stored";
 std::string g_vision_weights;  // empty: vision_format()'s default
+std::string g_device = "cpu";
 
 // The global options as LoadOptions (parsed when a command runs, after CLI11 has filled them in).
 LoadOptions global_load_options() {
   LoadOptions lo = g_load;
   lo.weights = parse_weight_format(g_weights);
   if (!g_vision_weights.empty()) lo.vision_weights = parse_weight_format(g_vision_weights);
+  lo.device = parse_device(g_device);
   return lo;
 }
 
@@ -364,16 +366,16 @@ int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vec
     for (int64_t t = 0; t < steps; ++t) {
       std::vector<int32_t> tok(B);
       for (size_t b = 0; b < B; ++b) tok[b] = dec_ids[b][t];
-      const Tensor l = dec->step(tok);
+      const Tensor l = on_host(dec->step(tok));
       for (size_t b = 0; b < B; ++b)
         std::copy(l.ptr() + b * V, l.ptr() + (b + 1) * V, logits.ptr() + (b * steps + t) * V);
     }
   }
+  const Tensor vision = on_host(enc.vision_last_hidden_state), qformer = on_host(enc.qformer_last_hidden_state),
+               projection = on_host(enc.language_projection), encoder = on_host(enc.encoder_last_hidden_state);
   std::vector<NamedTensor> out = {
-      {"vision_last_hidden_state", &enc.vision_last_hidden_state},
-      {"qformer_last_hidden_state", &enc.qformer_last_hidden_state},
-      {"language_projection", &enc.language_projection}};
-  if (!opt) out.push_back({"encoder_last_hidden_state", &enc.encoder_last_hidden_state});
+      {"vision_last_hidden_state", &vision}, {"qformer_last_hidden_state", &qformer}, {"language_projection", &projection}};
+  if (!opt) out.push_back({"encoder_last_hidden_state", &encoder});
   out.push_back({"logits", &logits});
   write_safetensors(out_path, out);
   std::cerr << "wrote " << out_path << "\n";
@@ -385,7 +387,7 @@ int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vec
 void reject_unknown_command(const CLI::App& app, int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--weights" || a == "--vision-weights" || a == "--int4-group" || a == "--threads") {
+    if (a == "--weights" || a == "--vision-weights" || a == "--int4-group" || a == "--threads" || a == "--device") {
       ++i;  // its value
       continue;
     }
@@ -403,7 +405,7 @@ void reject_unknown_command(const CLI::App& app, int argc, char** argv) {
 
 int main(int argc, char** argv) {
   CLI::App app{"blip2: BLIP-2 (EVA ViT-g -> Q-Former -> Flan-T5 or OPT) image captioning and visual question "
-               "answering on the CPU.\nA model directory is a Hugging Face checkpoint as downloaded "
+               "answering on the CPU or an NVIDIA GPU (--device cuda).\nA model directory is a Hugging Face checkpoint as downloaded "
                "(config.json, *.safetensors, and spiece.model for T5 or vocab.json + merges.txt / tokenizer.json "
                "for OPT)."};
   app.footer(kExitCodes);
@@ -420,6 +422,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--threads", g_load.threads, "Worker threads (kernels and OpenBLAS); 0 = all cores")
       ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--device", g_device,
+                 "Where the model runs: cpu, cuda (GPU 0), cuda:N (needs a build with -DBLIP2_CUDA=ON; weights "
+                 "f32, f16, bf16 or int8), or emulated (the device code path on the CPU, for testing)")
       ->capture_default_str();
 
   GenerateArgs gen;

@@ -17,6 +17,7 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "cuda/cuda.h"
 #include "image/image.h"
 #include "model/blip2.h"
 #include "ops/kernels.h"
@@ -34,6 +35,7 @@ struct BenchArgs {
   std::string model, image, prompt;
   int batch = 1, new_tokens = 20, repeat = 3, warmup = 1, bw_mib = 1024;
   bool json = false, quick = false;
+  std::vector<int> sweep;  // batch sizes for the throughput sweep, after the main runs
 };
 
 double since(clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); }
@@ -137,10 +139,6 @@ const std::vector<std::pair<std::string, std::string>> kStages = {
     {"total_per_caption", "total per caption"},
 };
 
-int32_t argmax(const float* p, int64_t n) {
-  return static_cast<int32_t>(std::max_element(p, p + n) - p);
-}
-
 // A stand-in image when none is given: a smooth 640×480 gradient, so that preprocessing still resizes.
 RgbImage synthetic_image() {
   RgbImage img;
@@ -167,33 +165,39 @@ void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string,
   const Tensor pixels = preprocess_images(imgs, model.config().vision.image_size);
   times["preprocess"].push_back(since(t));
 
+  // On a GPU the work is queued: each stage waits for its own end, so that its time is its own.
+  const Device dev = model.device();
   t = clk::now();
   Encoded img;
-  img.vision_last_hidden_state = model.vision_model().forward(pixels);
+  img.vision_last_hidden_state = model.vision_model().forward(pixels.to(dev));
+  synchronize(dev);
   times["vision"].push_back(since(t));
 
   t = clk::now();
   img.qformer_last_hidden_state = model.qformer_model().forward(img.vision_last_hidden_state);
   img.language_projection = ops::linear(img.qformer_last_hidden_state, model.projection_weight(), model.projection_bias());
+  synchronize(dev);
   times["qformer"].push_back(since(t));
 
   t = clk::now();
   const Encoded enc = model.encode_prompts(img, model.tokenize(std::vector<std::string>(a.batch, a.prompt)));
+  synchronize(dev);
   times["prompt"].push_back(since(t));
 
   // A fixed number of steps, end-of-sequence ignored: each step feeds every row its most likely token.
   t = clk::now();
+  // The greedy pick where the logits are, as generate() makes it (on a GPU only ids come back).
   auto dec = model.start_decoder(enc);
-  Tensor logits = dec->start();
-  const int rows = dec->rows();
-  const int64_t V = dec->vocab_size();
-  std::vector<int32_t> tokens(rows);
-  for (int r = 0; r < rows; ++r) tokens[r] = argmax(logits.ptr() + r * V, V);
+  const auto pick = [](const Tensor& logits) {
+    std::vector<int32_t> ids;
+    for (const ops::Pick& p : ops::greedy_pick(logits)) ids.push_back(p.id);
+    return ids;
+  };
+  std::vector<int32_t> tokens = pick(dec->start());
   times["first_decode_step"].push_back(since(t));
   for (int s = 1; s < a.new_tokens; ++s) {
     t = clk::now();
-    logits = dec->step(tokens);
-    for (int r = 0; r < rows; ++r) tokens[r] = argmax(logits.ptr() + r * V, V);
+    tokens = pick(dec->step(tokens));
     times["decode_per_token"].push_back(since(t));
   }
   times["total_per_caption"].push_back(since(start) / a.batch);
@@ -225,11 +229,21 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   const double peak = machine::best_flops(sgemm);
   const bool peak_reset = reset_peak_rss();
 
-  note("loading " + a.model + " (weights " + weights + ")");
+  note("loading " + a.model + " (weights " + weights + ", device " + device_name(lo.device) + ")");
   const auto t_load = clk::now();
   const Blip2Model model(a.model, lo);
   const double load_s = since(t_load);
   const int64_t rss_load = status_bytes("VmRSS"), peak_load = peak_rss();
+  // On a GPU the floors are the GPU's: its memory bandwidth and its bf16 tensor-core rate, measured now.
+  const bool gpu = model.device() == Device::CUDA;
+  std::string gpu_name;
+  double bw_floor = bw, peak_floor = peak;
+  if (gpu) {
+    gpu_name = cuda::device_description();
+    note("measuring the GPU's memory bandwidth and bf16 product rate");
+    bw_floor = cuda::memory_bandwidth(size_t{1} << 30);
+    peak_floor = cuda::bf16_gemm_flops(8192);
+  }
 
   std::map<std::string, std::vector<double>> times, discard;
   for (int i = 0; i < a.warmup; ++i) {
@@ -240,15 +254,32 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     note("run " + std::to_string(i + 1) + "/" + std::to_string(a.repeat));
     run_once(model, a, times);
   }
+  // Throughput sweep: per batch size, one warm-up and `repeat` timed runs; captions/s from the whole batch's
+  // time, the vision encoder's time per image.
+  struct SweepRow {
+    int batch;
+    double per_caption_s, vision_per_image_s;
+  };
+  std::vector<SweepRow> sweep;
+  for (int b : a.sweep) {
+    if (b < 1 || b > 4096) fail(ErrorKind::Usage, "--sweep batch sizes must be between 1 and 4096");
+    note("sweep: batch " + std::to_string(b));
+    BenchArgs ab = a;
+    ab.batch = b;
+    std::map<std::string, std::vector<double>> t;
+    run_once(model, ab, discard);
+    for (int i = 0; i < a.repeat; ++i) run_once(model, ab, t);
+    sweep.push_back({b, stats(t["total_per_caption"]).median, stats(t["vision"]).median / b});
+  }
   const int64_t rss_end = status_bytes("VmRSS"), peak_end = peak_rss();
 
   std::map<std::string, Stats> st;
   for (const auto& [key, label] : kStages) st[key] = stats(times[key]);
   const Blip2Config& cfg = model.config();
   const int64_t step_bytes = decode_step_bytes(model.checkpoint());
-  const double decode_floor = static_cast<double>(step_bytes) / bw;
+  const double decode_floor = static_cast<double>(step_bytes) / bw_floor;
   const double vflops = vision_flops(cfg.vision, a.batch);
-  const double vision_floor = vflops / peak;
+  const double vision_floor = vflops / peak_floor;
   const double t_step = st["decode_per_token"].n ? st["decode_per_token"].median : st["first_decode_step"].median;
   const double t_vision = st["vision"].median;
   const std::string image = a.image.empty() ? "(synthetic 640x480)" : a.image;
@@ -260,7 +291,8 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     j["vision_weights"] = weight_format_name(vision_format(lo));
     j["int4_group"] = lo.int4_group;
     j["threads"] = par::threads();
-    j["kernels"] = kern::isa_name();
+    j["device"] = device_name(lo.device);
+    j["kernels"] = gpu ? "cuda" : kern::isa_name();
     j["image"] = image;
     j["prompt"] = a.prompt;
     j["batch"] = a.batch;
@@ -275,6 +307,10 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
                     {"read_bandwidth_gbs", bw / 1e9},
                     {"sgemm_peak_gflops", peak / 1e9},
                     {"sgemm", sg}};
+    if (gpu)
+      j["gpu"] = {{"name", gpu_name},
+                  {"memory_bandwidth_gbs", bw_floor / 1e9},
+                  {"bf16_peak_tflops", peak_floor / 1e12}};
     j["memory"] = {{"load_s", load_s},
                    {"rss_after_load_gib", gib(rss_load)},
                    {"peak_rss_after_load_gib", gib(peak_load)},
@@ -294,6 +330,15 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
                    {"vision_s", t_vision},
                    {"vision_fraction_of_peak", vision_floor / t_vision},
                    {"vision_achieved_gflops", vflops / t_vision / 1e9}};
+    if (!sweep.empty()) {
+      nlohmann::ordered_json sw = nlohmann::ordered_json::array();
+      for (const auto& r : sweep)
+        sw.push_back({{"batch", r.batch},
+                      {"per_caption_s", r.per_caption_s},
+                      {"captions_per_s", 1.0 / r.per_caption_s},
+                      {"vision_per_image_s", r.vision_per_image_s}});
+      j["sweep"] = sw;
+    }
     std::cout << j.dump() << "\n" << std::flush;
     return;
   }
@@ -318,12 +363,23 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     if (!s.n) continue;
     std::printf("%-30s %11.2f %11.2f %11.2f %8zu\n", label.c_str(), 1e3 * s.median, 1e3 * s.mean, 1e3 * s.min, s.n);
   }
+  if (gpu)
+    std::printf("\ngpu: %s; memory bandwidth %.0f GB/s; bf16 products %.0f TFLOP/s\n", gpu_name.c_str(), bw_floor / 1e9,
+                peak_floor / 1e12);
   std::printf("\nfloors (median times against this run's ceilings):\n");
   std::printf("  decode step: %.3f GB of weights read per step / %.2f GB/s = %.2f ms; measured %.2f ms: %.0f%% of the floor (%.2f GB/s)\n",
-              static_cast<double>(step_bytes) / 1e9, bw / 1e9, 1e3 * decode_floor, 1e3 * t_step, 100.0 * decode_floor / t_step,
+              static_cast<double>(step_bytes) / 1e9, bw_floor / 1e9, 1e3 * decode_floor, 1e3 * t_step, 100.0 * decode_floor / t_step,
               static_cast<double>(step_bytes) / t_step / 1e9);
-  std::printf("  vision: %.1f GFLOP / %.1f GFLOP/s = %.3f s; measured %.3f s: %.0f%% of the sgemm peak (%.1f GFLOP/s)\n",
-              vflops / 1e9, peak / 1e9, vision_floor, t_vision, 100.0 * vision_floor / t_vision, vflops / t_vision / 1e9);
+  std::printf("  vision: %.1f GFLOP / %.1f GFLOP/s = %.3f s; measured %.3f s: %.0f%% of the %s peak (%.1f GFLOP/s)\n",
+              vflops / 1e9, peak_floor / 1e9, vision_floor, t_vision, 100.0 * vision_floor / t_vision, gpu ? "bf16" : "sgemm",
+              vflops / t_vision / 1e9);
+  if (!sweep.empty()) {
+    std::printf("\nthroughput (%d new tokens per caption):\n%8s %14s %12s %22s\n", a.new_tokens, "batch",
+                "per caption ms", "captions/s", "vision per image ms");
+    for (const auto& r : sweep)
+      std::printf("%8d %14.2f %12.1f %22.2f\n", r.batch, 1e3 * r.per_caption_s, 1.0 / r.per_caption_s,
+                  1e3 * r.vision_per_image_s);
+  }
 }
 
 }  // namespace
@@ -341,6 +397,9 @@ void add_bench_command(CLI::App& app, std::function<LoadOptions()> load_options)
       ->type_name("PATH");
   sub->add_option("--prompt", args->prompt, "Prompt for every image (default \"\": a caption)");
   sub->add_option("--batch", args->batch, "Images (copies of --image) captioned together")->capture_default_str();
+  sub->add_option("--sweep", args->sweep,
+                  "Then captions/s at each of these batch sizes (e.g. 1,8,64,256), in the same process")
+      ->delimiter(',');
   sub->add_option("--new-tokens", args->new_tokens,
                   "Decode steps per caption, end-of-sequence ignored (the first step included)")
       ->capture_default_str();
@@ -352,7 +411,7 @@ void add_bench_command(CLI::App& app, std::function<LoadOptions()> load_options)
                 "Short ceiling measurements (64 MiB, one sgemm trial each): for tests, not for numbers");
   sub->add_flag("--json", args->json, "Print one JSON object instead of the table");
   sub->footer(
-      "Global options (--weights, --int4-group, --threads) go before 'bench'. Progress goes to stderr.\n"
+      "Global options (--weights, --int4-group, --threads, --device) go before 'bench'. Progress goes to stderr.\n"
       "Floors: decode step = bytes of every weight a step reads (decoder stack without cross-attention K/V, plus\n"
       "the LM head; in the loaded format, scales included) / read bandwidth; vision = the ViT's FLOPs from the\n"
       "config / the best sgemm rate of the run. Peak RSS counts from the model load (VmHWM).\n"

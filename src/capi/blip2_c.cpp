@@ -89,7 +89,9 @@ blip2::GenerationOptions from_c(const blip2_generate_params& p, blip2::Generatio
 
 extern "C" {
 
-blip2_load_params blip2_load_default_params(void) { return {"stored", nullptr, blip2::kDefaultInt4Group, 0}; }
+blip2_load_params blip2_load_default_params(void) {
+  return {"stored", nullptr, blip2::kDefaultInt4Group, 0, nullptr};
+}
 
 blip2_status blip2_model_load(const char* model_dir, const blip2_load_params* params, blip2_model** model,
                               char** error) {
@@ -103,6 +105,7 @@ blip2_status blip2_model_load(const char* model_dir, const blip2_load_params* pa
     if (p.vision_weights) lo.vision_weights = blip2::parse_weight_format(p.vision_weights);
     lo.int4_group = p.int4_group;
     lo.threads = p.threads;
+    if (p.device) lo.device = blip2::parse_device(p.device);
     usage_unless(p.threads >= 0, "blip2_model_load: threads must be 0 (all cores) or positive");
     auto h = std::make_unique<blip2_model>();
     h->dir = model_dir;

@@ -124,17 +124,44 @@ uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | h);
 }
 
-size_t Weight::nbytes() const {
-  const int64_t r = rows();
+size_t Weight::data_bytes() const {
   switch (dtype) {
-    case DType::I8: return static_cast<size_t>(r * ld + r * 4);
-    case DType::I4: return static_cast<size_t>(r * ld / 2 + r * (ld / group) * 2);
+    case DType::I8: return static_cast<size_t>(rows() * ld);
+    case DType::I4: return static_cast<size_t>(rows() * ld / 2);
     default: return static_cast<size_t>(numel(shape)) * dtype_size(dtype);
   }
 }
 
+size_t Weight::scale_bytes() const {
+  switch (dtype) {
+    case DType::I8: return static_cast<size_t>(rows() * 4);
+    case DType::I4: return static_cast<size_t>(rows() * (ld / group) * 2);
+    default: return 0;
+  }
+}
+
+size_t Weight::nbytes() const { return data_bytes() + scale_bytes(); }
+
+Weight Weight::to(Device d) const {
+  if (d == device) return *this;
+  // One buffer for data and scales (scales 64-byte aligned after the data).
+  const size_t db = data_bytes(), sb = scale_bytes(), scale_at = (db + 63) / 64 * 64;
+  Buffer buf(d, sb ? scale_at + sb : db);
+  Weight w = *this;
+  w.device = d;
+  if (db) copy_bytes(buf.data(), d, data, device, db);
+  w.data = db ? buf.data() : nullptr;
+  if (sb) {
+    copy_bytes(static_cast<uint8_t*>(buf.data()) + scale_at, d, scales, device, sb);
+    w.scales = static_cast<uint8_t*>(buf.data()) + scale_at;
+  }
+  w.owner = buf.keep();
+  return w;
+}
+
 void Weight::to_f32(int64_t begin, int64_t n, float* out) const {
   if (n <= 0) return;  // empty tensors: no bytes to read (and memcpy with null pointers is undefined)
+  if (!host_memory(device)) fail(ErrorKind::Internal, "Weight::to_f32 on a GPU weight (use f32())");
   switch (dtype) {
     case DType::I8: {
       const int64_t c = cols();
@@ -175,9 +202,56 @@ void Weight::to_f32(int64_t begin, int64_t n, float* out) const {
 }
 
 std::vector<float> Weight::f32() const {
+  if (!host_memory(device)) return to(Device::CPU).f32();
   std::vector<float> out(static_cast<size_t>(numel(shape)));
   to_f32(0, static_cast<int64_t>(out.size()), out.data());
   return out;
+}
+
+Tensor::Tensor(Shape s, Device d) : shape(std::move(s)), device(d) {
+  const size_t n = static_cast<size_t>(numel(shape));
+  if (d == Device::CPU) {
+    data.assign(n, 0.0f);
+  } else {
+    on_device = Buffer(d, n * 4);
+    zero_bytes(on_device.data(), d, n * 4);
+  }
+}
+
+Tensor::Tensor(const Tensor& o) : shape(o.shape), data(o.data), device(o.device), on_device(o.on_device.clone()) {}
+
+Tensor& Tensor::operator=(const Tensor& o) {
+  if (this != &o) *this = Tensor(o);
+  return *this;
+}
+
+Tensor Tensor::from_host(Shape s, const float* values, Device d) {
+  Tensor t;
+  t.shape = std::move(s);
+  t.device = d;
+  const size_t n = static_cast<size_t>(numel(t.shape));
+  if (d == Device::CPU) t.data.assign(values, values + n);
+  else t.on_device = Buffer::copy_of(values, n * 4, d);
+  return t;
+}
+
+float* Tensor::ptr() {
+  if (device != Device::CPU)
+    fail(ErrorKind::Internal, std::string("host code read a tensor on device ") + device_name(device));
+  return data.data();
+}
+
+const float* Tensor::ptr() const { return const_cast<Tensor*>(this)->ptr(); }
+
+Tensor Tensor::to(Device d) const {
+  Tensor t;
+  t.shape = shape;
+  t.device = d;
+  const size_t n = static_cast<size_t>(size());
+  if (d == Device::CPU) t.data.resize(n);
+  else t.on_device = Buffer(d, n * 4);
+  copy_bytes(t.data_ptr(), d, data_ptr(), device, n * 4);
+  return t;
 }
 
 Weight f32_weight(const std::vector<float>& v, int64_t rows, int64_t cols) {

@@ -5,13 +5,16 @@
 //  * Weight: a read-only parameter in its storage format: as the checkpoint stores it (F32, F16, BF16; the
 //    bytes then usually live in a memory-mapped safetensors file and are used in place), or converted once
 //    at load (any of those, or the quantized I8 / I4 below), in which case `owner` keeps the buffers alive.
-// Models never look at a Weight's dtype: they call ops (ops/ops.h), and the op picks the kernel. Adding a
-// storage format or a device is a change to ops and to this file, not to the models.
+// Models never look at a Weight's dtype or device: they call ops (ops/ops.h), and the op picks the kernel.
+// Adding a storage format or a device is a change to ops and to this file, not to the models.
+// Both live on a Device (core/device.h): host tensors keep their elements in `data`, the others in a Buffer.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "core/device.h"
 
 namespace blip2 {
 
@@ -46,6 +49,7 @@ struct Weight {
   const void* scales = nullptr;
   int group = 0;    // I4: elements per scale
   int64_t ld = 0;   // I8 / I4: elements per stored row, padding included
+  Device device = Device::CPU;  // where data and scales are
 
   bool empty() const { return data == nullptr; }
   int64_t rows() const { return shape.empty() ? 0 : shape[0]; }
@@ -53,10 +57,15 @@ struct Weight {
   bool quantized() const { return dtype == DType::I8 || dtype == DType::I4; }
   // Bytes of the stored data and scales (what a product streams).
   size_t nbytes() const;
-  // Widen (or dequantize) elements [begin, begin+n) to float32.
+  size_t data_bytes() const;   // of `data` alone
+  size_t scale_bytes() const;  // of `scales` alone
+  // Widen (or dequantize) elements [begin, begin+n) to float32. Host memory only (CPU, Emulated).
   void to_f32(int64_t begin, int64_t n, float* out) const;
-  // The whole weight as float32 (a copy; for small tensors such as norms and biases).
+  // The whole weight as float32 on the host (a copy, downloaded first from a GPU; for small tensors such as
+  // norms and biases).
   std::vector<float> f32() const;
+  // A copy on `d` (data and scales), owned by the result; *this when it is there already.
+  Weight to(Device d) const;
 };
 
 // A float32 [rows, cols] Weight viewing v's elements (not owned: v must outlive it). For tests and
@@ -65,17 +74,41 @@ Weight f32_weight(const std::vector<float>& v, int64_t rows, int64_t cols);
 
 struct Tensor {
   Shape shape;
-  std::vector<float> data;
+  std::vector<float> data;      // the elements, when device is CPU
+  Device device = Device::CPU;
+  Buffer on_device;             // the elements, on any other device
 
   Tensor() = default;
-  explicit Tensor(Shape s) : shape(std::move(s)), data(static_cast<size_t>(numel(shape)), 0.0f) {}
-  float* ptr() { return data.data(); }
-  const float* ptr() const { return data.data(); }
-  int64_t size() const { return static_cast<int64_t>(data.size()); }
+  explicit Tensor(Shape s, Device d = Device::CPU);  // zeros
+  // Copies are deep, on the same device (models rely on `Tensor n = h;`).
+  Tensor(const Tensor& o);
+  Tensor& operator=(const Tensor& o);
+  Tensor(Tensor&&) = default;
+  Tensor& operator=(Tensor&&) = default;
+  // A host tensor with these elements, uploaded to d.
+  static Tensor from_host(Shape s, const float* values, Device d);
+
+  // The elements for host code: CPU tensors only (Error(Internal) otherwise, which catches model code that
+  // would read a GPU tensor on the host).
+  float* ptr();
+  const float* ptr() const;
+  // The elements on whatever device they are: for ops, which dispatch on `device`.
+  float* data_ptr() { return device == Device::CPU ? data.data() : static_cast<float*>(on_device.data()); }
+  const float* data_ptr() const {
+    return device == Device::CPU ? data.data() : static_cast<const float*>(on_device.data());
+  }
+  // A copy on d (to(CPU) is where GPU results reach the host); a copy even when on d already.
+  Tensor to(Device d) const;
+  int64_t size() const {
+    return device == Device::CPU ? static_cast<int64_t>(data.size()) : static_cast<int64_t>(on_device.bytes() / 4);
+  }
   int64_t dim(int i) const { return shape[i < 0 ? shape.size() + i : i]; }
   int64_t last() const { return shape.back(); }
   int64_t rows() const { return last() == 0 ? 0 : size() / last(); }  // all leading dims flattened
 };
+
+// t itself when it is in CPU memory, else its copy there: where results leave the device.
+inline Tensor on_host(Tensor t) { return t.device == Device::CPU ? t : t.to(Device::CPU); }
 
 float f16_to_f32(uint16_t h);
 float bf16_to_f32(uint16_t h);

@@ -19,9 +19,10 @@ class Decoder {
   // decoder start token; OPT: the prompt ids, padding included, as Hugging Face's input_ids).
   virtual std::vector<int32_t> prefix(int row) const = 0;
   // Next-token logits [rows, vocab] after the prefix (T5 feeds the start token; OPT runs the whole prompt).
-  // Called once, before any step.
+  // Called once, before any step. Logits are on the model's device: on_host() brings them to the host, or
+  // ops::greedy_pick() picks there.
   virtual Tensor start() = 0;
-  // Feeds one token per row; returns next-token logits [rows, vocab].
+  // Feeds one token per row; returns next-token logits [rows, vocab] (on the model's device).
   virtual Tensor step(const std::vector<int32_t>& tokens) = 0;
   // After this call, row r continues what row src[r] held (its cache and position): beam search re-ranking,
   // and, with src shorter than rows(), dropping the rows no one takes (continuous batching).

@@ -273,20 +273,57 @@ bool Generation::reordered() const {
   return false;
 }
 
-void Generation::advance(const float* logits) {
-  const int K = rows();
+bool Generation::start_step() {
   std::iota(parents_.begin(), parents_.end(), 0);
   if (done_) {
     std::fill(feed_.begin(), feed_.end(), sp_.pad);  // its rows idle; nothing of theirs is used
-    return;
+    return false;
   }
-  const int64_t V = V_;
-  const bool last = step_ + 1 == o_.max_new_tokens;
+  last_ = step_ + 1 == o_.max_new_tokens;
   ++step_;
+  return true;
+}
+
+void Generation::choose(int r, int32_t next, float log_prob) {
+  row_score_[r] += log_prob;
+  seqs_[r].push_back(next);
+  feed_[r] = next;
+  if (next == sp_.eos) row_done_[r] = true;
+  if (on_token_) on_token_(r, next);
+}
+
+void Generation::finish_rows() {
+  done_ = last_ || std::all_of(row_done_.begin(), row_done_.end(), [](bool d) { return d; });
+}
+
+bool Generation::needs_logits() const {
+  if (done_) return false;
+  if (beam_ || o_.do_sample || o_.repetition_penalty != 1.0 || o_.no_repeat_ngram_size > 0) return true;
+  for (int r = 0; r < rows(); ++r) {  // end-of-sequence still suppressed for some row
+    const int64_t L = static_cast<int64_t>(seqs_[r].size());
+    if (!row_done_[r] && (L < o_.min_length || L - static_cast<int64_t>(prefix_len_[r]) < o_.min_new_tokens)) return true;
+  }
+  return false;
+}
+
+void Generation::advance(const ops::Pick* picks) {
+  if (needs_logits()) fail(ErrorKind::Internal, "generation: this step needs the logits, not greedy picks");
+  if (!start_step()) return;
+  for (int r = 0; r < rows(); ++r) {
+    if (row_done_[r]) feed_[r] = sp_.pad;  // finished rows keep feeding padding, as the reference does
+    else choose(r, picks[r].id, picks[r].log_prob);
+  }
+  finish_rows();
+}
+
+void Generation::advance(const float* logits) {
+  const int K = rows();
+  if (!start_step()) return;
+  const int64_t V = V_;
+  const bool last = last_;
 
   if (!beam_) {
     std::vector<float> buf(static_cast<size_t>(V));
-    bool all_done = true;
     for (int r = 0; r < K; ++r) {
       if (row_done_[r]) {
         feed_[r] = sp_.pad;  // finished rows keep feeding padding, as the reference does
@@ -302,14 +339,9 @@ void Generation::advance(const float* logits) {
       } else {
         next = static_cast<int32_t>(std::max_element(buf.begin(), buf.end()) - buf.begin());  // first maximum
       }
-      row_score_[r] += log_prob(raw, V, next);
-      seqs_[r].push_back(next);
-      feed_[r] = next;
-      if (next == sp_.eos) row_done_[r] = true;
-      if (on_token_) on_token_(r, next);
-      all_done = all_done && row_done_[r];
+      choose(r, next, log_prob(raw, V, next));
     }
-    done_ = all_done || last;
+    finish_rows();
     return;
   }
 
@@ -412,10 +444,20 @@ std::vector<std::vector<GeneratedSequence>> generate(
   std::vector<int32_t> feed(static_cast<size_t>(R), sp.pad);
   std::vector<int> src(static_cast<size_t>(R));
   for (int step = 0;; ++step) {
-    const Tensor logits = step == 0 ? dec->start() : dec->step(feed);
+    Tensor logits = step == 0 ? dec->start() : dec->step(feed);
+    // On a GPU, when no item needs the distribution (greedy, nothing to process), the pick is made there
+    // and only rows × (id, log-probability) come back; otherwise the logits do.
+    const bool pick_on_device =
+        logits.device != Device::CPU &&
+        std::none_of(items.begin(), items.end(), [](const Generation& g) { return g.needs_logits(); });
+    std::vector<ops::Pick> picks;
+    if (pick_on_device) picks = ops::greedy_pick(logits);
+    else logits = on_host(std::move(logits));
     bool all_done = true, moved = false;
     for (int b = 0; b < batch; ++b) {
-      items[b].advance(logits.ptr() + static_cast<int64_t>(b) * E * V);
+      const int64_t row0 = static_cast<int64_t>(b) * E;
+      if (pick_on_device) items[b].advance(picks.data() + row0);
+      else items[b].advance(logits.ptr() + row0 * V);
       all_done = all_done && items[b].done();
       moved = moved || items[b].reordered();
       for (int e = 0; e < E; ++e) {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "generate/decoder.h"
+#include "ops/ops.h"
 
 namespace blip2 {
 
@@ -83,6 +84,12 @@ class Generation {
   // tokens to feed next and parents()[r] the row that row r continues (beam search; else r). Once done(),
   // feeds padding and changes nothing.
   void advance(const float* logits);
+  // Whether this step's choice needs the whole distribution: beam search, sampling, or a logits processor
+  // that would change a score (repetition penalty, banned n-grams, end-of-sequence not yet allowed). When it
+  // does not, advance(picks) takes the greedy picks made where the logits are (ops::greedy_pick) with the
+  // same result.
+  bool needs_logits() const;
+  void advance(const ops::Pick* picks);
   bool done() const { return done_; }
   const std::vector<int32_t>& feed() const { return feed_; }
   const std::vector<int>& parents() const { return parents_; }
@@ -107,6 +114,10 @@ class Generation {
   std::mt19937_64* rng_ = nullptr;
   std::vector<int32_t> feed_;
   std::vector<int> parents_;
+  bool start_step();                                  // false once done (the rows then feed padding)
+  void choose(int row, int32_t next, float log_prob);  // greedy / sampling: row takes `next`
+  void finish_rows();                                 // greedy / sampling: done when every row has ended
+  bool last_ = false;                                 // this step is the last allowed
   std::vector<float> row_score_;    // greedy / sampling
   std::vector<bool> row_done_;
   std::vector<float> running_;      // beam search: [K] sums of processed log-probabilities

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "cuda/cuda.h"
 #include "ops/ops.h"
 #include "ops/parallel.h"
 
@@ -38,6 +39,7 @@ int read_max_prompt_tokens(const std::string& dir, const Blip2Config& cfg) {
 std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOptions& options,
                                             const Checkpoint::Progress& progress) {
   par::set_threads(options.threads);
+  if (options.device.kind == Device::CUDA) cuda::select_device(options.device.index);
   auto ck = std::make_unique<Checkpoint>(dir, progress);
   ck->set_convert(weight_converter(options, !ck->has("language_model.lm_head.weight")));
   return ck;
@@ -50,6 +52,7 @@ Blip2Model::Blip2Model(const std::string& dir, const Progress& progress) : Blip2
 
 Blip2Model::Blip2Model(const std::string& dir, const LoadOptions& options, const Progress& progress)
     : cfg_(load_config(dir)),
+      device_(options.device.kind),
       ckpt_(open_checkpoint(dir, options, progress)),
       vision_(*ckpt_, cfg_.vision),
       qformer_(*ckpt_, cfg_.qformer, cfg_.num_query_tokens),
@@ -105,7 +108,7 @@ Encoded Blip2Model::encode_image(const Tensor& pixels) const {
                                shape_str({std::max<int64_t>(B, 1), 3, S, S}));
   ++image_encodings_.n;
   Encoded e;
-  e.vision_last_hidden_state = vision_.forward(pixels);
+  e.vision_last_hidden_state = vision_.forward(pixels.device == device_ ? pixels : pixels.to(device_));
   e.qformer_last_hidden_state = qformer_.forward(e.vision_last_hidden_state);
   e.language_projection = ops::linear(e.qformer_last_hidden_state, proj_w_, proj_b_);
   return e;
@@ -127,7 +130,7 @@ Encoded Blip2Model::encode_prompts(const Encoded& image, const PromptBatch& prom
   // image token where the config has one: Hugging Face's newer processors put them in input_ids, and the
   // model swaps their embeddings for the queries (the same numbers as this legacy layout).
   const int32_t image_id = cfg_.image_token_index.value_or(-1);
-  Tensor x({B, T, d});
+  Tensor x({B, T, d}, device_);
   e.input_mask.assign(static_cast<size_t>(B * T), 1);
   e.input_ids.assign(static_cast<size_t>(B * T), image_id);
   for (int64_t b = 0; b < B; ++b) {
@@ -135,10 +138,10 @@ Encoded Blip2Model::encode_prompts(const Encoded& image, const PromptBatch& prom
     if (image_id >= 0 && std::find(ids, ids + L, image_id) != ids + L)
       fail(ErrorKind::Input, "the prompt contains the image token (id " + std::to_string(image_id) +
                                  "): the image's place is set by the model, not by the prompt");
-    float* xb = x.ptr() + b * T * d;
-    std::memcpy(xb, proj.ptr() + b * Q * d, static_cast<size_t>(Q * d) * 4);
-    if (t5_) t5_->embed(ids, L, xb + Q * d);
-    else opt_->embed(ids, L, xb + Q * d);
+    ops::copy_rows(proj, b * Q, x, b * T, Q);
+    float* prompt_rows = x.data_ptr() + (b * T + Q) * d;
+    if (t5_) t5_->embed(ids, L, prompt_rows);
+    else opt_->embed(ids, L, prompt_rows);
     std::memcpy(e.input_mask.data() + b * T + Q, prompts.mask.data() + b * L, static_cast<size_t>(L));
     std::copy(ids, ids + L, e.input_ids.begin() + b * T + Q);
   }
@@ -155,10 +158,10 @@ Encoded select_items(const Encoded& e, int64_t begin, int64_t end) {
   const auto rows = [&](const Tensor& t) {
     if (t.shape.empty()) return Tensor();
     Shape s = t.shape;
-    const int64_t per = t.size() / s[0];
+    const int64_t per = t.rows() / s[0];  // rows per item
     s[0] = end - begin;
-    Tensor out(s);
-    std::copy(t.data.begin() + begin * per, t.data.begin() + end * per, out.data.begin());
+    Tensor out(s, t.device);
+    ops::copy_rows(t, begin * per, out, 0, (end - begin) * per);
     return out;
   };
   const auto part = [&](const auto& v) {

@@ -58,6 +58,9 @@ class Blip2Model {
   Blip2Model(const std::string& model_dir, const LoadOptions& options, const Progress& progress = nullptr);
 
   const Blip2Config& config() const { return cfg_; }
+  // Where the weights are and the stages compute (LoadOptions::device). Encoded's tensors are there too;
+  // logits come back to the host.
+  Device device() const { return device_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   bool tied_lm_head() const { return t5_ ? t5_->tied_lm_head() : opt_->tied_lm_head(); }
   int max_prompt_tokens() const { return max_prompt_tokens_; }
@@ -92,6 +95,7 @@ class Blip2Model {
 
  private:
   Blip2Config cfg_;
+  Device device_ = Device::CPU;
   std::unique_ptr<Checkpoint> ckpt_;  // owns the mappings the weights view
   VisionModel vision_;
   QFormer qformer_;

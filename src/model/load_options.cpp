@@ -65,10 +65,16 @@ Checkpoint::Convert weight_converter(const LoadOptions& o, bool tied_lm_head) {
   if ((o.weights == WeightFormat::I4 || vision == WeightFormat::I4) && o.int4_group != 32 && o.int4_group != 64 &&
       o.int4_group != 128)
     fail(ErrorKind::Usage, "int4 group size must be 32, 64 or 128 (got " + std::to_string(o.int4_group) + ")");
-  if (o.weights == WeightFormat::AsStored && vision == WeightFormat::AsStored) return nullptr;
-  return [o, vision, tied_lm_head](const std::string& name, const Weight& w) -> Weight {
+  const Device device = o.device.kind;
+  // The CUDA kernels cover float and int8 weights; int4 (a layout made for the AVX2 kernels) is CPU-only.
+  if (device == Device::CUDA && (o.weights == WeightFormat::I4 || vision == WeightFormat::I4))
+    fail(ErrorKind::Usage, "int4 weights run on the CPU only; on cuda choose f32, f16, bf16 or int8");
+  if (o.weights == WeightFormat::AsStored && vision == WeightFormat::AsStored && device == Device::CPU) return nullptr;
+  return [o, vision, tied_lm_head, device](const std::string& name, const Weight& w) -> Weight {
     if (converts_tensor(name, w.shape, tied_lm_head))
-      return ops::convert_weight(w, name.rfind("vision_model.", 0) == 0 ? vision : o.weights, o.int4_group);
+      return ops::convert_weight(w, name.rfind("vision_model.", 0) == 0 ? vision : o.weights, o.int4_group)
+          .to(device);
+    if (device != Device::CPU) return w.to(device);
     // The small tensors that stay as stored (norms, biases, position tables: a few MB in all) are copied too,
     // so that once loading is done no page of the file is needed in memory. An untied embedding stays in the
     // file: a lookup reads only the rows it needs.

@@ -21,6 +21,8 @@ struct LoadOptions {
   // Format of the vision encoder's matrices; unset: vision_format() below.
   std::optional<WeightFormat> vision_weights;
   int threads = 0;                     // worker threads for the kernels and OpenBLAS; 0 = all cores
+  // Where the model runs: every weight is placed there as it loads, and every stage computes there.
+  DeviceSpec device;
 };
 
 // True for the tensors a weight format converts: the matrices of linear layers — ViT qkv / projection /
@@ -37,9 +39,10 @@ bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_h
 // more on ViT-g (1.0 GB in int8, 0.53 GB in int4).
 WeightFormat vision_format(const LoadOptions& options);
 
-// The Checkpoint::Convert hook for `options` (null for AsStored: every tensor is used in place). With a
-// conversion, the tensors that are not converted are copied as stored (all but an untied embedding), so
-// that no file page is needed after loading. Validates int4_group.
+// The Checkpoint::Convert hook for `options` (null for AsStored on the CPU: every tensor is used in place).
+// With a conversion, the tensors that are not converted are copied as stored (all but an untied embedding),
+// so that no file page is needed after loading. On another device every tensor is copied there after its
+// conversion. Validates int4_group, and the formats the device has kernels for.
 Checkpoint::Convert weight_converter(const LoadOptions& options, bool tied_lm_head);
 
 }  // namespace blip2

@@ -1,7 +1,6 @@
 #include "model/opt.h"
 
 #include <cmath>
-#include <cstring>
 #include <iterator>
 
 #include "core/error.h"
@@ -53,16 +52,17 @@ void OPTModel::embed(const int32_t* ids, int64_t n, float* out) const { ops::emb
 Tensor OPTModel::input(const Tensor& embeds, const std::vector<int64_t>& positions) const {
   Tensor x = project_in_.empty() ? embeds : ops::linear(embeds, project_in_);
   const int64_t d = cfg_.hidden_size, rows = x.rows();
+  std::vector<int32_t> table_rows(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = positions[r] + kPositionOffset;  // padding has position -1: row 1
     if (row < 0 || row >= embed_positions_.rows())
       fail(ErrorKind::Input, "sequence is too long for the language model: position " + std::to_string(positions[r]) +
                                  " is past its " + std::to_string(cfg_.max_position_embeddings) + " positions");
-    std::vector<float> pe(static_cast<size_t>(d));
-    embed_positions_.to_f32(row * d, d, pe.data());
-    float* xr = x.ptr() + r * d;
-    for (int64_t i = 0; i < d; ++i) xr[i] += pe[i];
+    table_rows[r] = static_cast<int32_t>(row);
   }
+  Tensor pe({rows, d}, x.device);
+  ops::embedding(embed_positions_, table_rows.data(), rows, pe.data_ptr());
+  ops::add(x, pe);
   return x;
 }
 
@@ -71,12 +71,15 @@ void OPTModel::forward(Tensor& x, const std::vector<int64_t>& seq_start, const u
   const size_t S = seq_start.size() - 1;
   const float eps = cfg_.layer_norm_eps;
   const bool pre = cfg_.do_layer_norm_before;
+  const Device dev = x.device;
+  std::vector<Buffer> seq_mask(S);  // each sequence's mask on the device, new positions included
   for (size_t s = 0; s < S; ++s) {  // the new positions join each sequence's mask
     auto& seq = cache.seqs[s];
     for (int64_t r = seq_start[s]; r < seq_start[s + 1]; ++r) {
       seq.mask.push_back(mask[r]);
       seq.tokens += mask[r];
     }
+    seq_mask[s] = Buffer::copy_of(seq.mask.data(), seq.mask.size(), dev);
   }
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& L = layers_[l];
@@ -84,17 +87,18 @@ void OPTModel::forward(Tensor& x, const std::vector<int64_t>& seq_start, const u
     Tensor n = x;
     if (pre) ops::layer_norm(n, L.attn_ln.w, L.attn_ln.b, eps);
     const Tensor q = ops::linear(n, L.q, L.q_b), k = ops::linear(n, L.k, L.k_b), v = ops::linear(n, L.v, L.v_b);
-    Tensor ctx({x.rows(), d});
+    Tensor ctx({x.rows(), d}, dev);
     for (size_t s = 0; s < S; ++s) {
       auto& seq = cache.seqs[s];
       const int64_t r0 = seq_start[s], tq = seq_start[s + 1] - r0;
-      seq.k[l].insert(seq.k[l].end(), k.ptr() + r0 * d, k.ptr() + (r0 + tq) * d);
-      seq.v[l].insert(seq.v[l].end(), v.ptr() + r0 * d, v.ptr() + (r0 + tq) * d);
+      seq.k[l].append(k, r0, tq);
+      seq.v[l].append(v, r0, tq);
       const int64_t tk = static_cast<int64_t>(seq.mask.size());
-      ops::attention({.q = q.ptr() + r0 * d, .ldq = d, .tq = tq, .k = seq.k[l].data(), .ldk = d,
+      ops::attention({.device = dev, .q = q.data_ptr() + r0 * d, .ldq = d, .tq = tq, .k = seq.k[l].data(), .ldk = d,
                       .v = seq.v[l].data(), .ldv = d, .tk = tk, .heads = cfg_.num_heads,
                       .head_dim = static_cast<int>(hd), .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
-                      .key_mask = seq.mask.data(), .out = ctx.ptr() + r0 * d, .ldo = d, .causal = true});
+                      .key_mask = static_cast<const uint8_t*>(seq_mask[s].data()), .out = ctx.data_ptr() + r0 * d,
+                      .ldo = d, .causal = true});
     }
     ops::add(x, ops::linear(ctx, L.o, L.o_b));
     if (!pre) ops::layer_norm(x, L.attn_ln.w, L.attn_ln.b, eps);
@@ -133,8 +137,8 @@ Tensor OPTModel::prefill(const Tensor& x, const std::vector<uint8_t>& mask, Cach
   Tensor h = input(flat, pos);
   cache.seqs.assign(static_cast<size_t>(B), {});
   for (auto& seq : cache.seqs) {
-    seq.k.resize(layers_.size());
-    seq.v.resize(layers_.size());
+    seq.k.assign(layers_.size(), ops::RowCache(cfg_.hidden_size, x.device));
+    seq.v = seq.k;
   }
   forward(h, seq_start, mask.data(), cache);
   return h;
@@ -142,7 +146,7 @@ Tensor OPTModel::prefill(const Tensor& x, const std::vector<uint8_t>& mask, Cach
 
 Tensor OPTModel::logits(const Tensor& x, const std::vector<uint8_t>& mask) const {
   Cache cache;
-  Tensor out = head(prefill(x, mask, cache));
+  Tensor out = on_host(head(prefill(x, mask, cache)));
   out.shape = {x.dim(0), x.dim(1), cfg_.vocab_size};
   return out;
 }
@@ -168,11 +172,11 @@ class OPTDecoder final : public Decoder {
     const Tensor h = m_.prefill(x_, mask_, items);
     const int64_t B = x_.dim(0), T = x_.dim(1), wd = m_.cfg_.word_embed_proj_dim;
     // Each item's last position predicts its first token; its beams (or samples) share that prefill.
-    Tensor last({B * expand_, wd});
+    Tensor last({B * expand_, wd}, h.device);
     cache_.seqs.clear();
     for (int64_t b = 0; b < B; ++b)
       for (int e = 0; e < expand_; ++e) {
-        std::memcpy(last.ptr() + (b * expand_ + e) * wd, h.ptr() + (b * T + T - 1) * wd, static_cast<size_t>(wd) * 4);
+        ops::copy_rows(h, b * T + T - 1, last, b * expand_ + e, 1);
         if (e + 1 < expand_) cache_.seqs.push_back(items.seqs[b]);
         else cache_.seqs.push_back(std::move(items.seqs[b]));
       }
@@ -184,8 +188,8 @@ class OPTDecoder final : public Decoder {
     const int R = rows();
     if (static_cast<int>(tokens.size()) != R || static_cast<int>(cache_.seqs.size()) != R)
       fail(ErrorKind::Internal, "OPT decoder step: wrong token count, or step before start");
-    Tensor e({R, m_.cfg_.word_embed_proj_dim});
-    m_.embed(tokens.data(), R, e.ptr());
+    Tensor e({R, m_.cfg_.word_embed_proj_dim}, m_.device());
+    m_.embed(tokens.data(), R, e.data_ptr());
     std::vector<int64_t> pos(static_cast<size_t>(R)), seq_start(static_cast<size_t>(R + 1));
     for (int r = 0; r < R; ++r) {
       pos[r] = cache_.seqs[r].tokens;  // the cumsum continues: every generated token counts

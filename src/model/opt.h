@@ -9,6 +9,7 @@
 #include "generate/decoder.h"
 #include "io/checkpoint.h"
 #include "io/config.h"
+#include "ops/ops.h"
 
 namespace blip2 {
 
@@ -18,10 +19,11 @@ class OPTModel {
   const OPTConfig& config() const { return cfg_; }
   bool tied_lm_head() const { return tied_; }
 
-  // Embedding rows for ids (word_embed_proj_dim wide, not scaled).
+  // Embedding rows for ids (word_embed_proj_dim wide, not scaled); out is on the model's device.
   void embed(const int32_t* ids, int64_t n, float* out) const;
+  Device device() const { return embed_tokens_.device; }
   // Logits at every position of inputs_embeds x [B, T, word_embed_proj_dim] with mask [B*T] (1 = token,
-  // 0 = left padding) -> [B, T, vocab], as the reference's forward pass returns them.
+  // 0 = left padding) -> [B, T, vocab] on the host, as the reference's forward pass returns them.
   Tensor logits(const Tensor& x, const std::vector<uint8_t>& mask) const;
   // A decoder that continues each batch item's input x / mask, on `expand` rows per item. `prefix[b]` are
   // item b's input ids (what the logits processors see as already there).
@@ -39,7 +41,7 @@ class OPTModel {
   // which of its t positions are tokens (not padding).
   struct Cache {
     struct Seq {
-      std::vector<std::vector<float>> k, v;  // [layer] -> [t, hidden]
+      std::vector<ops::RowCache> k, v;       // [layer] -> [t, hidden]
       std::vector<uint8_t> mask;             // [t]
       int64_t tokens = 0;                    // positions with mask 1: the next token's position
     };

@@ -1,7 +1,6 @@
 #include "model/qformer.h"
 
 #include <cmath>
-#include <cstring>
 
 #include "ops/ops.h"
 
@@ -50,11 +49,11 @@ void QFormer::attend(const Attention& a, Tensor& h, const Tensor& source, int64_
   const Tensor q = ops::linear(h, a.q_w, a.q_b);
   const Tensor k = ops::linear(source, a.k_w, a.k_b);
   const Tensor v = ops::linear(source, a.v_w, a.v_b);
-  Tensor ctx({B, Q, d});
+  Tensor ctx({B, Q, d}, h.device);
   for (int64_t b = 0; b < B; ++b)
-    ops::attention({.q = q.ptr() + b * Q * d, .ldq = d, .tq = Q, .k = k.ptr() + b * src_len * d, .ldk = d,
-                    .v = v.ptr() + b * src_len * d, .ldv = d, .tk = src_len, .heads = heads, .head_dim = hd,
-                    .scale = 1.0f / std::sqrt(static_cast<float>(hd)), .out = ctx.ptr() + b * Q * d,
+    ops::attention({.device = h.device, .q = q.data_ptr() + b * Q * d, .ldq = d, .tq = Q,
+                    .k = k.data_ptr() + b * src_len * d, .ldk = d, .v = v.data_ptr() + b * src_len * d, .ldv = d, .tk = src_len, .heads = heads, .head_dim = hd,
+                    .scale = 1.0f / std::sqrt(static_cast<float>(hd)), .out = ctx.data_ptr() + b * Q * d,
                     .ldo = d});
   Tensor out = ops::linear(ctx, a.out_w, a.out_b);
   ops::add(out, h);
@@ -64,10 +63,8 @@ void QFormer::attend(const Attention& a, Tensor& h, const Tensor& source, int64_
 
 Tensor QFormer::forward(const Tensor& image_embeds) const {
   const int64_t B = image_embeds.dim(0), T = image_embeds.dim(1), d = cfg_.hidden_size;
-  Tensor h({B, num_queries_, d});
-  const std::vector<float> queries = query_tokens_.f32();
-  for (int64_t b = 0; b < B; ++b)
-    std::memcpy(h.ptr() + b * num_queries_ * d, queries.data(), queries.size() * 4);
+  Tensor h({B, num_queries_, d}, image_embeds.device);  // zeros, plus the query tokens in each item
+  ops::add_broadcast(h, ops::weight_tensor(query_tokens_));
   ops::layer_norm(h, ln_w_, ln_b_, cfg_.layer_norm_eps);
   for (const Layer& L : layers_) {
     attend(L.self_attn, h, h, num_queries_);

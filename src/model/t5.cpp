@@ -82,18 +82,13 @@ T5Model::T5Model(Checkpoint& ck, const T5Config& cfg) : cfg_(cfg) {
 
 void T5Model::embed(const int32_t* ids, int64_t n, float* out) const { ops::embedding(shared_, ids, n, out); }
 
-std::vector<float> T5Model::position_bias(const Stack& s, bool bidirectional, int64_t q0, int64_t tq,
-                                          int64_t tk) const {
-  const int H = cfg_.num_heads;
-  const std::vector<float> table = s.rel_bias.f32();  // [buckets, H]
-  std::vector<float> bias(static_cast<size_t>(H * tq * tk));
+Tensor T5Model::position_bias(const Stack& s, bool bidirectional, int64_t q0, int64_t tq, int64_t tk) const {
+  std::vector<int32_t> buckets(static_cast<size_t>(tq * tk));
   for (int64_t i = 0; i < tq; ++i)
-    for (int64_t j = 0; j < tk; ++j) {
-      const int bucket = t5_relative_bucket(j - (q0 + i), bidirectional, cfg_.relative_attention_num_buckets,
-                                            cfg_.relative_attention_max_distance);
-      for (int h = 0; h < H; ++h) bias[(h * tq + i) * tk + j] = table[bucket * H + h];
-    }
-  return bias;
+    for (int64_t j = 0; j < tk; ++j)
+      buckets[i * tk + j] = t5_relative_bucket(j - (q0 + i), bidirectional, cfg_.relative_attention_num_buckets,
+                                               cfg_.relative_attention_max_distance);
+  return ops::relative_bias(s.rel_bias, buckets, tq, tk);
 }
 
 void T5Model::feed_forward(const FeedForward& f, Tensor& h) const {
@@ -107,18 +102,21 @@ void T5Model::feed_forward(const FeedForward& f, Tensor& h) const {
 
 Tensor T5Model::encode(Tensor x, const std::vector<uint8_t>& mask) const {
   const int64_t B = x.dim(0), T = x.dim(1), I = cfg_.inner_dim();
-  const std::vector<float> bias = position_bias(encoder_, true, 0, T, T);
+  const Device dev = x.device;
+  const Tensor bias = position_bias(encoder_, true, 0, T, T);
+  const Buffer mask_d = Buffer::copy_of(mask.data(), mask.size(), dev);
+  const auto* m = static_cast<const uint8_t*>(mask_d.data());
   for (const Block& blk : encoder_.blocks) {
     const Attention& a = blk.self_attn;
     Tensor n = x;
     ops::rms_norm(n, a.ln, cfg_.layer_norm_epsilon);
     const Tensor q = ops::linear(n, a.q), k = ops::linear(n, a.k), v = ops::linear(n, a.v);
-    Tensor ctx({B, T, I});
+    Tensor ctx({B, T, I}, dev);
     for (int64_t b = 0; b < B; ++b)
-      ops::attention({.q = q.ptr() + b * T * I, .ldq = I, .tq = T, .k = k.ptr() + b * T * I, .ldk = I,
-                      .v = v.ptr() + b * T * I, .ldv = I, .tk = T, .heads = cfg_.num_heads,
-                      .head_dim = cfg_.d_kv, .scale = 1.0f, .bias = bias.data(), .key_mask = mask.data() + b * T,
-                      .out = ctx.ptr() + b * T * I, .ldo = I});
+      ops::attention({.device = dev, .q = q.data_ptr() + b * T * I, .ldq = I, .tq = T, .k = k.data_ptr() + b * T * I,
+                      .ldk = I, .v = v.data_ptr() + b * T * I, .ldv = I, .tk = T, .heads = cfg_.num_heads,
+                      .head_dim = cfg_.d_kv, .scale = 1.0f, .bias = bias.data_ptr(), .key_mask = m + b * T,
+                      .out = ctx.data_ptr() + b * T * I, .ldo = I});
     ops::add(x, ops::linear(ctx, a.o));
     feed_forward(blk.ffn, x);
   }
@@ -133,7 +131,8 @@ Tensor T5Model::encode(Tensor x, const std::vector<uint8_t>& mask) const {
 // in one step.
 class T5Decoder final : public Decoder {
  public:
-  T5Decoder(const T5Model& m, const Tensor& enc_out, const std::vector<uint8_t>& enc_mask, int expand) : m_(m) {
+  T5Decoder(const T5Model& m, const Tensor& enc_out, const std::vector<uint8_t>& enc_mask, int expand)
+      : m_(m), dev_(enc_out.device) {
     const auto& blocks = m.decoder_.blocks;
     const int64_t B = enc_out.dim(0), T = enc_out.dim(1), I = m.cfg_.inner_dim();
     std::vector<Tensor> k(blocks.size()), v(blocks.size());
@@ -144,14 +143,16 @@ class T5Decoder final : public Decoder {
     for (int64_t b = 0; b < B; ++b) {
       auto item = std::make_shared<Item>();
       item->len = T;
-      item->mask.assign(enc_mask.begin() + b * T, enc_mask.begin() + (b + 1) * T);
+      item->mask = Buffer::copy_of(enc_mask.data() + b * T, static_cast<size_t>(T), dev_);
       for (size_t l = 0; l < blocks.size(); ++l) {
-        item->k.emplace_back(k[l].ptr() + b * T * I, k[l].ptr() + (b + 1) * T * I);
-        item->v.emplace_back(v[l].ptr() + b * T * I, v[l].ptr() + (b + 1) * T * I);
+        item->k.emplace_back(Shape{T, I}, dev_);
+        item->v.emplace_back(Shape{T, I}, dev_);
+        ops::copy_rows(k[l], b * T, item->k.back(), 0, T);
+        ops::copy_rows(v[l], b * T, item->v.back(), 0, T);
       }
       for (int e = 0; e < expand; ++e) rows_.push_back({item, 0});
     }
-    self_k_.assign(blocks.size(), std::vector<std::vector<float>>(rows_.size()));
+    self_k_.assign(blocks.size(), std::vector<ops::RowCache>(rows_.size(), ops::RowCache(I, dev_)));
     self_v_ = self_k_;
   }
 
@@ -167,10 +168,10 @@ class T5Decoder final : public Decoder {
     const int R = rows();
     const int64_t d = c.d_model, I = c.inner_dim();
     if (static_cast<int>(tokens.size()) != R) fail(ErrorKind::Internal, "decoder step: wrong token count");
-    Tensor x({R, d});
-    m_.embed(tokens.data(), R, x.ptr());
+    Tensor x({R, d}, dev_);
+    m_.embed(tokens.data(), R, x.data_ptr());
     // Relative position bias [H, 1, t+1] for each position t among the rows.
-    std::map<int64_t, std::vector<float>> bias;
+    std::map<int64_t, Tensor> bias;
     for (const Row& row : rows_)
       if (!bias.count(row.pos)) bias[row.pos] = m_.position_bias(m_.decoder_, false, row.pos, 1, row.pos + 1);
     for (size_t l = 0; l < m_.decoder_.blocks.size(); ++l) {
@@ -180,16 +181,16 @@ class T5Decoder final : public Decoder {
       ops::rms_norm(n, blk.self_attn.ln, c.layer_norm_epsilon);
       const Tensor q = ops::linear(n, blk.self_attn.q), k = ops::linear(n, blk.self_attn.k),
                    v = ops::linear(n, blk.self_attn.v);
-      Tensor ctx({R, I});
+      Tensor ctx({R, I}, dev_);
       for (int r = 0; r < R; ++r) {
         auto& kc = self_k_[l][r];
         auto& vc = self_v_[l][r];
-        kc.insert(kc.end(), k.ptr() + r * I, k.ptr() + (r + 1) * I);
-        vc.insert(vc.end(), v.ptr() + r * I, v.ptr() + (r + 1) * I);
+        kc.append(k, r, 1);
+        vc.append(v, r, 1);
         const int64_t t = rows_[r].pos;
-        ops::attention({.q = q.ptr() + r * I, .ldq = I, .tq = 1, .k = kc.data(), .ldk = I, .v = vc.data(),
-                        .ldv = I, .tk = t + 1, .heads = c.num_heads, .head_dim = c.d_kv, .scale = 1.0f,
-                        .bias = bias[t].data(), .out = ctx.ptr() + r * I, .ldo = I});
+        ops::attention({.device = dev_, .q = q.data_ptr() + r * I, .ldq = I, .tq = 1, .k = kc.data(), .ldk = I,
+                        .v = vc.data(), .ldv = I, .tk = t + 1, .heads = c.num_heads, .head_dim = c.d_kv,
+                        .scale = 1.0f, .bias = bias[t].data_ptr(), .out = ctx.data_ptr() + r * I, .ldo = I});
       }
       ops::add(x, ops::linear(ctx, blk.self_attn.o));
 
@@ -199,9 +200,11 @@ class T5Decoder final : public Decoder {
       const Tensor cq = ops::linear(n, blk.cross_attn.q);
       for (int r = 0; r < R; ++r) {
         const Item& item = *rows_[r].item;
-        ops::attention({.q = cq.ptr() + r * I, .ldq = I, .tq = 1, .k = item.k[l].data(), .ldk = I,
-                        .v = item.v[l].data(), .ldv = I, .tk = item.len, .heads = c.num_heads, .head_dim = c.d_kv,
-                        .scale = 1.0f, .key_mask = item.mask.data(), .out = ctx.ptr() + r * I, .ldo = I});
+        ops::attention({.device = dev_, .q = cq.data_ptr() + r * I, .ldq = I, .tq = 1, .k = item.k[l].data_ptr(),
+                        .ldk = I, .v = item.v[l].data_ptr(), .ldv = I, .tk = item.len, .heads = c.num_heads,
+                        .head_dim = c.d_kv, .scale = 1.0f,
+                        .key_mask = static_cast<const uint8_t*>(item.mask.data()), .out = ctx.data_ptr() + r * I,
+                        .ldo = I});
       }
       ops::add(x, ops::linear(ctx, blk.cross_attn.o));
       m_.feed_forward(blk.ffn, x);
@@ -223,7 +226,7 @@ class T5Decoder final : public Decoder {
     for (size_t l = 0; l < self_k_.size(); ++l)
       for (auto* cache : {&self_k_[l], &self_v_[l]}) {
         std::vector<int> left = uses;
-        std::vector<std::vector<float>> next(src.size());
+        std::vector<ops::RowCache> next(src.size());
         for (size_t r = 0; r < src.size(); ++r)
           next[r] = (--left[src[r]] == 0) ? std::move((*cache)[src[r]]) : (*cache)[src[r]];
         *cache = std::move(next);
@@ -247,8 +250,8 @@ class T5Decoder final : public Decoder {
 
  private:
   struct Item {  // one batch item's encoder side
-    std::vector<std::vector<float>> k, v;  // [layer] -> cross-attention keys/values [len, I]
-    std::vector<uint8_t> mask;             // [len]
+    std::vector<Tensor> k, v;  // [layer] -> cross-attention keys/values [len, I]
+    Buffer mask;               // [len] bytes, on the decoder's device
     int64_t len = 0;
   };
   struct Row {
@@ -256,8 +259,9 @@ class T5Decoder final : public Decoder {
     int64_t pos = 0;  // the position the next token takes
   };
   const T5Model& m_;
+  Device dev_;
   std::vector<Row> rows_;
-  std::vector<std::vector<std::vector<float>>> self_k_, self_v_;  // [layer][row] -> [t, I]
+  std::vector<std::vector<ops::RowCache>> self_k_, self_v_;  // [layer][row] -> [t, I]
 };
 
 std::unique_ptr<Decoder> T5Model::start_decoder(const Tensor& enc_out, const std::vector<uint8_t>& enc_mask,

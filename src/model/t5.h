@@ -17,8 +17,9 @@ class T5Model {
   const T5Config& config() const { return cfg_; }
   bool tied_lm_head() const { return tied_; }
 
-  // Embedding rows for ids (no scaling, as T5 does).
+  // Embedding rows for ids (no scaling, as T5 does); out is on the model's device.
   void embed(const int32_t* ids, int64_t n, float* out) const;
+  Device device() const { return shared_.device; }
   // Encoder over inputs_embeds x [B, T, d] with mask [B*T] (1 = real token) -> last_hidden_state.
   Tensor encode(Tensor x, const std::vector<uint8_t>& mask) const;
   // A decoder over enc_out [B, T, d]; each batch item decoded on `expand` rows (beams) side by side.
@@ -34,8 +35,8 @@ class T5Model {
 
   Stack load_stack(Checkpoint& ck, const std::string& prefix, int layers, bool decoder);
   void feed_forward(const FeedForward& f, Tensor& h) const;  // h += FFN(RMS(h))
-  // Relative position bias [H, tq, tk] for query positions q0..q0+tq-1 and keys 0..tk-1.
-  std::vector<float> position_bias(const Stack& s, bool bidirectional, int64_t q0, int64_t tq, int64_t tk) const;
+  // Relative position bias [H, tq, tk] for query positions q0..q0+tq-1 and keys 0..tk-1, on the weights' device.
+  Tensor position_bias(const Stack& s, bool bidirectional, int64_t q0, int64_t tq, int64_t tk) const;
 
   T5Config cfg_;
   Weight shared_, lm_head_;

@@ -1,8 +1,9 @@
 #include "model/vision.h"
 
+#include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <memory>
+#include <vector>
 
 #include "ops/ops.h"
 
@@ -10,18 +11,20 @@ namespace blip2 {
 
 namespace {
 
-// Older checkpoints store the qkv bias as separate q_bias / v_bias (the key bias is zero by design).
+// Older checkpoints store the qkv bias as separate q_bias / v_bias (the key bias is zero by design). Built on
+// the host, then placed where the loaded weights are.
 Weight qkv_bias(Checkpoint& ck, const std::string& p, int64_t d) {
   if (ck.has(p + "qkv.bias") || !ck.has(p + "q_bias")) return ck.take(p + "qkv.bias", {3 * d});
   const Weight q = ck.take(p + "q_bias", {d}), v = ck.take(p + "v_bias", {d});
-  auto buf = std::shared_ptr<float[]>(new float[3 * d]());
-  q.to_f32(0, d, buf.get());
-  v.to_f32(0, d, buf.get() + 2 * d);
+  auto buf = std::make_shared<std::vector<float>>(static_cast<size_t>(3 * d), 0.0f);
+  const std::vector<float> qf = q.f32(), vf = v.f32();
+  std::copy(qf.begin(), qf.end(), buf->begin());
+  std::copy(vf.begin(), vf.end(), buf->begin() + 2 * d);
   Weight w;
   w.shape = {3 * d};
-  w.data = buf.get();
+  w.data = buf->data();
   w.owner = buf;
-  return w;
+  return w.to(q.device);
 }
 
 }  // namespace
@@ -55,32 +58,21 @@ VisionModel::VisionModel(Checkpoint& ck, const VisionConfig& cfg) : cfg_(cfg) {
 }
 
 Tensor VisionModel::forward(const Tensor& pixels) const {
-  const int64_t B = pixels.dim(0), S = cfg_.image_size, P = cfg_.patch_size, G = S / P;
-  const int64_t d = cfg_.hidden_size, T = G * G + 1, K = 3 * P * P;
+  const int64_t B = pixels.dim(0), G = cfg_.image_size / cfg_.patch_size;
+  const int64_t d = cfg_.hidden_size, T = G * G + 1;
+  const Device dev = pixels.device;
 
-  // Patch embedding as a product: each patch unrolled in the conv weight's (channel, ky, kx) order.
-  Tensor patches({B, G * G, K});
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t gy = 0; gy < G; ++gy)
-      for (int64_t gx = 0; gx < G; ++gx) {
-        float* dst = patches.ptr() + ((b * G + gy) * G + gx) * K;
-        for (int64_t c = 0; c < 3; ++c)
-          for (int64_t ky = 0; ky < P; ++ky) {
-            const float* src = pixels.ptr() + ((b * 3 + c) * S + gy * P + ky) * S + gx * P;
-            std::memcpy(dst + (c * P + ky) * P, src, static_cast<size_t>(P) * 4);
-          }
-      }
-  const Tensor emb = ops::linear(patches, patch_w_, patch_b_);
+  // Patch embedding as a product over the unrolled patches.
+  const Tensor emb = ops::linear(ops::patchify(pixels, cfg_.patch_size), patch_w_, patch_b_);
 
   // [CLS ; patches] + positions
-  Tensor h({B, T, d});
-  const std::vector<float> cls = class_emb_.f32(), pos = pos_emb_.f32();
+  Tensor h({B, T, d}, dev);
+  const Tensor cls = ops::weight_tensor(class_emb_);
   for (int64_t b = 0; b < B; ++b) {
-    float* hb = h.ptr() + b * T * d;
-    std::memcpy(hb, cls.data(), static_cast<size_t>(d) * 4);
-    std::memcpy(hb + d, emb.ptr() + b * (T - 1) * d, static_cast<size_t>((T - 1) * d) * 4);
-    for (int64_t i = 0; i < T * d; ++i) hb[i] += pos[i];
+    ops::copy_rows(cls, 0, h, b * T, 1);
+    ops::copy_rows(emb, b * (T - 1), h, b * T + 1, T - 1);
   }
+  ops::add_broadcast(h, ops::weight_tensor(pos_emb_));
 
   const int heads = cfg_.num_heads, hd = static_cast<int>(d / heads);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -88,12 +80,12 @@ Tensor VisionModel::forward(const Tensor& pixels) const {
     Tensor x = h;
     ops::layer_norm(x, L.ln1_w, L.ln1_b, cfg_.layer_norm_eps);
     const Tensor qkv = ops::linear(x, L.qkv_w, L.qkv_b);  // [B, T, 3d]: Q | K | V
-    Tensor ctx({B, T, d});
+    Tensor ctx({B, T, d}, dev);
     for (int64_t b = 0; b < B; ++b) {
-      const float* base = qkv.ptr() + b * T * 3 * d;
-      ops::attention({.q = base, .ldq = 3 * d, .tq = T, .k = base + d, .ldk = 3 * d, .v = base + 2 * d,
+      const float* base = qkv.data_ptr() + b * T * 3 * d;
+      ops::attention({.device = dev, .q = base, .ldq = 3 * d, .tq = T, .k = base + d, .ldk = 3 * d, .v = base + 2 * d,
                       .ldv = 3 * d, .tk = T, .heads = heads, .head_dim = hd, .scale = scale,
-                      .out = ctx.ptr() + b * T * d, .ldo = d});
+                      .out = ctx.data_ptr() + b * T * d, .ldo = d});
     }
     ops::add(h, ops::linear(ctx, L.proj_w, L.proj_b));
 

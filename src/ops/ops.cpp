@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <vector>
 
 #include "core/error.h"
+#include "cuda/cuda.h"
 #include "ops/kernels.h"
 #include "ops/parallel.h"
 
@@ -32,7 +34,19 @@ void for_elements(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
   par::parallel_for(n, fn, kMinWorkPerThread, 16);
 }
 
+// Every operand of an op on one device: a mix is a bug in the caller (models never choose devices).
+void same_device(const char* op, Device a, Device b) {
+  if (a != b)
+    fail(ErrorKind::Internal, std::string(op) + ": operands on " + device_name(a) + " and " + device_name(b));
+}
+void check_weight(const char* op, Device x, const Weight& w) {
+  if (!w.empty()) same_device(op, x, w.device);
+}
+bool on_gpu(Device d) { return d == Device::CUDA; }
+
 }  // namespace
+
+bool cuda_available() { return cuda::device_count() > 0; }
 
 static int64_t g_quant_tile_bytes = kQuantTileBytes;
 void set_quant_tile_bytes(int64_t bytes) { g_quant_tile_bytes = bytes > 0 ? bytes : kQuantTileBytes; }
@@ -75,6 +89,8 @@ void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y) {
   const int64_t out = w.rows(), in = w.cols();
   if (rows == 0 || out == 0) return;
+  check_weight("linear", w.device, b);
+  if (on_gpu(w.device)) return cuda::linear(x, rows, w, b, y);
   if (w.quantized()) {
     linear_quantized(x, rows, w, y);
   } else if (rows <= kGemvMaxRows) {
@@ -110,19 +126,23 @@ Tensor linear(const Tensor& x, const Weight& w, const Weight& b) {
   if (x.last() != w.cols())
     fail(ErrorKind::Internal, "linear: input width " + std::to_string(x.last()) + " does not match weight " +
                                   shape_str(w.shape));
+  same_device("linear", x.device, w.device);
   Shape s = x.shape;
   s.back() = w.rows();
-  Tensor y(s);
-  linear(x.ptr(), x.rows(), w, b, y.ptr());
+  Tensor y(s, x.device);
+  linear(x.data_ptr(), x.rows(), w, b, y.data_ptr());
   return y;
 }
 
 void layer_norm(Tensor& x, const Weight& gamma, const Weight& beta, float eps) {
   const int64_t d = x.last();
+  check_weight("layer_norm", x.device, gamma);
+  check_weight("layer_norm", x.device, beta);
+  if (on_gpu(x.device)) return cuda::layer_norm(x.data_ptr(), x.rows(), d, gamma, beta, eps);
   const std::vector<float> g = gamma.f32(), bt = beta.f32();
   par::parallel_for(x.rows(), [&](int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    float* p = x.ptr() + r * d;
+    float* p = x.data_ptr() + r * d;
     double mean = 0.0, var = 0.0;
     for (int64_t i = 0; i < d; ++i) mean += p[i];
     mean /= d;
@@ -137,10 +157,12 @@ void layer_norm(Tensor& x, const Weight& gamma, const Weight& beta, float eps) {
 
 void rms_norm(Tensor& x, const Weight& gamma, float eps) {
   const int64_t d = x.last();
+  check_weight("rms_norm", x.device, gamma);
+  if (on_gpu(x.device)) return cuda::rms_norm(x.data_ptr(), x.rows(), d, gamma, eps);
   const std::vector<float> g = gamma.f32();
   par::parallel_for(x.rows(), [&](int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    float* p = x.ptr() + r * d;
+    float* p = x.data_ptr() + r * d;
     double ss = 0.0;
     for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(p[i]) * p[i];
     const float inv = static_cast<float>(1.0 / std::sqrt(ss / d + eps));
@@ -150,7 +172,8 @@ void rms_norm(Tensor& x, const Weight& gamma, float eps) {
 }
 
 void activate(Tensor& x, Activation act) {
-  float* p = x.ptr();
+  if (on_gpu(x.device)) return cuda::activate(x.data_ptr(), x.size(), act);
+  float* p = x.data_ptr();
   for_elements(x.size(), [&](int64_t b, int64_t e) {
     switch (act) {
       case Activation::GeluErf: kern::gelu_erf(p + b, e - b); return;
@@ -163,23 +186,32 @@ void activate(Tensor& x, Activation act) {
 }
 
 void add(Tensor& x, const Tensor& y) {
-  float* p = x.ptr();
-  const float* q = y.ptr();
+  same_device("add", x.device, y.device);
+  if (x.size() != y.size())
+    fail(ErrorKind::Internal, "add: shapes " + shape_str(x.shape) + " and " + shape_str(y.shape));
+  if (on_gpu(x.device)) return cuda::add(x.data_ptr(), y.data_ptr(), x.size());
+  float* p = x.data_ptr();
+  const float* q = y.data_ptr();
   for_elements(x.size(), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) p[i] += q[i];
   });
 }
 
 void mul(Tensor& x, const Tensor& y) {
-  float* p = x.ptr();
-  const float* q = y.ptr();
+  same_device("mul", x.device, y.device);
+  if (x.size() != y.size())
+    fail(ErrorKind::Internal, "mul: shapes " + shape_str(x.shape) + " and " + shape_str(y.shape));
+  if (on_gpu(x.device)) return cuda::mul(x.data_ptr(), y.data_ptr(), x.size());
+  float* p = x.data_ptr();
+  const float* q = y.data_ptr();
   for_elements(x.size(), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) p[i] *= q[i];
   });
 }
 
 void scale(Tensor& x, float s) {
-  float* p = x.ptr();
+  if (on_gpu(x.device)) return cuda::scale(x.data_ptr(), x.size(), s);
+  float* p = x.data_ptr();
   for_elements(x.size(), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) p[i] *= s;
   });
@@ -187,12 +219,112 @@ void scale(Tensor& x, float s) {
 
 void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out) {
   const int64_t d = table.cols();
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i)
     if (ids[i] < 0 || ids[i] >= table.rows())
       fail(ErrorKind::Input, "token id " + std::to_string(ids[i]) + " is outside the embedding table (" +
                                  std::to_string(table.rows()) + " rows)");
-    table.to_f32(static_cast<int64_t>(ids[i]) * d, d, out + i * d);
+  if (on_gpu(table.device)) return cuda::embedding(table, ids, n, out);
+  for (int64_t i = 0; i < n; ++i) table.to_f32(static_cast<int64_t>(ids[i]) * d, d, out + i * d);
+}
+
+void copy_rows(const Tensor& src, int64_t src_row, Tensor& dst, int64_t dst_row, int64_t n) {
+  same_device("copy_rows", src.device, dst.device);
+  const int64_t w = dst.last();
+  if (src.last() != w || src_row < 0 || dst_row < 0 || n < 0 || src_row + n > src.rows() || dst_row + n > dst.rows())
+    fail(ErrorKind::Internal, "copy_rows: " + std::to_string(n) + " rows from row " + std::to_string(src_row) + " of " +
+                                  shape_str(src.shape) + " to row " + std::to_string(dst_row) + " of " +
+                                  shape_str(dst.shape));
+  copy_bytes(dst.data_ptr() + dst_row * w, dst.device, src.data_ptr() + src_row * w, src.device,
+             static_cast<size_t>(n * w) * 4);
+}
+
+void add_broadcast(Tensor& x, const Tensor& y) {
+  same_device("add_broadcast", x.device, y.device);
+  const int64_t n = x.size(), m = y.size();
+  if (m == 0 || n % m != 0)
+    fail(ErrorKind::Internal, "add_broadcast: " + shape_str(y.shape) + " does not tile " + shape_str(x.shape));
+  if (on_gpu(x.device)) return cuda::add_broadcast(x.data_ptr(), n, y.data_ptr(), m);
+  float* p = x.data_ptr();
+  const float* q = y.data_ptr();
+  for_elements(n, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) p[i] += q[i % m];
+  });
+}
+
+Tensor weight_tensor(const Weight& w) {
+  Tensor t(w.shape, w.device);
+  if (on_gpu(w.device)) cuda::weight_f32(w, t.data_ptr());
+  else w.to_f32(0, t.size(), t.data_ptr());
+  return t;
+}
+
+Tensor patchify(const Tensor& pixels, int64_t P) {
+  const int64_t B = pixels.dim(0), S = pixels.dim(-1), G = S / P, K = 3 * P * P;
+  if (pixels.shape != Shape{B, 3, S, S} || P <= 0 || S % P != 0)
+    fail(ErrorKind::Internal, "patchify: pixels " + shape_str(pixels.shape) + ", patch " + std::to_string(P));
+  Tensor patches({B, G * G, K}, pixels.device);
+  if (on_gpu(pixels.device)) {
+    cuda::patchify(pixels.data_ptr(), B, S, P, patches.data_ptr());
+    return patches;
   }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t gy = 0; gy < G; ++gy)
+      for (int64_t gx = 0; gx < G; ++gx) {
+        float* dst = patches.data_ptr() + ((b * G + gy) * G + gx) * K;
+        for (int64_t c = 0; c < 3; ++c)
+          for (int64_t ky = 0; ky < P; ++ky) {
+            const float* src = pixels.data_ptr() + ((b * 3 + c) * S + gy * P + ky) * S + gx * P;
+            std::memcpy(dst + (c * P + ky) * P, src, static_cast<size_t>(P) * 4);
+          }
+      }
+  return patches;
+}
+
+Tensor relative_bias(const Weight& table, const std::vector<int32_t>& buckets, int64_t tq, int64_t tk) {
+  const int64_t H = table.cols(), nb = table.rows();
+  if (static_cast<int64_t>(buckets.size()) != tq * tk)
+    fail(ErrorKind::Internal, "relative_bias: " + std::to_string(buckets.size()) + " buckets for " +
+                                  std::to_string(tq) + "x" + std::to_string(tk));
+  for (int32_t k : buckets)
+    if (k < 0 || k >= nb) fail(ErrorKind::Internal, "relative_bias: bucket " + std::to_string(k) + " of " + std::to_string(nb));
+  Tensor bias({H, tq, tk}, table.device);
+  if (on_gpu(table.device)) {
+    cuda::relative_bias(table, buckets.data(), tq, tk, bias.data_ptr());
+    return bias;
+  }
+  const std::vector<float> t = table.f32();  // [buckets, H]
+  float* out = bias.data_ptr();
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < tq * tk; ++i) out[h * tq * tk + i] = t[buckets[i] * H + h];
+  return bias;
+}
+
+std::vector<Pick> greedy_pick(const Tensor& x) {
+  const int64_t rows = x.rows(), V = x.last();
+  std::vector<Pick> picks(static_cast<size_t>(rows));
+  if (on_gpu(x.device)) {
+    cuda::greedy_pick(x.data_ptr(), rows, V, picks.data());
+    return picks;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = x.data_ptr() + r * V;
+    const int64_t id = std::max_element(p, p + V) - p;  // the first of equal maxima
+    double sum = 0.0;
+    for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(p[i] - p[id]));
+    picks[r] = {static_cast<int32_t>(id), static_cast<float>(-std::log(sum))};
+  }
+  return picks;
+}
+
+void RowCache::append(const Tensor& src, int64_t row, int64_t n) {
+  if (rows_ + n > (buf_.shape.empty() ? 0 : buf_.rows())) {
+    const int64_t cap = std::max<int64_t>({16, 2 * rows_, rows_ + n});
+    Tensor grown({cap, width_}, device_);
+    if (rows_) copy_rows(buf_, 0, grown, 0, rows_);
+    buf_ = std::move(grown);
+  }
+  copy_rows(src, row, buf_, rows_, n);
+  rows_ += n;
 }
 
 namespace {
@@ -223,6 +355,7 @@ void softmax_row(float* p, int64_t tk, const float* bias, const uint8_t* key_mas
 void attention(const AttentionArgs& a) {
   const int64_t tq = a.tq, tk = a.tk, hd = a.head_dim;
   if (tq == 0) return;
+  if (on_gpu(a.device)) return cuda::attention(a);
   const auto visible = [&](int64_t i) { return a.causal ? std::min(tk, i + (tk - tq) + 1) : tk; };
   if (tq >= 8 && tk >= 8) {
     // Many queries (ViT, Q-Former, T5 encoder): scores and context as two sgemm per head, softmax between.

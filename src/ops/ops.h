@@ -1,6 +1,10 @@
 // The operations every model is written in. Activations are float32 Tensors; weights are Weights in
 // whatever storage format the checkpoint (or a later conversion) gives, and each op picks the kernel for it.
 // This is the one place a new weight format, a SIMD kernel or a device backend plugs in.
+//
+// Devices: every operand of an op is on one device (Error(Internal) otherwise), and the op runs there: the
+// CUDA kernels (src/cuda) for Device::CUDA, the CPU kernels below for CPU and Emulated. Ops taking raw
+// pointers take the device from their weight (linear, embedding) or their arguments (attention).
 #pragma once
 #include <cstdint>
 
@@ -8,6 +12,9 @@
 #include "io/config.h"
 
 namespace blip2::ops {
+
+// True when this build has CUDA and the driver reports at least one GPU.
+bool cuda_available();
 
 // y[rows, out] = x[rows, in] · wᵀ (+ b), w stored [out, in] as in PyTorch. `b` may be empty.
 //   I8/I4 weights, any number of rows: the rows are quantized to int8 per block and multiplied with the
@@ -45,8 +52,47 @@ void add(Tensor& x, const Tensor& y);  // x += y, same shape
 void mul(Tensor& x, const Tensor& y);  // x *= y, same shape
 void scale(Tensor& x, float s);
 
-// out[i, :] = table[ids[i], :] (widened to float32).
+// out[i, :] = table[ids[i], :] (widened to float32). ids are host memory; out is on the table's device.
 void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out);
+
+// Moving rows. A tensor's rows are its elements in runs of last(): rows [src_row, src_row + n) of src go to
+// rows [dst_row, dst_row + n) of dst (same width, same device).
+void copy_rows(const Tensor& src, int64_t src_row, Tensor& dst, int64_t dst_row, int64_t n);
+// x += y repeated over x (x's size a multiple of y's): position embeddings over a batch, say.
+void add_broadcast(Tensor& x, const Tensor& y);
+// A weight (any format) widened to a float32 tensor of its shape, on its device.
+Tensor weight_tensor(const Weight& w);
+// The ViT's patches as rows: pixels [B, 3, S, S] -> [B, (S/P)², 3·P·P], each patch unrolled in the patch
+// convolution weight's (channel, ky, kx) order, so the convolution is a product.
+Tensor patchify(const Tensor& pixels, int64_t patch);
+// T5's relative position bias [H, tq, tk]: element (h, i, j) = table[buckets[i·tk + j], h], table
+// [num_buckets, H]; buckets are host memory (from t5_relative_bucket).
+Tensor relative_bias(const Weight& table, const std::vector<int32_t>& buckets, int64_t tq, int64_t tk);
+// Greedy decoding's pick for each row of logits [rows, V], made where the logits are: the index of the
+// largest logit (ties: the lowest index) and its log-probability (log_softmax at that index, the sum of
+// exponentials in double). Only these rows × 2 numbers reach the host.
+struct Pick {
+  int32_t id;
+  float log_prob;
+};
+std::vector<Pick> greedy_pick(const Tensor& logits);
+
+// A stack of rows that grows at the end (a key/value cache), on one device; capacity doubles as it grows.
+// Copies are deep.
+class RowCache {
+ public:
+  RowCache() = default;
+  RowCache(int64_t width, Device device) : width_(width), device_(device) {}
+  // Appends rows [row, row + n) of src.
+  void append(const Tensor& src, int64_t row, int64_t n);
+  int64_t rows() const { return rows_; }
+  const float* data() const { return buf_.data_ptr(); }
+
+ private:
+  int64_t width_ = 0, rows_ = 0;
+  Device device_ = Device::CPU;
+  Tensor buf_;
+};
 
 // Multi-head scaled dot-product attention for one sequence, the single routine behind ViT, Q-Former and
 // T5 (encoder self-, decoder self- with a cache, and cross-attention).
@@ -56,6 +102,7 @@ void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out);
 //   causal: query i sees only keys j <= i + (tk - tq) (the queries are the last tq of the tk positions).
 //   out: Tq rows, stride ldo, heads concatenated in head order.
 struct AttentionArgs {
+  Device device = Device::CPU;  // where every pointer below points
   const float* q; int64_t ldq; int64_t tq;
   const float* k; int64_t ldk;
   const float* v; int64_t ldv; int64_t tk;

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "ops/ops.h"
 #include "text/text_stream.h"
 
 namespace blip2::server {
@@ -155,8 +156,8 @@ void Scheduler::encode_images(const std::vector<std::shared_ptr<Job>>& jobs) {
   const Tensor& proj = enc.language_projection;  // [B, Q, d]
   const int64_t Q = proj.dim(1), d = proj.dim(2);
   for (int64_t b = 0; b < B; ++b) {
-    auto t = std::make_shared<Tensor>(Shape{1, Q, d});
-    std::memcpy(t->ptr(), proj.ptr() + b * Q * d, static_cast<size_t>(Q * d) * sizeof(float));
+    auto t = std::make_shared<Tensor>(Shape{1, Q, d}, proj.device);
+    ops::copy_rows(proj, b * Q, *t, 0, Q);
     cache_.put(keys[b], t);
     for (const auto& j : jobs)
       if (!j->image && j->image_key == keys[b]) {
@@ -236,9 +237,9 @@ void Scheduler::admit() {
     std::vector<std::string> prompts;
     Encoded img;
     const int64_t Q = jobs[0]->image->dim(1), d = jobs[0]->image->dim(2);
-    img.language_projection = Tensor({static_cast<int64_t>(jobs.size()), Q, d});
+    img.language_projection = Tensor({static_cast<int64_t>(jobs.size()), Q, d}, model_.device());
     for (size_t i = 0; i < jobs.size(); ++i) {
-      std::copy(jobs[i]->image->data.begin(), jobs[i]->image->data.end(), img.language_projection.data.begin() + i * Q * d);
+      ops::copy_rows(*jobs[i]->image, 0, img.language_projection, static_cast<int64_t>(i) * Q, Q);
       prompts.push_back(jobs[i]->prompt);
     }
     all = model_.encode_prompts(img, model_.tokenize(prompts));
@@ -259,7 +260,7 @@ void Scheduler::admit() {
         enc = model_.encode_prompts(img, model_.tokenize({jobs[g0]->prompt}));
       }
       std::unique_ptr<Decoder> d = model_.start_decoder(enc, E);
-      const Tensor logits = d->start();
+      const Tensor logits = on_host(d->start());
       std::vector<int> src;
       bool moved = false;
       for (size_t i = g0; i < g1; ++i) {
@@ -308,7 +309,7 @@ void Scheduler::step() {
   for (const auto& r : running_) feed.insert(feed.end(), r->gen->feed().begin(), r->gen->feed().end());
   const auto t0 = Clock::now();
   try {
-    const Tensor logits = dec_->step(feed);
+    const Tensor logits = on_host(dec_->step(feed));
     const int64_t V = logits.dim(1);
     int64_t offset = 0;
     for (const auto& r : running_) {

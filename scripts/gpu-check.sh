@@ -8,6 +8,8 @@
 # is skipped, and named in the summary's "skipped", once too little time is left for it; the steps run in
 # order of value (tests, batch-1 latency, sweep, the other formats).
 #
+# BLIP2_GPU_MODEL=DIR benchmarks that model instead of a random XXL one (a dry run: models/tiny-blip2-t5).
+#
 # Without Debian's -dev packages on the machine (they have no archive to install from), run
 # scripts/gpu-deps.sh beforehand where the archive is reachable: this script unpacks .gpu-deps/*.deb into a
 # private root and builds against it.
@@ -38,7 +40,7 @@ if ! pkg-config --exists sentencepiece 2>/dev/null && ls .gpu-deps/*.deb >/dev/n
   ln -sf openblas-pthread/libopenblas.so.0 "$lib/libopenblas.so.0"
   ln -sf openblas-pthread/libopenblas.so "$lib/libopenblas.so"
   ln -sf openblas-pthread/cblas.h "$root/usr/include/x86_64-linux-gnu/cblas.h"
-  export PKG_CONFIG_PATH=$lib/pkgconfig:$root/usr/share/pkgconfig PKG_CONFIG_SYSROOT_DIR=$root
+  export PKG_CONFIG_LIBDIR=$lib/pkgconfig:$root/usr/share/pkgconfig PKG_CONFIG_SYSROOT_DIR=$root
   export CMAKE_PREFIX_PATH=$root/usr LD_LIBRARY_PATH=$lib:$lib/openblas-pthread:${LD_LIBRARY_PATH:-}
   export CPATH=$root/usr/include:$root/usr/include/x86_64-linux-gnu:${CPATH:-}
   command -v pkg-config >/dev/null || export PATH=$root/usr/bin:$PATH PKG_CONFIG=$root/usr/bin/pkgconf
@@ -67,9 +69,9 @@ if step "GPU op tests and device tests" 60; then
   grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$out"/test_*.log >&2
 fi
 
-# ---- XXL-shaped checkpoint with random weights (bf16, 24.5 GB) ------------------------------------------
-model=/tmp/blip2-xxl-bf16
-if step "make-random XXL" 150 && [ ! -f "$model/config.json" ]; then
+# ---- XXL-shaped checkpoint with random weights (bf16, 24.5 GB), unless BLIP2_GPU_MODEL names a model ------
+model=${BLIP2_GPU_MODEL:-/tmp/blip2-xxl-bf16}
+if [ ! -f "$model/config.json" ] && step "make-random XXL" 150; then
   $bin make-random --like xxl --out "$model" --dtype bf16 > "$out/make_random.log" 2>&1 || skipped+=("make-random failed")
 fi
 bench() {  # NAME WEIGHTS BENCH_ARGS...: one bench run, its JSON in $out/bench_NAME.json

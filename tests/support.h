@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "generate/generate.h"
 #include "image/image.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
@@ -46,6 +47,35 @@ inline Diff compare(const Tensor& got_any, const Tensor& want_any) {
 
 // Tolerances from the fixture README: float32 on the CPU agrees to about 1e-5 relative, 1e-4 absolute.
 constexpr double kMaxRel = 1e-5, kMaxAbs = 1e-4;
+
+// Hugging Face generate() keyword arguments of a fixture setting -> options (HF's defaults for the rest).
+inline GenerationOptions options_from(const nlohmann::json& kwargs) {
+  GenerationOptions o;
+  o.max_new_tokens = kwargs.at("max_new_tokens").get<int>();
+  o.num_beams = kwargs.value("num_beams", 1);
+  o.do_sample = kwargs.value("do_sample", false);
+  o.length_penalty = kwargs.value("length_penalty", 1.0);
+  o.repetition_penalty = kwargs.value("repetition_penalty", 1.0);
+  o.no_repeat_ngram_size = kwargs.value("no_repeat_ngram_size", 0);
+  o.min_new_tokens = kwargs.value("min_new_tokens", 0);
+  o.num_return_sequences = kwargs.value("num_return_sequences", 1);
+  return o;
+}
+
+// Teacher-forced logits [B, T, V] on the host for per-item decoder ids, through the decoder's steps (the code
+// path generation uses).
+inline Tensor forced_logits(const Blip2Model& m, const Encoded& e, const std::vector<std::vector<int32_t>>& ids) {
+  auto dec = m.start_decoder(e);
+  const int64_t B = static_cast<int64_t>(ids.size()), T = static_cast<int64_t>(ids[0].size()), V = dec->vocab_size();
+  Tensor out({B, T, V});
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> tok;
+    for (const auto& row : ids) tok.push_back(row[t]);
+    const Tensor l = on_host(dec->step(tok));
+    for (int64_t b = 0; b < B; ++b) std::copy(l.ptr() + b * V, l.ptr() + (b + 1) * V, out.ptr() + (b * T + t) * V);
+  }
+  return out;
+}
 
 // The pixel batch of fixture images (tests/fixtures/images/NAME), preprocessed at `size`.
 inline Tensor fixture_pixels(const nlohmann::json& names, int size) {

@@ -56,19 +56,6 @@ const Blip2Model& model(const std::string& dir, Device device, WeightFormat form
 // Stage tolerance against transformers: the CPU's on the emulated device (its kernels), 1e-4 on a GPU.
 double stage_tolerance(Device d) { return d == Device::CUDA ? 1e-4 : kMaxRel; }
 
-GenerationOptions options_from(const nlohmann::json& kw) {
-  GenerationOptions o;
-  o.max_new_tokens = kw.at("max_new_tokens").get<int>();
-  o.num_beams = kw.value("num_beams", 1);
-  o.do_sample = kw.value("do_sample", false);
-  o.length_penalty = kw.value("length_penalty", 1.0);
-  o.repetition_penalty = kw.value("repetition_penalty", 1.0);
-  o.no_repeat_ngram_size = kw.value("no_repeat_ngram_size", 0);
-  o.min_new_tokens = kw.value("min_new_tokens", 0);
-  o.num_return_sequences = kw.value("num_return_sequences", 1);
-  return o;
-}
-
 // One fixture case: the model family's directory and reference, the case's name.
 struct Case {
   std::string dir, ref, name;
@@ -84,20 +71,6 @@ std::vector<Case> all_cases() {
 
 Encoded encode(const Blip2Model& m, const nlohmann::json& c) {
   return m.encode(fixture_pixels(c["images"], 224), m.tokenize(c["prompts"].get<std::vector<std::string>>()));
-}
-
-// Teacher-forced T5 logits [B, T, V] for per-item decoder ids (through the decoder's steps, as generation).
-Tensor forced_logits(const Blip2Model& m, const Encoded& e, const std::vector<std::vector<int32_t>>& ids) {
-  auto dec = m.start_decoder(e);
-  const int64_t B = static_cast<int64_t>(ids.size()), T = static_cast<int64_t>(ids[0].size()), V = dec->vocab_size();
-  Tensor out({B, T, V});
-  for (int64_t t = 0; t < T; ++t) {
-    std::vector<int32_t> tok;
-    for (const auto& row : ids) tok.push_back(row[t]);
-    const Tensor l = on_host(dec->step(tok));
-    for (int64_t b = 0; b < B; ++b) std::copy(l.ptr() + b * V, l.ptr() + (b + 1) * V, out.ptr() + (b * T + t) * V);
-  }
-  return out;
 }
 
 // Every stage of a case by the reference's names, on the host.

@@ -602,16 +602,8 @@ TEST_P(FixtureFormats, StagesAndLogitsStayWithinTheFormatsBound) {
     check("encoder_last_hidden_state", e.encoder_last_hidden_state, fc.max_rel_text);
     // Teacher-forced logits through the decoder's step, as tests/test_model.cpp does.
     const auto ids = c["forced_decoder_input_ids"].get<std::vector<std::vector<int32_t>>>();
-    auto dec = model.start_decoder(e);
-    const int64_t B = static_cast<int64_t>(ids.size()), T = static_cast<int64_t>(ids[0].size()), V = dec->vocab_size();
-    Tensor logits({B, T, V});
-    for (int64_t t = 0; t < T; ++t) {
-      std::vector<int32_t> tok;
-      for (const auto& row : ids) tok.push_back(row[t]);
-      const Tensor l = dec->step(tok);
-      for (int64_t b = 0; b < B; ++b) std::copy(l.ptr() + b * V, l.ptr() + (b + 1) * V, logits.ptr() + (b * T + t) * V);
-    }
-    check("forced_logits", logits, fc.max_rel_text);
+    const int64_t B = static_cast<int64_t>(ids.size());
+    check("forced_logits", test::forced_logits(model, e, ids), fc.max_rel_text);
     // Greedy sequences: token agreement with the reference up to the first difference.
     const auto& g = c["generate"]["greedy"];
     GenerationOptions o;

@@ -40,19 +40,6 @@ Encoded encode_case(const Blip2Model& m, const nlohmann::json& c) {
   return m.encode(fixture_pixels(c["images"], 224), m.tokenize(c["prompts"].get<std::vector<std::string>>()));
 }
 
-GenerationOptions options_from(const nlohmann::json& kwargs) {
-  GenerationOptions o;
-  o.max_new_tokens = kwargs.at("max_new_tokens").get<int>();
-  o.num_beams = kwargs.value("num_beams", 1);
-  o.do_sample = kwargs.value("do_sample", false);
-  o.length_penalty = kwargs.value("length_penalty", 1.0);
-  o.repetition_penalty = kwargs.value("repetition_penalty", 1.0);
-  o.no_repeat_ngram_size = kwargs.value("no_repeat_ngram_size", 0);
-  o.min_new_tokens = kwargs.value("min_new_tokens", 0);
-  o.num_return_sequences = kwargs.value("num_return_sequences", 1);
-  return o;
-}
-
 std::vector<std::vector<GeneratedSequence>> run(const Blip2Model& m, const Encoded& e, const GenerationOptions& o) {
   return generate([&](int expand) { return m.start_decoder(e, expand); }, static_cast<int>(e.batch()), o,
                   m.special_tokens());

@@ -46,6 +46,10 @@ typedef struct {
                                  except "int8" for "int4" (faster and more accurate for the ViT) */
   int int4_group;      /* int4: weights per scale, 32, 64 (default) or 128 */
   int threads;         /* worker threads for the whole process; 0 (default) = all cores */
+  const char* qformer_weights; /* the Q-Former's (and language projection's) weights; NULL: as `weights` */
+  const char* lm_weights;      /* the language model's weights; NULL: as `weights` */
+  const char* precision;       /* NULL, or "lavis": ViT f16, Q-Former f32, language model bf16 (T5) or f16
+                                  (OPT); the per-tower fields override it */
   const char* device;  /* where the model runs: "cpu" (NULL, the default), "cuda", "cuda:N" (a build with
                           CUDA; one GPU per process) or "emulated" (the device code path on the CPU, for tests) */
 } blip2_load_params;

@@ -93,8 +93,9 @@ def tests(name):
     p = os.path.join(out, name + ".log")
     if not os.path.exists(p): return None
     t = open(p).read()
-    counts = {k: int(m.group(1)) if (m := re.search(r"\[  %s  \] (\d+) test" % k, t)) else 0 for k in ("PASSED", "FAILED", "SKIPPED")}
-    counts["failed_tests"] = re.findall(r"\[  FAILED  \] (\S+)", t)[:-1] if counts["FAILED"] else []
+    counts = {k: int(m.group(1)) if (m := re.search(r"^\[\s*%s\s*\] (\d+) test" % k, t, re.M)) else 0
+              for k in ("PASSED", "FAILED", "SKIPPED")}
+    counts["failed_tests"] = sorted(set(re.findall(r"^\[\s*FAILED\s*\] (\S+\.\S+)", t, re.M)))
     return counts
 s = {"gpu": open(os.path.join(out, "gpu.txt")).read().strip(), "build_s": build_s, "total_s": total_s,
      "tests": {n: tests(n) for n in ("test_ops_device", "test_device")}, "tests_ok": tests_rc == 0, "bench": {},

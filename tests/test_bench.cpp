@@ -63,19 +63,25 @@ TEST(Bench, DecodeBytesFollowTheWeightFormat) {
   EXPECT_GT(i4, 0);
 }
 
-// int4 keeps the ViT in int8 unless --vision-weights says otherwise; the JSON names what was loaded.
-TEST(Bench, ReportsTheVisionEncodersFormat) {
-  const auto vision = [](std::vector<std::string> args) {
+// int4 keeps the ViT in int8 unless --vision-weights says otherwise; each tower takes its own option or the
+// --precision mix; the JSON names what was loaded, vision / qformer / lm.
+TEST(Bench, ReportsEachTowersFormat) {
+  const auto towers = [](std::vector<std::string> args) {
     args.insert(args.end(), {"bench", "--model", kModel, "--new-tokens", "1", "--repeat", "1", "--warmup", "0",
                              "--quick", "--json"});
     const CliRun r = run_cli(args);
     EXPECT_EQ(r.status, 0) << r.err;
     const json j = json::parse(r.out, nullptr, false);
-    return j.is_discarded() ? std::string("?") : j["vision_weights"].get<std::string>();
+    if (j.is_discarded()) return std::string("?");
+    return j["vision_weights"].get<std::string>() + "/" + j["qformer_weights"].get<std::string>() + "/" +
+           j["lm_weights"].get<std::string>();
   };
-  EXPECT_EQ(vision({"--weights", "int4"}), "int8");
-  EXPECT_EQ(vision({"--weights", "int4", "--vision-weights", "int4"}), "int4");
-  EXPECT_EQ(vision({"--weights", "bf16"}), "bf16");
+  EXPECT_EQ(towers({"--weights", "int4"}), "int8/int4/int4");
+  EXPECT_EQ(towers({"--weights", "int4", "--vision-weights", "int4"}), "int4/int4/int4");
+  EXPECT_EQ(towers({"--weights", "bf16"}), "bf16/bf16/bf16");
+  EXPECT_EQ(towers({"--weights", "int8", "--qformer-weights", "f32", "--lm-weights", "int4"}), "int8/f32/int4");
+  EXPECT_EQ(towers({"--precision", "lavis"}), "f16/f32/bf16");
+  EXPECT_EQ(towers({"--precision", "lavis", "--lm-weights", "int8"}), "f16/f32/int8");
 }
 
 TEST(Bench, TextTableNamesEveryStage) {
@@ -91,7 +97,9 @@ TEST(Bench, BadOptionsExitWithStatus2) {
   for (const std::vector<std::string>& args :
        {std::vector<std::string>{"bench", "--batch", "0"}, {"bench", "--new-tokens", "0"}, {"bench", "--repeat", "0"},
         {"bench", "--batch", "two"}, {"bench", "--no-such-option"}, {"--weights", "int3", "bench"},
-        {"--int4-group", "48", "bench"}, {"--vision-weights", "int3", "bench"}, {"bench", "--warmup", "-1"}}) {
+        {"--int4-group", "48", "bench"}, {"--vision-weights", "int3", "bench"}, {"bench", "--warmup", "-1"},
+        {"--lm-weights", "int3", "bench"}, {"--precision", "paper", "bench"}, {"--device", "tpu", "bench"},
+        {"bench", "--sweep", "0"}}) {
     const CliRun r = run_cli(args);
     std::string cmd;
     for (const auto& a : args) cmd += " " + a;

@@ -393,10 +393,10 @@ TEST(DeviceErrors, Int4IsCpuOnly) {
   LoadOptions lo;
   lo.device = parse_device("cuda");
   lo.weights = WeightFormat::I4;
-  EXPECT_THROW(weight_converter(lo, false), Error);
+  EXPECT_THROW(weight_converter(lo, LanguageFamily::T5, false), Error);
   lo.weights = WeightFormat::I8;
-  lo.vision_weights = WeightFormat::I4;
-  EXPECT_THROW(weight_converter(lo, false), Error);
+  lo.lm_weights = WeightFormat::I4;
+  EXPECT_THROW(weight_converter(lo, LanguageFamily::T5, false), Error);
 }
 
 }  // namespace

@@ -537,7 +537,7 @@ TEST(LoadOptions, VisionEncoderFormat) {
     LoadOptions o;
     o.weights = weights;
     o.vision_weights = vision;
-    const Checkpoint::Convert convert = weight_converter(o, false);
+    const Checkpoint::Convert convert = weight_converter(o, LanguageFamily::T5, false);
     if (!convert) return std::pair<DType, DType>{w.dtype, w.dtype};
     return std::pair<DType, DType>{convert(vit, w).dtype, convert(lm, w).dtype};
   };
@@ -552,7 +552,42 @@ TEST(LoadOptions, VisionEncoderFormat) {
   bad.weights = WeightFormat::I8;
   bad.vision_weights = WeightFormat::I4;
   bad.int4_group = 48;
-  EXPECT_THROW(weight_converter(bad, false), blip2::Error);
+  EXPECT_THROW(weight_converter(bad, LanguageFamily::T5, false), blip2::Error);
+}
+
+// Each tower takes its own format, the precision preset's, or --weights; tensors go by their name's tower.
+TEST(LoadOptions, PerTowerFormatsAndTheLavisMix) {
+  const auto wv = random_vec(64 * 64, 22, 0.05f);
+  const Weight w = f32_weight(wv, 64, 64);
+  const std::string vit = "vision_model.encoder.layers.0.mlp.fc1.weight",
+                    qformer = "qformer.encoder.layer.0.attention.attention.query.weight",
+                    projection = "language_projection.weight",
+                    lm = "language_model.encoder.block.0.layer.1.DenseReluDense.wo.weight";
+  EXPECT_EQ(tower_of(vit), Tower::Vision);
+  EXPECT_EQ(tower_of(qformer), Tower::QFormer);
+  EXPECT_EQ(tower_of(projection), Tower::QFormer);
+  EXPECT_EQ(tower_of("query_tokens"), Tower::QFormer);
+  EXPECT_EQ(tower_of(lm), Tower::Language);
+  const auto dtypes = [&](const LoadOptions& o, LanguageFamily family) {
+    const Checkpoint::Convert convert = weight_converter(o, family, false);
+    if (!convert) return std::vector<DType>(4, w.dtype);
+    return std::vector<DType>{convert(vit, w).dtype, convert(qformer, w).dtype, convert(projection, w).dtype,
+                              convert(lm, w).dtype};
+  };
+  LoadOptions o;
+  o.weights = WeightFormat::I8;
+  o.qformer_weights = WeightFormat::F16;
+  o.lm_weights = WeightFormat::I4;
+  EXPECT_EQ(dtypes(o, LanguageFamily::T5), (std::vector<DType>{DType::I8, DType::F16, DType::F16, DType::I4}));
+  LoadOptions lavis;
+  lavis.precision = "lavis";
+  EXPECT_EQ(dtypes(lavis, LanguageFamily::T5), (std::vector<DType>{DType::F16, DType::F32, DType::F32, DType::BF16}));
+  EXPECT_EQ(dtypes(lavis, LanguageFamily::OPT), (std::vector<DType>{DType::F16, DType::F32, DType::F32, DType::F16}));
+  lavis.lm_weights = WeightFormat::I8;  // a tower's own option overrides the mix
+  EXPECT_EQ(dtypes(lavis, LanguageFamily::T5), (std::vector<DType>{DType::F16, DType::F32, DType::F32, DType::I8}));
+  LoadOptions unknown;
+  unknown.precision = "paper";
+  EXPECT_THROW(weight_converter(unknown, LanguageFamily::T5, false), blip2::Error);
 }
 
 // ---- every weight format on the fixture model ---------------------------------------------------------------

@@ -36,7 +36,7 @@ std::string default_model_dir() {
 // Global options (before the subcommand): weight format and threads, for every command that loads a model.
 LoadOptions g_load;
 std::string g_weights = "stored";
-std::string g_vision_weights;  // empty: vision_format()'s default
+std::string g_vision_weights, g_qformer_weights, g_lm_weights;  // empty: tower_format()'s default
 std::string g_device = "cpu";
 
 // The global options as LoadOptions (parsed when a command runs, after CLI11 has filled them in).
@@ -44,6 +44,8 @@ LoadOptions global_load_options() {
   LoadOptions lo = g_load;
   lo.weights = parse_weight_format(g_weights);
   if (!g_vision_weights.empty()) lo.vision_weights = parse_weight_format(g_vision_weights);
+  if (!g_qformer_weights.empty()) lo.qformer_weights = parse_weight_format(g_qformer_weights);
+  if (!g_lm_weights.empty()) lo.lm_weights = parse_weight_format(g_lm_weights);
   lo.device = parse_device(g_device);
   return lo;
 }
@@ -387,7 +389,8 @@ int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vec
 void reject_unknown_command(const CLI::App& app, int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--weights" || a == "--vision-weights" || a == "--int4-group" || a == "--threads" || a == "--device") {
+    if (a == "--weights" || a == "--vision-weights" || a == "--qformer-weights" || a == "--lm-weights" ||
+        a == "--precision" || a == "--int4-group" || a == "--threads" || a == "--device") {
       ++i;  // its value
       continue;
     }
@@ -417,6 +420,12 @@ int main(int argc, char** argv) {
   app.add_option("--vision-weights", g_vision_weights,
                  "The vision encoder's weights, in the same formats; default: as --weights, except int8 for int4 "
                  "(the ViT is bound by arithmetic, where int8 runs faster than int4 and is more accurate)");
+  app.add_option("--qformer-weights", g_qformer_weights,
+                 "The Q-Former's (and the language projection's) weights, same formats; default: as --weights");
+  app.add_option("--lm-weights", g_lm_weights, "The language model's weights, same formats; default: as --weights");
+  app.add_option("--precision", g_load.precision,
+                 "A mix of tower formats that the options above override: lavis (as LAVIS runs the paper: ViT "
+                 "f16, Q-Former f32, language model bf16 for T5 and f16 for OPT)");
   app.add_option("--int4-group", g_load.int4_group, "int4: weights per scale along the input (32, 64 or 128)")
       ->check(CLI::IsMember({32, 64, 128}))
       ->capture_default_str();

@@ -213,6 +213,8 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   if (a.repeat < 1 || a.repeat > 10000) fail(ErrorKind::Usage, "--repeat must be at least 1");
   if (a.warmup < 0 || a.warmup > 10000) fail(ErrorKind::Usage, "--warmup must be 0 or more");
   if (a.bw_mib < 16 || a.bw_mib > (1 << 20)) fail(ErrorKind::Usage, "--bandwidth-mib must be at least 16");
+  for (int b : a.sweep)
+    if (b < 1 || b > 4096) fail(ErrorKind::Usage, "--sweep batch sizes must be between 1 and 4096");
   const std::string weights = weight_format_name(lo.weights);
   if (!a.image.empty()) load_image(a.image);  // a bad image fails now, before minutes of measuring and loading
 
@@ -262,7 +264,6 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   };
   std::vector<SweepRow> sweep;
   for (int b : a.sweep) {
-    if (b < 1 || b > 4096) fail(ErrorKind::Usage, "--sweep batch sizes must be between 1 and 4096");
     note("sweep: batch " + std::to_string(b));
     BenchArgs ab = a;
     ab.batch = b;
@@ -288,7 +289,8 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     nlohmann::ordered_json j;
     j["model"] = a.model;
     j["weights"] = weights;
-    j["vision_weights"] = weight_format_name(vision_format(lo));
+    for (Tower t : {Tower::Vision, Tower::QFormer, Tower::Language})
+      j[std::string(tower_name(t)) + "_weights"] = weight_format_name(tower_format(lo, t, cfg.family));
     j["int4_group"] = lo.int4_group;
     j["threads"] = par::threads();
     j["device"] = device_name(lo.device);
@@ -343,11 +345,13 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     return;
   }
 
-  std::printf("blip2 bench: %s, weights %s%s (vision %s), %d threads (%s kernels), batch %d, %d new tokens, %d runs (+%d warm-up)\n",
+  std::printf("blip2 bench: %s, weights %s%s (vision %s, qformer %s, lm %s), %d threads (%s kernels), batch %d, %d new tokens, %d runs (+%d warm-up)\n",
               a.model.c_str(), weights.c_str(),
               lo.weights == WeightFormat::I4 ? (" g" + std::to_string(lo.int4_group)).c_str() : "",
-              weight_format_name(vision_format(lo)), par::threads(),
-              kern::isa_name(), a.batch, a.new_tokens, a.repeat, a.warmup);
+              weight_format_name(tower_format(lo, Tower::Vision, cfg.family)),
+              weight_format_name(tower_format(lo, Tower::QFormer, cfg.family)),
+              weight_format_name(tower_format(lo, Tower::Language, cfg.family)), par::threads(),
+              gpu ? "cuda" : kern::isa_name(), a.batch, a.new_tokens, a.repeat, a.warmup);
   std::printf("image %s, prompt \"%s\"\n", image.c_str(), a.prompt.c_str());
   std::printf("machine: %s; read bandwidth %.2f GB/s; sgemm peak %.1f GFLOP/s (", machine::cpu_name().c_str(), bw / 1e9,
               peak / 1e9);

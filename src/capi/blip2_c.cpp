@@ -90,7 +90,7 @@ blip2::GenerationOptions from_c(const blip2_generate_params& p, blip2::Generatio
 extern "C" {
 
 blip2_load_params blip2_load_default_params(void) {
-  return {"stored", nullptr, blip2::kDefaultInt4Group, 0, nullptr};
+  return {"stored", nullptr, blip2::kDefaultInt4Group, 0, nullptr, nullptr, nullptr, nullptr};
 }
 
 blip2_status blip2_model_load(const char* model_dir, const blip2_load_params* params, blip2_model** model,
@@ -103,6 +103,9 @@ blip2_status blip2_model_load(const char* model_dir, const blip2_load_params* pa
     blip2::LoadOptions lo;
     lo.weights = blip2::parse_weight_format(p.weights ? p.weights : "stored");
     if (p.vision_weights) lo.vision_weights = blip2::parse_weight_format(p.vision_weights);
+    if (p.qformer_weights) lo.qformer_weights = blip2::parse_weight_format(p.qformer_weights);
+    if (p.lm_weights) lo.lm_weights = blip2::parse_weight_format(p.lm_weights);
+    if (p.precision) lo.precision = p.precision;
     lo.int4_group = p.int4_group;
     lo.threads = p.threads;
     if (p.device) lo.device = blip2::parse_device(p.device);

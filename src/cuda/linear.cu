@@ -8,7 +8,10 @@
 //     value below 2^15 and the result rescaled (exact): T5's feed-forward output and residual stream exceed
 //     float16's 65504 (spec §11), and the cast must not turn them into infinities;
 //   I8 weights: the activations quantized per row (scale max|x|/127), an int8 × int8 → int32 tensor-core
-//     product (cublasGemmEx, CUBLAS_COMPUTE_32I), then y = acc · s_x[r] · s_w[o].
+//     product (cublasGemmEx, CUBLAS_COMPUTE_32I), then y = acc · s_x[r] · s_w[o]. (An output width that is
+//     not a multiple of 4, which no real layer has, goes through the GEMV instead.)
+#include <algorithm>
+
 #include "cuda/common.cuh"
 #include "ops/ops.h"
 
@@ -49,8 +52,8 @@ __global__ void to_half_scaled_kernel(const float* x, int64_t in, __half* xh, fl
   for (int64_t i = threadIdx.x; i < in; i += blockDim.x) m = fmaxf(m, fabsf(p[i]));
   m = block_max(m);
   float s = 1.0f;
-  while (m * s >= 32768.0f) s *= 0.5f;  // stops: at most ~128 halvings for finite m (inf/NaN stay as they are)
-  if (!(m < INFINITY)) s = 1.0f;
+  if (m < INFINITY)  // an infinity stays one (and NaNs, which fmaxf skips, stay NaN)
+    while (m * s >= 32768.0f) s *= 0.5f;  // at most ~113 halvings from FLT_MAX
   for (int64_t i = threadIdx.x; i < in; i += blockDim.x) xh[blockIdx.x * in + i] = __float2half_rn(p[i] * s);
   if (threadIdx.x == 0) row_scale[blockIdx.x] = 1.0f / s;
 }
@@ -98,11 +101,18 @@ void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, floa
   const int64_t out = w.rows(), in = w.cols();
   const float one = 1.0f, zero = 0.0f;
   const WeightView wv = view(w);
-  if (rows <= kMaxGemvRows) {
+  const auto gemv = [&](const float* xr, int64_t n, float* yr) {
     const int warps = 8;
-    gemv_kernel<<<static_cast<unsigned>((out + warps - 1) / warps), warps * 32, 0, stream()>>>(x, in, static_cast<int>(rows),
-                                                                                             wv, out, y);
+    gemv_kernel<<<static_cast<unsigned>((out + warps - 1) / warps), warps * 32, 0, stream()>>>(xr, in, static_cast<int>(n),
+                                                                                             wv, out, yr);
     BLIP2_LAUNCHED("linear (gemv)");
+  };
+  if (rows <= kMaxGemvRows) {
+    gemv(x, rows, y);
+  } else if (w.dtype == DType::I8 && out % 4 != 0) {
+    // cuBLAS's int8 products want the output's leading dimension a multiple of 4 (every real shape's is):
+    // others go through the GEMV, eight rows at a time.
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxGemvRows) gemv(x + r0 * in, std::min<int64_t>(kMaxGemvRows, rows - r0), y + r0 * out);
   } else if (w.dtype == DType::F32) {
     gemm_tn(w.data, in, x, in, y, out, rows, in, CUDA_R_32F, CUDA_R_32F,
             context().allow_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, &one, &zero, "linear (f32)");

@@ -36,12 +36,12 @@ int read_max_prompt_tokens(const std::string& dir, const Blip2Config& cfg) {
 
 // Sets the thread count, then opens the checkpoint with the options' weight conversion, so that every
 // tensor the parts take arrives in its final format.
-std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOptions& options,
+std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOptions& options, LanguageFamily family,
                                             const Checkpoint::Progress& progress) {
   par::set_threads(options.threads);
   if (options.device.kind == Device::CUDA) cuda::select_device(options.device.index);
   auto ck = std::make_unique<Checkpoint>(dir, progress);
-  ck->set_convert(weight_converter(options, !ck->has("language_model.lm_head.weight")));
+  ck->set_convert(weight_converter(options, family, !ck->has("language_model.lm_head.weight")));
   return ck;
 }
 
@@ -53,7 +53,7 @@ Blip2Model::Blip2Model(const std::string& dir, const Progress& progress) : Blip2
 Blip2Model::Blip2Model(const std::string& dir, const LoadOptions& options, const Progress& progress)
     : cfg_(load_config(dir)),
       device_(options.device.kind),
-      ckpt_(open_checkpoint(dir, options, progress)),
+      ckpt_(open_checkpoint(dir, options, cfg_.family, progress)),
       vision_(*ckpt_, cfg_.vision),
       qformer_(*ckpt_, cfg_.qformer, cfg_.num_query_tokens),
       proj_w_(ckpt_->take("language_projection.weight", {cfg_.lm_width(), cfg_.qformer.hidden_size})),

@@ -1,5 +1,6 @@
 #include "model/load_options.h"
 
+#include <array>
 #include <cstring>
 
 #include "core/error.h"
@@ -55,25 +56,52 @@ bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_h
   return false;
 }
 
-WeightFormat vision_format(const LoadOptions& o) {
-  if (o.vision_weights) return *o.vision_weights;
-  return o.weights == WeightFormat::I4 ? WeightFormat::I8 : o.weights;
+const char* tower_name(Tower t) {
+  switch (t) {
+    case Tower::Vision: return "vision";
+    case Tower::QFormer: return "qformer";
+    case Tower::Language: return "lm";
+  }
+  return "?";
 }
 
-Checkpoint::Convert weight_converter(const LoadOptions& o, bool tied_lm_head) {
-  const WeightFormat vision = vision_format(o);
-  if ((o.weights == WeightFormat::I4 || vision == WeightFormat::I4) && o.int4_group != 32 && o.int4_group != 64 &&
-      o.int4_group != 128)
-    fail(ErrorKind::Usage, "int4 group size must be 32, 64 or 128 (got " + std::to_string(o.int4_group) + ")");
+Tower tower_of(const std::string& name) {
+  if (name.rfind("vision_model.", 0) == 0) return Tower::Vision;
+  if (name.rfind("language_model.", 0) == 0) return Tower::Language;
+  return Tower::QFormer;
+}
+
+WeightFormat tower_format(const LoadOptions& o, Tower t, LanguageFamily family) {
+  const std::optional<WeightFormat>& own =
+      t == Tower::Vision ? o.vision_weights : t == Tower::QFormer ? o.qformer_weights : o.lm_weights;
+  if (own) return *own;
+  if (o.precision == "lavis") {
+    if (t == Tower::Vision) return WeightFormat::F16;
+    if (t == Tower::QFormer) return WeightFormat::F32;
+    return family == LanguageFamily::T5 ? WeightFormat::BF16 : WeightFormat::F16;
+  }
+  if (!o.precision.empty()) fail(ErrorKind::Usage, "unknown precision '" + o.precision + "' (choose lavis)");
+  return t == Tower::Vision && o.weights == WeightFormat::I4 ? WeightFormat::I8 : o.weights;
+}
+
+Checkpoint::Convert weight_converter(const LoadOptions& o, LanguageFamily family, bool tied_lm_head) {
   const Device device = o.device.kind;
-  // The CUDA kernels cover float and int8 weights; int4 (a layout made for the AVX2 kernels) is CPU-only.
-  if (device == Device::CUDA && (o.weights == WeightFormat::I4 || vision == WeightFormat::I4))
-    fail(ErrorKind::Usage, "int4 weights run on the CPU only; on cuda choose f32, f16, bf16 or int8");
-  if (o.weights == WeightFormat::AsStored && vision == WeightFormat::AsStored && device == Device::CPU) return nullptr;
-  return [o, vision, tied_lm_head, device](const std::string& name, const Weight& w) -> Weight {
+  std::array<WeightFormat, 3> formats{};
+  bool all_stored = true;
+  for (Tower t : {Tower::Vision, Tower::QFormer, Tower::Language}) {
+    const WeightFormat f = formats[static_cast<int>(t)] = tower_format(o, t, family);
+    all_stored = all_stored && f == WeightFormat::AsStored;
+    if (f == WeightFormat::I4 && o.int4_group != 32 && o.int4_group != 64 && o.int4_group != 128)
+      fail(ErrorKind::Usage, "int4 group size must be 32, 64 or 128 (got " + std::to_string(o.int4_group) + ")");
+    // The CUDA kernels cover float and int8 weights; int4 (a layout made for the AVX2 kernels) is CPU-only.
+    if (f == WeightFormat::I4 && device == Device::CUDA)
+      fail(ErrorKind::Usage, std::string("int4 weights run on the CPU only (") + tower_name(t) +
+                                 "); on cuda choose f32, f16, bf16 or int8");
+  }
+  if (all_stored && device == Device::CPU) return nullptr;
+  return [o, formats, tied_lm_head, device](const std::string& name, const Weight& w) -> Weight {
     if (converts_tensor(name, w.shape, tied_lm_head))
-      return ops::convert_weight(w, name.rfind("vision_model.", 0) == 0 ? vision : o.weights, o.int4_group)
-          .to(device);
+      return ops::convert_weight(w, formats[static_cast<int>(tower_of(name))], o.int4_group).to(device);
     if (device != Device::CPU) return w.to(device);
     // The small tensors that stay as stored (norms, biases, position tables: a few MB in all) are copied too,
     // so that once loading is done no page of the file is needed in memory. An untied embedding stays in the

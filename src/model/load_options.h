@@ -1,11 +1,13 @@
-// How a model is loaded: the storage format of its linear layers' weights and the thread count. The one
-// place that decides which tensors a format applies to is weight_converter() (load_options.cpp).
+// How a model is loaded: the storage format of its linear layers' weights (for the whole model or per tower),
+// the device and the thread count. The one place that decides which tensors a format applies to is
+// weight_converter() (load_options.cpp).
 #pragma once
 #include <optional>
 #include <string>
 
 #include "core/tensor.h"
 #include "io/checkpoint.h"
+#include "io/config.h"
 
 namespace blip2 {
 
@@ -18,8 +20,13 @@ struct LoadOptions {
   // anything else converts each matrix once, as it is taken, from whatever the file holds (F32/F16/BF16).
   WeightFormat weights = WeightFormat::AsStored;
   int int4_group = kDefaultInt4Group;  // 32, 64 or 128 elements per scale along the input dimension
-  // Format of the vision encoder's matrices; unset: vision_format() below.
-  std::optional<WeightFormat> vision_weights;
+  // Per tower (tower_format() below says what an unset one means): the vision encoder; the Q-Former with the
+  // language projection; the language model.
+  std::optional<WeightFormat> vision_weights, qformer_weights, lm_weights;
+  // A named mix of tower formats, which the per-tower options override: "lavis", the one LAVIS runs the
+  // paper's numbers with (ViT in f16, Q-Former in f32, language model in bf16 for T5 and f16 for OPT).
+  // Empty: none.
+  std::string precision;
   int threads = 0;                     // worker threads for the kernels and OpenBLAS; 0 = all cores
   // Where the model runs: every weight is placed there as it loads, and every stage computes there.
   DeviceSpec device;
@@ -33,16 +40,24 @@ struct LoadOptions {
 // rows it needs, so the file's pages serve it best).
 bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_head);
 
-// The vision encoder's format: `vision_weights` when set, else `weights`, except that int4 becomes int8.
-// The ViT multiplies all 257 patch rows by each weight, so it is bound by arithmetic, not by weight bytes:
-// there the int8 products run faster than int4's (docs/PERFORMANCE.md) and are more accurate, for 0.5 GB
-// more on ViT-g (1.0 GB in int8, 0.53 GB in int4).
-WeightFormat vision_format(const LoadOptions& options);
+// The parts of the model a format can be chosen for, and the part a tensor belongs to: vision_model.* the
+// vision encoder, language_model.* the language model, the rest (qformer.*, query_tokens,
+// language_projection.*) the Q-Former.
+enum class Tower { Vision, QFormer, Language };
+const char* tower_name(Tower t);
+Tower tower_of(const std::string& tensor_name);
+
+// A tower's format: its own option when set, else the precision preset's, else `weights` — except that the
+// vision encoder keeps int8 when `weights` is int4. The ViT multiplies all 257 patch rows by each weight,
+// so it is bound by arithmetic, not by weight bytes: there the int8 products run faster than int4's
+// (docs/PERFORMANCE.md) and are more accurate, for 0.5 GB more on ViT-g (1.0 GB in int8, 0.53 GB in int4).
+// Throws Error(Usage) for an unknown precision.
+WeightFormat tower_format(const LoadOptions& options, Tower tower, LanguageFamily family);
 
 // The Checkpoint::Convert hook for `options` (null for AsStored on the CPU: every tensor is used in place).
 // With a conversion, the tensors that are not converted are copied as stored (all but an untied embedding),
 // so that no file page is needed after loading. On another device every tensor is copied there after its
 // conversion. Validates int4_group, and the formats the device has kernels for.
-Checkpoint::Convert weight_converter(const LoadOptions& options, bool tied_lm_head);
+Checkpoint::Convert weight_converter(const LoadOptions& options, LanguageFamily family, bool tied_lm_head);
 
 }  // namespace blip2

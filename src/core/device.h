@@ -33,6 +33,17 @@ class Buffer {
  public:
   Buffer() = default;
   Buffer(Device device, size_t bytes);
+  Buffer(const Buffer&) = default;
+  Buffer& operator=(const Buffer&) = default;
+  Buffer(Buffer&& o) noexcept : ptr_(std::move(o.ptr_)), bytes_(o.bytes_), device_(o.device_) { o.bytes_ = 0; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this == &o) return *this;
+    ptr_ = std::move(o.ptr_);
+    bytes_ = o.bytes_;
+    device_ = o.device_;
+    o.bytes_ = 0;  // a moved-from buffer is empty, size and all
+    return *this;
+  }
   static Buffer copy_of(const void* host, size_t bytes, Device device);  // host bytes uploaded
   void* data() { return ptr_.get(); }
   const void* data() const { return ptr_.get(); }

@@ -108,7 +108,10 @@ struct Tensor {
 };
 
 // t itself when it is in CPU memory, else its copy there: where results leave the device.
-inline Tensor on_host(Tensor t) { return t.device == Device::CPU ? t : t.to(Device::CPU); }
+inline Tensor on_host(Tensor t) {
+  if (t.device == Device::CPU) return t;  // moved, not copied
+  return t.to(Device::CPU);
+}
 
 float f16_to_f32(uint16_t h);
 float bf16_to_f32(uint16_t h);

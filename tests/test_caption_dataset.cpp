@@ -362,3 +362,21 @@ TEST(CaptionDataset, KillAndResumeLosesAndDuplicatesNothing) {
   for (int i = 0; i < n; ++i)
     EXPECT_EQ(texts(recs.at(d / ("many/img" + std::to_string(1000 + i) + ".png"))), i % 3 ? palette : logo) << i;
 }
+
+// Not a terminal: plain progress lines at the interval (done/total, captions/s, ETA), then the summary.
+TEST(CaptionDataset, ProgressLinesWhenNotATerminal) {
+  TempDir d;
+  for (int i = 0; i < 6; ++i) copy_image("palette_color.png", d / ("p/" + std::to_string(i) + ".png"));
+  const auto r = run_cli({"caption", "--model", kT5, d / "p", "--batch", "1", "--progress-interval", "0.000001"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.err.find('\r'), std::string::npos) << "no terminal line rewriting";
+  int lines = 0;
+  for (const auto& l : lines_of(r.err)) {
+    if (l.rfind("progress: ", 0) != 0) continue;
+    ++lines;
+    EXPECT_NE(l.find("/6 images, "), std::string::npos) << l;
+    EXPECT_NE(l.find(" captions/s, ETA "), std::string::npos) << l;
+  }
+  EXPECT_EQ(lines, 5) << r.err;  // after each image but the last, which the summary reports
+  EXPECT_NE(r.err.find("captioned 6 images (0 failed, 0 skipped as already recorded) in "), std::string::npos) << r.err;
+}

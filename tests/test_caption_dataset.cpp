@@ -380,3 +380,46 @@ TEST(CaptionDataset, ProgressLinesWhenNotATerminal) {
   EXPECT_EQ(lines, 5) << r.err;  // after each image but the last, which the summary reports
   EXPECT_NE(r.err.find("captioned 6 images (0 failed, 0 skipped as already recorded) in "), std::string::npos) << r.err;
 }
+
+// A WebDataset shard as img2dataset writes it (tests/fixtures/webdataset/00000.tar: KEY.png/.jpg beside
+// KEY.json and KEY.txt, a sample under a 120-character directory (a pax header), a corrupt JPEG, a sample
+// without an image): captions in 00000.jsonl beside it, keyed by sample, equal to each image alone.
+TEST(CaptionDataset, WebDatasetShard) {
+  TempDir d;
+  fs::create_directories(d / "shards");
+  fs::copy_file(std::string(BLIP2_FIXTURES_DIR) + "/webdataset/00000.tar", d / "shards/00000.tar");
+  const auto r = run_cli({"caption", "--model", kT5, d / "shards"});
+  EXPECT_EQ(r.status, 4) << r.err;  // the corrupt JPEG
+  const auto recs = records(slurp(d / "shards/00000.jsonl"));
+  ASSERT_EQ(recs.size(), 4u) << slurp(d / "shards/00000.jsonl");
+  EXPECT_EQ(texts(recs.at("000000000")), alone(kImages + "palette_color.png"));
+  EXPECT_EQ(texts(recs.at("000000001")), alone(kImages + "one_pixel.png"));
+  EXPECT_EQ(texts(recs.at(std::string(120, 'd') + "/000000003")), alone(kImages + "palette_color.png"));
+  EXPECT_NE(recs.at("000000002")["error"].get<std::string>().find("00000.tar:000000002.jpg"), std::string::npos);
+  // Resumed: nothing to do. csv: its own file. txt: refused. --shard takes or leaves the whole .tar.
+  const auto again = run_cli({"caption", "--model", kT5, d / "shards/00000.tar"});
+  EXPECT_NE(again.err.find("4 already recorded, 0 to caption"), std::string::npos) << again.err;
+  ASSERT_EQ(run_cli({"caption", "--model", kT5, d / "shards/00000.tar", "--format", "csv"}).status, 4);
+  EXPECT_EQ(lines_of(slurp(d / "shards/00000.csv")).size(), 1u + 4u);
+  const auto txt = run_cli({"caption", "--model", kT5, d / "shards/00000.tar", "--format", "txt"});
+  EXPECT_EQ(txt.status, 2);
+  EXPECT_NE(txt.err.find("jsonl or csv"), std::string::npos) << txt.err;
+  size_t taken = 0;
+  for (int k = 0; k < 2; ++k) {
+    const auto s = run_cli({"caption", "--model", kT5, d / "shards/00000.tar", "--overwrite", "--max-new-tokens", "2",
+                            "--shard", std::to_string(k) + "/2", "--json"});
+    taken += json::parse(s.out)["images"].get<size_t>() + json::parse(s.out)["failed"].get<size_t>();
+    EXPECT_TRUE(json::parse(s.out)["other_shards"] == 0 || json::parse(s.out)["other_shards"] == 4) << s.out;
+  }
+  EXPECT_EQ(taken, 4u);
+  // A shard cut in the middle of a member: the samples before it are captioned, that one fails.
+  const std::string whole = slurp(d / "shards/00000.tar");
+  const size_t cut = whole.find("\x89PNG", whole.find("000000001.png")) + 30;
+  std::ofstream(d / "cut.tar", std::ios::binary) << whole.substr(0, cut);
+  const auto c = run_cli({"caption", "--model", kT5, d / "cut.tar"});
+  EXPECT_EQ(c.status, 4) << c.err;
+  const auto cut_recs = records(slurp(d / "cut.jsonl"));
+  ASSERT_EQ(cut_recs.size(), 2u);
+  EXPECT_EQ(texts(cut_recs.at("000000000")), alone(kImages + "palette_color.png"));
+  EXPECT_NE(cut_recs.at("000000001")["error"].get<std::string>().find("cut short"), std::string::npos);
+}

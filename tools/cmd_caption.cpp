@@ -4,9 +4,12 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
+#include <memory>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -103,8 +106,9 @@ void add_caption_dataset_options(CLI::App* c, CaptionDatasetArgs& a) {
   };
   c->footer(
       "One image and none of the options above: prints its caption(s), as before.\n"
-      "Otherwise INPUTs are image files, directories (recursive, sorted; .png .jpg .jpeg .webp; hidden names\n"
-      "skipped) and @LIST files (one path per line). Re-running the same command skips what is recorded\n"
+      "Otherwise INPUTs are image files, directories (recursive, sorted; .png .jpg .jpeg .webp .tar; hidden\n"
+      "names skipped), @LIST files (one path per line) and WebDataset shards (X.tar: KEY.jpg/.png/.webp beside\n"
+      "KEY.json/.txt; captions in X.jsonl or X.csv beside each shard, --shard takes whole .tar files). Re-running the same command skips what is recorded\n"
       "(txt: the caption file exists; jsonl/csv: the image is in --output, failures included); killing it at\n"
       "any moment loses no finished caption and writes no half record. Unreadable or corrupt images are\n"
       "recorded with the reason (jsonl/csv \"error\") and the run goes on. With --do-sample each image is\n"
@@ -119,7 +123,7 @@ void add_caption_dataset_options(CLI::App* c, CaptionDatasetArgs& a) {
 bool caption_dataset_mode(const CaptionDatasetArgs& a, const std::vector<std::string>& inputs) {
   for (const CLI::Option* o : a.options)
     if (o->count() > 0) return true;
-  if (inputs.size() != 1 || (!inputs[0].empty() && inputs[0][0] == '@')) return true;
+  if (inputs.size() != 1 || (!inputs[0].empty() && inputs[0][0] == '@') || is_shard_name(inputs[0])) return true;
   std::error_code ec;
   return std::filesystem::is_directory(inputs[0], ec);
 }
@@ -130,19 +134,40 @@ int run_caption_dataset(const CaptionDatasetArgs& a, const std::vector<std::stri
   // Everything that can be wrong with the command is checked before the model loads.
   const Format format = parse_format(a.format);
   const Shard shard = a.shard.empty() ? Shard{} : parse_shard(a.shard);
-  const bool stdout_records = format != Format::Txt && (a.output.empty() || a.output == "-");
+  std::vector<InputItem> all = expand_inputs(inputs);
+  const bool any_file = std::any_of(all.begin(), all.end(), [](const InputItem& it) { return it.tar.empty(); });
+  const bool any_tar = std::any_of(all.begin(), all.end(), [](const InputItem& it) { return !it.tar.empty(); });
+  if (any_tar && format == Format::Txt)
+    fail(ErrorKind::Usage, "WebDataset shards (.tar) are captioned into one jsonl or csv file beside each shard: "
+                           "use --format jsonl or csv");
+  if (any_tar && !any_file && !a.output.empty())
+    fail(ErrorKind::Usage, "--output is for image files; each .tar shard's captions go beside it (SHARD.jsonl/.csv)");
+  const bool stdout_records = any_file && format != Format::Txt && (a.output.empty() || a.output == "-");
   if (json && stdout_records)
     fail(ErrorKind::Usage, "--json prints the summary on standard output: give --output for the " + a.format + " records");
-  std::vector<InputItem> all = expand_inputs(inputs);
-  CaptionSink sink(format, a.output, a.caption_extension, a.overwrite);
+  // Image files go to --output (or beside each image); each shard's samples to a file beside the shard.
+  std::unique_ptr<CaptionSink> file_sink;
+  std::map<std::string, std::unique_ptr<CaptionSink>> shard_sinks;
+  const auto sink_of = [&](const InputItem& it) -> CaptionSink& {
+    if (it.tar.empty()) {
+      if (!file_sink) file_sink = std::make_unique<CaptionSink>(format, a.output, a.caption_extension, a.overwrite);
+      return *file_sink;
+    }
+    auto& s = shard_sinks[it.tar];
+    if (!s) {
+      const std::string out = std::filesystem::path(it.tar).replace_extension("." + a.format).string();
+      s = std::make_unique<CaptionSink>(format, out, a.caption_extension, a.overwrite);
+    }
+    return *s;
+  };
   std::vector<InputItem> todo;
   size_t other_shards = 0, skipped = 0;
   for (auto& it : all) {
-    if (!in_shard(it.key, shard)) ++other_shards;
-    else if (sink.done(it)) ++skipped;
+    if (!in_shard(it.share_key(), shard)) ++other_shards;
+    else if (sink_of(it).done(it)) ++skipped;
     else todo.push_back(std::move(it));
   }
-  sink.check_distinct(todo);
+  if (file_sink) file_sink->check_distinct(todo);
   std::fprintf(stderr, "%zu images%s: %zu already recorded, %zu to caption\n", all.size() - other_shards,
                a.shard.empty() ? "" : (" in shard " + a.shard + " (of " + std::to_string(all.size()) + ")").c_str(),
                skipped, todo.size());
@@ -158,7 +183,8 @@ int run_caption_dataset(const CaptionDatasetArgs& a, const std::vector<std::stri
     ro.prompt = prompt;
     ro.generation = options;
     ProgressPrinter printer(a.progress_interval);
-    s = caption_images(*model, todo, ro, sink, [&](const Progress& p) { printer(p); });
+    s = caption_images(*model, todo, ro, [&](const InputItem& it, const Record& r) { sink_of(it).write(it, r); },
+                       [&](const Progress& p) { printer(p); });
   }
   const Progress& p = s.progress;
   const double rate = p.seconds > 0 ? static_cast<double>(p.captions) / p.seconds : 0;

@@ -22,15 +22,23 @@ using server::Scheduler;
 
 uint64_t image_seed(uint64_t base, const std::string& key) { return mix64(base ^ stable_hash(key)); }
 
-namespace {
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(ErrorKind::Input, "cannot open " + path);
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) fail(ErrorKind::Input, "error reading " + path);
+std::string read_item(const InputItem& item) {
+  std::ifstream in(item.path, std::ios::binary);
+  if (!in) fail(ErrorKind::Input, "cannot open " + item.path);
+  if (item.tar.empty()) {
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (in.bad()) fail(ErrorKind::Input, "error reading " + item.path);
+    return bytes;
+  }
+  std::string bytes(item.size, '\0');
+  in.seekg(static_cast<std::streamoff>(item.offset));
+  in.read(bytes.data(), static_cast<std::streamsize>(item.size));
+  if (static_cast<uint64_t>(in.gcount()) != item.size)
+    fail(ErrorKind::Input, item.path + ": member " + item.member + " is cut short (truncated tar)");
   return bytes;
 }
+
+namespace {
 
 // What the reader hands over: a job submitted to the scheduler, or the reason the image failed before.
 struct Finished {
@@ -41,7 +49,7 @@ struct Finished {
 }  // namespace
 
 Summary caption_images(const Blip2Model& model, const std::vector<InputItem>& items, const RunOptions& ro,
-                       CaptionSink& sink, const std::function<void(const Progress&)>& on_progress) {
+                       const WriteRecord& write, const std::function<void(const Progress&)>& on_progress) {
   const GenerationOptions& g = ro.generation;
   const int batch = std::max(1, ro.batch);
   server::SchedulerOptions so;
@@ -81,10 +89,10 @@ Summary caption_images(const Blip2Model& model, const std::vector<InputItem>& it
       }
       const auto r0 = Clock::now();
       try {
-        const std::string bytes = read_file(items[i].path);
-        const RgbImage img = decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), items[i].path);
+        const std::string bytes = read_item(items[i]);
+        const RgbImage img = decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), items[i].name());
         auto job = std::make_shared<Job>();
-        job->image_key = items[i].key;
+        job->image_key = items[i].name();
         job->pixels = preprocess_images({img}, size);
         job->prompt = ro.prompt;
         job->options = g;
@@ -144,7 +152,7 @@ Summary caption_images(const Blip2Model& model, const std::vector<InputItem>& it
       for (const auto& c : job->choices) r.captions.push_back({c.text, c.score});
       if (g.do_sample) r.seed = job->options.seed;
     }
-    sink.write(items[f.index], r);
+    write(items[f.index], r);
     ++p.done;
     if (r.failed()) {
       ++p.failed;

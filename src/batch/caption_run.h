@@ -45,10 +45,14 @@ struct Summary {
 // with this S gives the same captions (the jsonl output records it).
 uint64_t image_seed(uint64_t base, const std::string& key);
 
-// Captions `items` and writes each record to `sink` as it is ready; `on_progress` is called after each.
-// Unreadable and undecodable images are recorded as failed and the run goes on. Throws Error when writing
-// fails (after stopping the work in flight).
+// An item's bytes: the file, or the member of its tar.
+std::string read_item(const InputItem& item);
+
+// Captions `items` and hands each record to `write` (on the calling thread) as it is ready; `on_progress`
+// is called after each. Unreadable and undecodable images are recorded as failed and the run goes on.
+// Throws what `write` throws (after stopping the work in flight).
+using WriteRecord = std::function<void(const InputItem&, const Record&)>;
 Summary caption_images(const Blip2Model& model, const std::vector<InputItem>& items, const RunOptions& options,
-                       CaptionSink& sink, const std::function<void(const Progress&)>& on_progress);
+                       const WriteRecord& write, const std::function<void(const Progress&)>& on_progress);
 
 }  // namespace blip2::batch

@@ -423,3 +423,18 @@ TEST(CaptionDataset, WebDatasetShard) {
   EXPECT_EQ(texts(cut_recs.at("000000000")), alone(kImages + "palette_color.png"));
   EXPECT_NE(cut_recs.at("000000001")["error"].get<std::string>().find("cut short"), std::string::npos);
 }
+
+// A .webp in a folder is captioned as its pixels decoded by Pillow (the fixture's .webp.png) are.
+TEST(CaptionDataset, WebPImagesInAFolder) {
+  TempDir d;
+  const std::string webp = std::string(BLIP2_FIXTURES_DIR) + "/webp/";
+  fs::create_directories(d / "w");
+  fs::copy_file(webp + "chelsea_lossy.webp", d / "w/cat.webp");
+  fs::copy_file(webp + "noise_lossy_alpha.webp", d / "w/noise.WEBP");
+  const auto r = run_cli({"caption", "--model", kT5, d / "w"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto recs = records(r.out);
+  ASSERT_EQ(recs.size(), 2u);
+  EXPECT_EQ(texts(recs.at(d / "w/cat.webp")), alone(webp + "chelsea_lossy.webp.png"));
+  EXPECT_EQ(texts(recs.at(d / "w/noise.WEBP")), alone(webp + "noise_lossy_alpha.webp.png"));
+}

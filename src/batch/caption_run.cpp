@@ -106,7 +106,8 @@ Summary caption_images(const Blip2Model& model, const std::vector<InputItem>& it
         }
         scheduler.submit(job);
       } catch (const std::exception& e) {  // this image's fault (or the scheduler refusing it): recorded
-        hand_over({i, e.what()});
+        const std::string why = e.what();
+        hand_over({i, why.empty() ? "unknown error" : why});
       }
     }
   });

@@ -444,3 +444,37 @@ TEST(CaptionDataset, WebPImagesInAFolder) {
   EXPECT_EQ(texts(recs.at(d / "w/cat.webp")), alone(webp + "chelsea_lossy.webp.png"));
   EXPECT_EQ(texts(recs.at(d / "w/noise.WEBP")), alone(webp + "noise_lossy_alpha.webp.png"));
 }
+
+// On a terminal: one progress line rewritten in place (carriage return, erase line), then the summary.
+TEST(CaptionDataset, ProgressLineOnATerminal) {
+  TempDir d;
+  for (int i = 0; i < 4; ++i) copy_image("palette_color.png", d / ("t/" + std::to_string(i) + ".png"));
+  const int master = posix_openpt(O_RDWR | O_NOCTTY);
+  ASSERT_GE(master, 0);
+  ASSERT_EQ(grantpt(master), 0);
+  ASSERT_EQ(unlockpt(master), 0);
+  const std::string slave = ptsname(master);
+  std::vector<std::string> args = {BLIP2_CLI_PATH, "caption", "--model", kT5, d / "t", "--batch", "1",
+                                    "--output", d / "o.jsonl"};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 2, slave.c_str(), O_RDWR, 0);
+  pid_t pid = 0;
+  ASSERT_EQ(posix_spawn(&pid, BLIP2_CLI_PATH, &fa, nullptr, argv.data(), environ), 0);
+  posix_spawn_file_actions_destroy(&fa);
+  int st = 0;
+  waitpid(pid, &st, 0);
+  ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  std::string err;
+  char buf[4096];
+  fcntl(master, F_SETFL, O_NONBLOCK);
+  for (ssize_t n; (n = read(master, buf, sizeof buf)) > 0;) err.append(buf, static_cast<size_t>(n));
+  close(master);
+  EXPECT_NE(err.find("\r\033[K4/4 images, "), std::string::npos) << err;
+  EXPECT_NE(err.find(" captions/s, ETA "), std::string::npos) << err;
+  EXPECT_EQ(err.find("progress: "), std::string::npos) << "plain lines are for pipes and files";
+  EXPECT_NE(err.find("captioned 4 images (0 failed"), std::string::npos) << err;
+}

@@ -437,9 +437,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> cap_inputs;
   std::string cap_prompt;
   CaptionDatasetArgs cap_set;
-  auto* c = app.add_subcommand("caption", "Caption an image, or a dataset: image files, directories and @LISTs");
+  auto* c = app.add_subcommand("caption", "Caption an image, or a dataset: image files, directories, @LISTs, .tar shards");
   add_generate_options(c, cap);
-  c->add_option("INPUT", cap_inputs, "Image file, directory (recursive) or @LIST (one path per line); several allowed")
+  c->add_option("INPUT", cap_inputs,
+                "Image file, directory (recursive), @LIST (one path per line) or WebDataset .tar; several allowed")
       ->required();
   c->add_option("--prompt", cap_prompt, "Text the caption continues, e.g. \"a photo of\" (default: empty)");
   add_caption_dataset_options(c, cap_set);  // tools/cmd_caption.cpp

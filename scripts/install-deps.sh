@@ -7,6 +7,7 @@ packages=(
   libsentencepiece-dev                    # T5 tokenizer
   libpcre2-dev                            # Unicode regex for the OPT (GPT-2 BPE) tokenizer
   libpng-dev libjpeg62-turbo-dev          # image decoding (libjpeg-turbo: the decoder Pillow uses)
+  libwebp-dev                             # WebP images (libwebp: the decoder Pillow uses)
   nlohmann-json3-dev libcli11-dev         # JSON, command line
   libcpp-httplib-dev libssl-dev           # HTTP server (blip2 serve); SHA-256 of images
   libgtest-dev                            # tests

@@ -575,7 +575,7 @@ INSTANTIATE_TEST_SUITE_P(
         CliError{"MaxNewTokensNegative", gen({"--image", kCat, "--prompt", "", "--max-new-tokens", "-3"}), 2, "--max-new-tokens"},
         CliError{"MaxNewTokensNotANumber", gen({"--image", kCat, "--prompt", "", "--max-new-tokens", "abc"}), 2, "abc"},
         CliError{"MaxNewTokensHuge", gen({"--image", kCat, "--prompt", "", "--max-new-tokens", "99999999999"}), 2, "--max-new-tokens"},
-        CliError{"CaptionMissingImage", {"caption", "--model", kModel}, 2, "IMAGE is required"},
+        CliError{"CaptionMissingImage", {"caption", "--model", kModel}, 2, "INPUT is required"},
         CliError{"AskMissingQuestion", {"ask", "--model", kModel, kCat}, 2, "QUESTION is required"},
         CliError{"AskExtraArgument", {"ask", "--model", kModel, kCat, "what?", "extra"}, 2, "extra"},
         CliError{"InspectMissingOut", ins({}), 2, "--out is required"},

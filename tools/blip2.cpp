@@ -449,10 +449,16 @@ int main(int argc, char** argv) {
       "ids exclude the decoder start token and end with the first end-of-sequence token.");
 
   GenerateArgs cap;
-  std::string cap_image;
-  auto* c = app.add_subcommand("caption", "Caption one image (the prompt is empty)");
+  std::vector<std::string> cap_inputs;
+  std::string cap_prompt;
+  CaptionDatasetArgs cap_set;
+  auto* c = app.add_subcommand("caption", "Caption an image, or a dataset: image files, directories, @LISTs, .tar shards");
   add_generate_options(c, cap);
-  c->add_option("IMAGE", cap_image, "Image file")->required();
+  c->add_option("INPUT", cap_inputs,
+                "Image file, directory (recursive), @LIST (one path per line) or WebDataset .tar; several allowed")
+      ->required();
+  c->add_option("--prompt", cap_prompt, "Text the caption continues, e.g. \"a photo of\" (default: empty)");
+  add_caption_dataset_options(c, cap_set);  // tools/cmd_caption.cpp
 
   GenerateArgs ask;
   std::string ask_image, question;
@@ -496,7 +502,9 @@ int main(int argc, char** argv) {
     reject_unknown_command(app, argc, argv);
     app.parse(argc, argv);
     if (*g) return run_generate(gen, pairs, true);
-    if (*c) return run_generate(cap, {{cap_image}, {""}});
+    if (*c && caption_dataset_mode(cap_set, cap_inputs))
+      return run_caption_dataset(cap_set, cap_inputs, cap_prompt, resolve_options(cap), cap.json, cap.model, load_model);
+    if (*c) return run_generate(cap, {{cap_inputs[0]}, {cap_prompt}});
     if (*a) return run_generate(ask, {{ask_image}, {"Question: " + question + " Answer:"}});
     if (*ch) return run_chat(chat, chat_image);
     if (*in) return run_inspect(ins_model, ins_pairs, ins_dec, ins_out);

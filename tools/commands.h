@@ -4,15 +4,18 @@
 
 namespace CLI {
 class App;
+class Option;
 }
 
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace blip2 {
 class Blip2Model;
 struct LoadOptions;
+struct GenerationOptions;
 }
 
 // `blip2 make-random --like xxl|xl|tiny --out DIR [--dtype f32|bf16|f16] [--seed N] [--force]`
@@ -26,3 +29,20 @@ void add_bench_command(CLI::App& app, std::function<blip2::LoadOptions()> load_o
 // `load` loads a model directory with the global options (--weights, --threads).
 void add_serve_command(CLI::App& app, std::function<std::unique_ptr<blip2::Blip2Model>(const std::string&)> load,
                        std::string default_model);
+
+// `blip2 caption INPUT...` over a dataset (tools/cmd_caption.cpp): the options it adds to the caption command
+// (whose decoding options and --model come from blip2.cpp, shared with generate), and the run.
+struct CaptionDatasetArgs {
+  std::string format = "jsonl", output, caption_extension = ".txt", shard;
+  int batch = 8;
+  bool overwrite = false;
+  double progress_interval = 10;
+  std::vector<CLI::Option*> options;  // the options above, to tell whether any was given
+};
+void add_caption_dataset_options(CLI::App* caption, CaptionDatasetArgs& a);
+// False for one image file and none of the dataset options: the one-image command, whose output is unchanged.
+bool caption_dataset_mode(const CaptionDatasetArgs& a, const std::vector<std::string>& inputs);
+// Returns the exit status: 0, or 4 when any image failed. `json`: the summary as one JSON object on stdout.
+int run_caption_dataset(const CaptionDatasetArgs& a, const std::vector<std::string>& inputs, const std::string& prompt,
+                        const blip2::GenerationOptions& options, bool json, const std::string& model_dir,
+                        const std::function<std::unique_ptr<blip2::Blip2Model>(const std::string&)>& load);

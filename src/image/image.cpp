@@ -14,6 +14,7 @@
 #include <new>
 
 #include "core/error.h"
+#include "image/webp.h"
 
 namespace blip2 {
 namespace {
@@ -372,7 +373,8 @@ RgbImage decode_image(const uint8_t* data, size_t size, const std::string& name,
   if (size == 0) bad_image(name, "empty file, not a PNG or JPEG image");
   if (size >= 8 && std::memcmp(data, kPngSig, 8) == 0) return decode_png(data, size, name, std::min(max_pixels, kMaxImagePixels));
   if (size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF) return decode_jpeg(data, size, name, std::min(max_pixels, kMaxImagePixels));
-  bad_image(name, "not a PNG or JPEG image");
+  if (is_webp(data, size)) return decode_webp(data, size, name, std::min(max_pixels, kMaxImagePixels));
+  bad_image(name, "not a PNG or JPEG image, nor WebP");
 }
 
 RgbImage load_image(const std::string& path) {

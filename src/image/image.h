@@ -19,7 +19,7 @@ struct RgbImage {
 // Largest image accepted (width × height), against decompression bombs.
 constexpr int64_t kMaxImagePixels = 178956970;  // Pillow's MAX_IMAGE_PIXELS × 2, its error threshold
 
-// Decodes PNG or JPEG bytes (chosen by signature, not by file name) to RGB:
+// Decodes PNG, JPEG or WebP bytes (chosen by signature, not by file name) to RGB:
 // grayscale replicated, palette expanded, alpha dropped without compositing (Pillow's convert("RGB")).
 // `name` is used in error messages. Throws Error(Input) on anything that is not a complete, valid image, and on
 // images of more than `max_pixels` (at most kMaxImagePixels), checked from the header before any decoding.

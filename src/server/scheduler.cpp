@@ -129,8 +129,19 @@ std::vector<std::shared_ptr<Job>> Scheduler::take_admissible(int free_rows) {
   return out;
 }
 
-// Fills job->image for every job: from the cache, else by one vision pass over the distinct new images.
-void Scheduler::encode_images(const std::vector<std::shared_ptr<Job>>& jobs) {
+// Fills job->image for every job: from the cache, else by one vision pass over the distinct new images
+// (with options.vision_batch, queued jobs' images join that pass up to that many).
+void Scheduler::encode_images(std::vector<std::shared_ptr<Job>> jobs) {
+  const bool any_new = std::any_of(jobs.begin(), jobs.end(), [](const auto& j) { return !j->image; });
+  if (any_new && opt_.vision_batch > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    int wanted = opt_.vision_batch - static_cast<int>(jobs.size());
+    for (auto it = queue_.begin(); it != queue_.end() && wanted > 0; ++it)
+      if (!(*it)->image && !(*it)->cancelled) {
+        jobs.push_back(*it);  // the queued job's inputs are the scheduler's once submitted
+        --wanted;
+      }
+  }
   std::vector<std::string> keys;
   std::vector<const Tensor*> pixels;
   for (const auto& j : jobs) {
@@ -188,6 +199,7 @@ void Scheduler::finish(Job& job, bool ok) {
   }
   if (ok) {
     job.push({Job::Event::Done, 0, {}});
+    if (job.on_end) job.on_end();
     return;
   }
   if (!job.error)
@@ -195,6 +207,7 @@ void Scheduler::finish(Job& job, bool ok) {
         job.cancelled ? 499 : 503, job.cancelled ? "the client went away" : "the request ran out of time", "",
         job.cancelled ? "cancelled" : "timeout", "server_error");
   job.push({Job::Event::Failed, 0, {}});
+  if (job.on_end) job.on_end();
 }
 
 struct Scheduler::Running {
@@ -375,6 +388,8 @@ void Scheduler::complete(Running& r) {
     Job::Choice c;
     c.text = model_.tokenizer().decode(s.ids);
     c.tokens = static_cast<int64_t>(s.ids.size());
+    c.ids = s.ids;
+    c.score = s.score;
     c.finish_reason = !s.ids.empty() && s.ids.back() == special_.eos ? "stop" : "length";
     const std::string rest = beam ? c.text : r.streams[i].end(s.ids);
     if (!rest.empty()) job.push({Job::Event::Text, static_cast<int>(i), rest});

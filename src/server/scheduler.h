@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -29,6 +30,10 @@ struct SchedulerOptions {
   int max_batch_rows = 32;          // decoder rows running together (a request takes n, or num_beams, rows)
   double request_timeout_s = 300;   // from arrival to the last token; then the request fails (503)
   size_t image_cache_bytes = 256u << 20;
+  // Images per vision pass. 0: the images of the jobs admitted together. N > 0: when a job needs its image
+  // encoded, queued jobs' images are encoded with it up to N in one pass, so that a batch whose rows free up
+  // one at a time (continuous batching) still runs the vision encoder N images at a time (blip2 caption).
+  int vision_batch = 0;
 };
 
 // One chat completion as the scheduler sees it. The HTTP layer fills the inputs, submits it, then reads
@@ -54,10 +59,15 @@ struct Job {
     std::string text;
     std::string finish_reason;  // "stop" (end-of-sequence) or "length"
     int64_t tokens = 0;
+    std::vector<int32_t> ids;  // generated ids, end-of-sequence included
+    float score = 0;           // as GeneratedSequence::score
   };
   std::vector<Choice> choices;        // valid after Done
   bool cache_hit = false;             // the image encoding came from the cache
   std::unique_ptr<ApiError> error;    // set before Failed
+  // Called (on the scheduler thread, after the Done or Failed event) when the job ends; for callers that
+  // wait on many jobs at once. Must be quick and must not call the scheduler.
+  std::function<void()> on_end;
 
   // Moves pending events into `out`, waiting up to `timeout` for one. Thread-safe.
   void wait(std::vector<Event>& out, std::chrono::milliseconds timeout);
@@ -101,7 +111,7 @@ class Scheduler {
   struct Running;
   void loop();
   std::vector<std::shared_ptr<Job>> take_admissible(int free_rows);
-  void encode_images(const std::vector<std::shared_ptr<Job>>& jobs);
+  void encode_images(std::vector<std::shared_ptr<Job>> jobs);
   void admit();   // queued jobs that fit join the batch (their first token chosen)
   void step();    // one decoder step over the batch, then retire()
   void retire();  // finished, cancelled and expired requests leave; beams re-ranked

@@ -22,6 +22,7 @@
 #include "io/config.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
+#include "model/t5.h"
 #include "support.h"
 
 using namespace blip2;
@@ -677,8 +678,39 @@ INSTANTIATE_TEST_SUITE_P(
         ConfigEdit{"TextModelTypeMissing", [](json& j) { j["text_config"].erase("model_type"); },
                    {"text_config.model_type", "Flan-T5 (\"t5\") or OPT"}},
         ConfigEdit{"EosOutsideVocab", [](json& j) { j["text_config"]["eos_token_id"] = 5000; },
-                   {"special token id 5000", "outside the vocabulary (1152)"}}),
+                   {"special token id 5000", "outside the vocabulary (1152)"}},
+        // Below half the bucket count the logarithmic bucket goes negative (a read before the bias table);
+        // at exactly half its log is zero and the bucket is NaN cast to an integer.
+        ConfigEdit{"MaxDistanceBelowHalfTheBuckets",
+                   [](json& j) { j["text_config"]["relative_attention_max_distance"] = 10; },
+                   {"text_config.relative_attention_max_distance = 10 must be greater than half of "
+                    "relative_attention_num_buckets (32)"}},
+        ConfigEdit{"MaxDistanceHalfTheBuckets",
+                   [](json& j) { j["text_config"]["relative_attention_max_distance"] = 16; },
+                   {"text_config.relative_attention_max_distance = 16 must be greater than half"}},
+        ConfigEdit{"TooFewBuckets", [](json& j) { j["text_config"]["relative_attention_num_buckets"] = 2; },
+                   {"text_config.relative_attention_num_buckets = 2 is out of range [4, 65536]"}}),
     [](const ::testing::TestParamInfo<ConfigEdit>& info) { return std::string(info.param.name); });
+
+TEST(ModelDirectory, EveryAcceptedBucketConfigIndexesInsideTheTable) {
+  // The smallest max_distance the config accepts, for a few bucket counts: every relative position, both
+  // directions, lands in [0, num_buckets).
+  for (const int buckets : {4, 5, 32, 33, 1000}) {
+    for (const int max_distance : {buckets / 2 + 1, buckets, 128}) {
+      if (max_distance <= buckets / 2) continue;
+      json j = json::parse(read_bytes(kTinyDir + "/config.json"));
+      j["text_config"]["relative_attention_num_buckets"] = buckets;
+      j["text_config"]["relative_attention_max_distance"] = max_distance;
+      EXPECT_NO_THROW(parse_config(j.dump(), "config.json"));
+      for (const bool bidirectional : {true, false})
+        for (int64_t rel = -5000; rel <= 5000; ++rel) {
+          const int b = t5_relative_bucket(rel, bidirectional, buckets, max_distance);
+          ASSERT_TRUE(b >= 0 && b < buckets) << buckets << " buckets, max distance " << max_distance << ", rel "
+                                             << rel << ": bucket " << b;
+        }
+    }
+  }
+}
 
 TEST(ModelDirectory, MissingFieldDefaultsToHuggingFaceAndMismatchesWeights) {
   // Without vision_config.hidden_size the HF default (1408) applies; the weights are 64 wide.

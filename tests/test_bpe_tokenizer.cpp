@@ -410,6 +410,18 @@ TEST(BpeTokenizer, MalformedJsonIsAModelError) {
   expect_model_error(bad_id.str(), {"vocab.json", "\"a\"", "not an integer"});
 }
 
+TEST(BpeTokenizer, EndlessFilesAreRefusedAtTheSizeCap) {
+  // Each tokenizer file in turn is /dev/zero: the read stops at the cap with a message naming the file.
+  for (const char* name : {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"}) {
+    SCOPED_TRACE(name);
+    TempDir dir;
+    for (const char* f : {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"})
+      if (std::string(f) != name) dir.copy(f);
+    fs::create_symlink("/dev/zero", fs::path(dir.str()) / name);
+    expect_model_error(dir.str(), {std::string("/") + name, "tokenizer file is larger than 64 MiB"});
+  }
+}
+
 TEST(BpeTokenizer, BadMergesAreModelErrors) {
   TempDir unknown;
   unknown.copy("vocab.json");

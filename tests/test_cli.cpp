@@ -555,6 +555,7 @@ INSTANTIATE_TEST_SUITE_P(
         CliError{"EmptyFileAsImage", gen({"--image", "/dev/null", "--prompt", ""}), 4, "/dev/null"},
         CliError{"MissingImage", gen({"--image", kImages + "no-such.png", "--prompt", ""}), 4, "no-such.png: cannot open"},
         CliError{"DirectoryAsImage", gen({"--image", kImages, "--prompt", ""}), 4, "cannot read"},
+        CliError{"EndlessImage", gen({"--image", "/dev/zero", "--prompt", ""}), 4, "/dev/zero: image is larger than 256 MiB"},
         CliError{"SecondImageBad", gen({"--image", kCat, "--prompt", "", "--image", kImages + "truncated.jpg", "--prompt", ""}), 4, "truncated.jpg"},
         CliError{"PromptTooLong", gen({"--image", kCat, "--prompt", long_prompt()}), 4, "prompt is too long"},
         CliError{"CaptionTruncatedJpeg", {"caption", "--model", kModel, kImages + "truncated.jpg"}, 4, "truncated.jpg"},

@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/file.h"
 #include "generate/generate.h"
 #include "image/image.h"
 #include "io/checkpoint.h"
@@ -623,6 +624,37 @@ TEST(ModelDirectory, ConfigNotJson) {
   EXPECT_TRUE(model_error(dir.str(), {dir / "config.json", "not valid JSON"}));
   write_bytes(dir / "config.json", "[1, 2]");
   EXPECT_TRUE(model_error(dir.str(), {dir / "config.json", "expected a JSON object"}));
+}
+
+TEST(ModelDirectory, EndlessOrHugeFilesAreRefusedAtTheirSizeCap) {
+  // Each file the loader reads, replaced by /dev/zero (never ends) and by a sparse file just over its cap
+  // (refused from its size): an error naming the file, not a read without end.
+  struct Case {
+    const char* file;
+    const char* what;
+    size_t cap;
+  };
+  for (const Case c : {Case{"config.json", "config file", kMaxConfigFileBytes},
+                       Case{"generation_config.json", "config file", kMaxConfigFileBytes},
+                       Case{"tokenizer_config.json", "config file", kMaxConfigFileBytes},
+                       Case{"spiece.model", "tokenizer file", kMaxTokenizerFileBytes}}) {
+    SCOPED_TRACE(c.file);
+    ModelDir dir;
+    fs::remove(dir / c.file);
+    fs::create_symlink("/dev/zero", dir / c.file);
+    const std::string why = std::string(c.what) + " is larger than " + size_str(c.cap);
+    EXPECT_TRUE(model_error(dir.str(), {dir / c.file, why}));
+    fs::remove(dir / c.file);
+    write_bytes(dir / c.file, "");
+    fs::resize_file(dir / c.file, c.cap + 1);
+    EXPECT_TRUE(model_error(dir.str(), {dir / c.file, why}));
+  }
+}
+
+TEST(ModelDirectory, EndlessShardIndexIsRefused) {
+  ModelDir dir;
+  fs::create_symlink("/dev/zero", dir / "model.safetensors.index.json");
+  EXPECT_TRUE(model_error(dir.str(), {dir / "model.safetensors.index.json", "index file is larger than 16 MiB"}));
 }
 
 struct ConfigEdit {

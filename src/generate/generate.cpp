@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/file.h"
 #include "core/tensor.h"
 
 namespace blip2 {
@@ -437,8 +438,8 @@ GenerationOptions generation_defaults(const std::string& model_dir) {
   const std::string path = (std::filesystem::path(model_dir) / "generation_config.json").string();
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) return o;  // none (or no directory): the load reports it
-  std::ifstream in(path);
-  const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  const nlohmann::json j =
+      nlohmann::json::parse(read_file(path, kMaxConfigFileBytes, ErrorKind::Model, "config file"), nullptr, false);
   if (j.is_discarded() || !j.is_object()) fail(ErrorKind::Model, path + ": not a JSON object");
   const auto bad = [&](const char* key, const char* what) {
     fail(ErrorKind::Model, path + ": field '" + key + "' must be " + what);

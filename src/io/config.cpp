@@ -1,11 +1,10 @@
 #include "io/config.h"
 
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "core/error.h"
+#include "core/file.h"
 
 namespace blip2 {
 
@@ -121,11 +120,8 @@ json parse_json(const std::string& text, const std::string& source) {
 }
 
 std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(ErrorKind::Model, path + ": cannot open (is this a BLIP-2 model directory?)");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  if (!std::filesystem::exists(path)) fail(ErrorKind::Model, path + ": cannot open (is this a BLIP-2 model directory?)");
+  return read_file(path, kMaxConfigFileBytes, ErrorKind::Model, "config file");
 }
 
 void parse_t5(const Fields& t, T5Config& tc, const std::string& where) {

@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/file.h"
 
 namespace blip2 {
 
@@ -144,17 +145,12 @@ void clean_up_tokenization(std::string& s) {
 
 bool is_ascii_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(ErrorKind::Model, path + ": cannot open tokenizer file");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) fail(ErrorKind::Model, path + ": cannot read tokenizer file");
-  return ss.str();
+std::string read_tokenizer_file(const std::string& path) {
+  return read_file(path, kMaxTokenizerFileBytes, ErrorKind::Model, "tokenizer file");
 }
 
 json read_json(const std::string& path) {
-  const std::string text = read_file(path);
+  const std::string text = read_tokenizer_file(path);
   try {
     return json::parse(text);
   } catch (const json::exception& e) {
@@ -253,7 +249,7 @@ struct BpeTokenizer::Impl {
   }
 
   void read_merges_txt(const std::string& path) {
-    std::istringstream in(read_file(path));
+    std::istringstream in(read_tokenizer_file(path));
     std::string line;
     int32_t rank = 0;
     for (int line_no = 1; std::getline(in, line); ++line_no) {

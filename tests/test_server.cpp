@@ -34,16 +34,21 @@ Blip2Model& model() {
   return m;
 }
 
+Blip2Model& opt_model() {
+  static Blip2Model m(BLIP2_BUNDLED_OPT_DIR);
+  return m;
+}
+
 // A server on 127.0.0.1 and a free port, serving until the object goes.
 struct TestServer {
   std::unique_ptr<HttpServer> srv;
   std::thread thread;
   int port = 0;
-  explicit TestServer(ServerOptions o = {}) {
+  explicit TestServer(ServerOptions o = {}, const Blip2Model& m = model(), const std::string& dir = BLIP2_TINY_T5_DIR) {
     signal(SIGPIPE, SIG_IGN);
     o.host = "127.0.0.1";
     o.port = 0;
-    srv = std::make_unique<HttpServer>(model(), generation_defaults(BLIP2_TINY_T5_DIR), o);
+    srv = std::make_unique<HttpServer>(m, generation_defaults(dir), o);
     port = srv->bind();
     thread = std::thread([this] { srv->serve(); });
     srv->wait_until_listening();
@@ -294,6 +299,7 @@ TEST(ServerErrors, MalformedAndWrongRequestsGet4xxAndTheServerKeepsServing) {
       {"/max_tokens", "ten", "must be an integer", "max_tokens"},
       {"/max_tokens", 100000, "between 1 and", "max_tokens"},
       {"/temperature", 5, "between 0 and 2", "temperature"},
+      {"/temperature", 0.001, "must be 0 (the most likely tokens) or at least 0.002", "temperature"},
       {"/stream", "yes", "true or false", "stream"},
       {"/n", 2, "needs sampling", "n"},
       {"/n", 100, "between 1 and 8", "n"},
@@ -512,6 +518,86 @@ TEST(ServerLoad, ConcurrentRequestsAllSucceedWithTheSequentialAnswers) {
   EXPECT_EQ(metric(m, "blip2_requests_completed_total"), 24);
   EXPECT_GT(metric(m, "blip2_batch_rows_sum"), metric(m, "blip2_batch_rows_count"))
       << "some decoder steps ran several requests' rows together\n" << m;
+}
+
+TEST(ServerLoad, ARequestThatFailsInTheEngineFailsAlone) {
+  // Beam sampling that runs out of tokens with a non-zero probability passes every check up front and fails in
+  // the engine: top_p 0.001 keeps 2 tokens of the one live beam where 4 are drawn (at its first choice, next to
+  // the requests admitted with it), temperature 0.004 after several steps (in a decoder step shared with the
+  // others). Each fails alone with a 400 naming the cause; every request running with it gets its own answer.
+  TestServer s;
+  const std::vector<std::string> images = {kCat, kRocket, kCoffee};
+  std::vector<json> extras;
+  std::vector<std::string> want;
+  for (int i = 0; i < 8; ++i) {
+    GenerationOptions o = greedy(i % 2 ? 8 : 10 + i);
+    json extra = {{"max_tokens", o.max_new_tokens}};
+    if (i % 2) {
+      o.num_beams = 2;  // the rows of the failing requests: admitted in one group with them
+      extra["num_beams"] = 2;
+    }
+    if (i % 4 == 2) extra["stream"] = true;
+    extras.push_back(extra);
+    want.push_back(reference(images[i % 3], "Question: q" + std::to_string(i) + " Answer:", o)[0]);
+  }
+  const json bad[] = {{{"num_beams", 2}, {"top_p", 0.001}, {"seed", 1}, {"max_tokens", 20}},
+                      {{"num_beams", 2}, {"temperature", 0.004}, {"seed", 1}, {"max_tokens", 20}}};
+  std::atomic<int> good_errors{0}, bad_errors{0}, bad_sent{0}, good_sent{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 6; ++c)
+    clients.emplace_back([&, c] {
+      auto cli = s.client();
+      for (int k = 0; k < 4; ++k) {
+        if ((c + k) % 3 == 0) {
+          ++bad_sent;
+          const Reply r = post(cli, ask(kCat, "what is this?", bad[(c + k) % 2]));
+          const std::string msg = r.json_body().value("/error/message"_json_pointer, std::string());
+          if (r.status != 400 || msg.find("beam sampling draws 4 tokens") == std::string::npos) {
+            ++bad_errors;
+            ADD_FAILURE() << r.status << " " << r.body;
+          }
+        } else {
+          ++good_sent;
+          const int i = (c * 4 + k) % 8;
+          const Reply r = post(cli, ask(images[i % 3], "q" + std::to_string(i), extras[i]));
+          if (r.status != 200 || choice_texts(r).at(0) != want[i]) {
+            ++good_errors;
+            ADD_FAILURE() << r.status << " " << r.body;
+          }
+        }
+      }
+    });
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(good_errors, 0);
+  EXPECT_EQ(bad_errors, 0);
+  const std::string m = s.client().Get("/metrics")->body;
+  EXPECT_EQ(metric(m, "blip2_requests_completed_total"), good_sent.load()) << m;
+  EXPECT_EQ(metric(m, "blip2_requests_failed_total"), bad_sent.load()) << m;
+}
+
+TEST(ServerErrors, OptMaxTokensPastThePositionTableIsA400) {
+  // OPT's prompt and answer share its learned positions. A request past them used to pass the checks and fail
+  // in the decoder step shared with every running request; it is a 400 now, and the largest max_tokens that
+  // fits runs to the last position.
+  TestServer s({}, opt_model(), BLIP2_BUNDLED_OPT_DIR);
+  const std::string prompt = "Question: what is this? Answer:";
+  const auto& c = opt_model().config();
+  const int64_t L = static_cast<int64_t>(opt_model().tokenizer().encode(prompt).size());  // BOS included
+  const int64_t room = c.opt.max_position_embeddings + 1 - c.num_query_tokens - L;  // the last token is never fed
+  ASSERT_GT(room, 10);
+  // The engine itself agrees: one more token runs past the table.
+  const Encoded e = opt_model().encode(preprocess_images({load_image(kCat)}, 224), opt_model().tokenize({prompt}));
+  GenerationOptions over = greedy(static_cast<int>(room) + 1);
+  over.min_new_tokens = over.max_new_tokens;
+  EXPECT_THROW(generate([&](int x) { return opt_model().start_decoder(e, x); }, 1, over, opt_model().special_tokens()),
+               Error);
+  auto cli = s.client();
+  const std::string why = "leaves room for " + std::to_string(room);
+  expect_error(post(cli, ask(kCat, "what is this?", {{"max_tokens", room + 1}})), 400, why + " tokens", "max_tokens");
+  const Reply r = post(cli, ask(kCat, "what is this?", {{"max_tokens", room}, {"min_tokens", room}}));
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(r.json_body()["usage"]["completion_tokens"], room);
+  EXPECT_EQ(r.json_body()["choices"][0]["finish_reason"], "length");
 }
 
 TEST(ServerLoad, FullQueueAnswers503) {

@@ -109,7 +109,11 @@ std::vector<Candidate> sampled_candidates(const std::vector<float>& acc, int64_t
   std::vector<Candidate> out;
   for (int i = 0; i < n; ++i) {
     const double total = std::accumulate(w.begin(), w.end(), 0.0);
-    if (!(total > 0.0)) fail(ErrorKind::Internal, "beam sampling ran out of tokens with non-zero probability");
+    // Few tokens keep a non-zero weight after temperature, top_k and top_p: the request's settings, not a bug.
+    if (!(total > 0.0))
+      fail(ErrorKind::Input, "beam sampling draws " + std::to_string(n) + " tokens (2 × num_beams) but only " +
+                                 std::to_string(i) + " had a non-zero probability: raise the temperature or top_p, "
+                                                     "or lower num_beams");
     const int64_t j = draw(w, total, rng);
     out.push_back({acc[j], static_cast<int>(j / V), static_cast<int32_t>(j % V)});
     w[j] = 0.0;
@@ -151,9 +155,9 @@ void validate(const GenerationOptions& o) {
   if (!(std::isfinite(o.repetition_penalty) && o.repetition_penalty > 0.0))
     usage("--repetition-penalty must be a positive number, 1 for none (got " + fmt(o.repetition_penalty) + ")");
   if (o.do_sample) {
-    if (!(std::isfinite(o.temperature) && o.temperature > 0.0))
-      usage("--temperature must be greater than 0 when sampling (got " + fmt(o.temperature) +
-            "); for the most likely tokens leave out --do-sample");
+    if (!(std::isfinite(o.temperature) && o.temperature >= kMinSamplingTemperature))
+      usage("--temperature must be at least " + fmt(kMinSamplingTemperature) + " when sampling (got " +
+            fmt(o.temperature) + "; below, the softmax degenerates); for the most likely tokens leave out --do-sample");
     if (o.top_k < 0) usage("--top-k must be 0 (off) or positive (got " + std::to_string(o.top_k) + ")");
     if (!(o.top_p > 0.0 && o.top_p <= 1.0)) usage("--top-p must be in (0, 1] (got " + fmt(o.top_p) + ")");
   }

@@ -122,6 +122,11 @@ std::vector<std::vector<GeneratedSequence>> generate(
     const std::function<std::unique_ptr<Decoder>(int expand)>& start, int batch,
     const GenerationOptions& options, const SpecialTokens& special, const TokenCallback& on_token = nullptr);
 
+// The smallest sampling temperature. A token d logits below the best gets weight exp(-d / temperature), which
+// is exactly 0 in double precision once d / temperature > 745: below 0.002 every token 1.5 logits behind the
+// best can never be drawn, sampling is greedy decoding in disguise, and beam sampling runs out of tokens.
+constexpr double kMinSamplingTemperature = 0.002;
+
 // Checks options for contradictions and ranges; throws Error(Usage) naming the command-line option.
 void validate(const GenerationOptions& options);
 

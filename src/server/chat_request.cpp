@@ -169,6 +169,12 @@ ChatRequest parse_chat_request(const std::string& body, const GenerationOptions&
     o.temperature = get_number(*temperature, "temperature", 0.0, 2.0);
     o.do_sample = o.temperature > 0.0;
     if (!o.do_sample) o.temperature = 1.0;
+    if (o.do_sample && o.temperature < kMinSamplingTemperature) {
+      std::ostringstream s;
+      s << "'temperature' must be 0 (the most likely tokens) or at least " << kMinSamplingTemperature << " (got "
+        << o.temperature << "): below, the softmax degenerates (tokens 1.5 logits behind the best can never be drawn)";
+      bad_field("temperature", s.str());
+    }
   }
   if (top_p) {
     o.top_p = get_number(*top_p, "top_p", 0.0, 1.0);

@@ -191,6 +191,21 @@ void HttpServer::routes() {
   s.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) { chat(req, res); });
 }
 
+// OPT's positions are a learned table: the image's query tokens, the prompt and every generated token but
+// the last take one each. A request that would run past it is refused here rather than failing mid-batch.
+void HttpServer::check_positions(const Job& job) const {
+  const Blip2Config& c = model_.config();
+  if (c.family != LanguageFamily::OPT) return;  // T5's relative positions have no end
+  const int64_t room = int64_t(c.opt.max_position_embeddings) + 1 - c.num_query_tokens - job.prompt_tokens;
+  if (job.options.max_new_tokens > room)
+    throw ApiError(400, "'max_tokens' (" + std::to_string(job.options.max_new_tokens) + ") does not fit: the model has " +
+                            std::to_string(c.opt.max_position_embeddings) + " positions, the image takes " +
+                            std::to_string(c.num_query_tokens) + " and the prompt " +
+                            std::to_string(job.prompt_tokens) + ", which leaves room for " +
+                            std::to_string(std::max<int64_t>(room, 0)) + " tokens",
+                   "max_tokens", "context_length_exceeded");
+}
+
 void HttpServer::chat(const httplib::Request& req, httplib::Response& res) {
   ++in_flight_;
   struct Leave {  // the request leaves in_flight_ when its response is written (streams: by the releaser)
@@ -231,6 +246,7 @@ void HttpServer::chat(const httplib::Request& req, httplib::Response& res) {
     const auto count = [&](const std::string& p) { return static_cast<int64_t>(model_.tokenizer().encode(p).size()); };
     job->prompt = conversation_prompt(cr, max_prompt, count);
     job->prompt_tokens = count(job->prompt);
+    check_positions(*job);
     scheduler_->submit(job);
   } catch (const ApiError& e) {
     send_error(res, e);

@@ -51,6 +51,7 @@ class HttpServer {
   struct Counters;
   void routes();
   void chat(const httplib::Request& req, httplib::Response& res);
+  void check_positions(const Job& job) const;  // throws ApiError(400)
 
   const Blip2Model& model_;
   const GenerationOptions defaults_;

@@ -1,7 +1,9 @@
-// blip2 serve: the HTTP server (src/server) on a socket, until SIGTERM or SIGINT, which drain it first.
+// blip2 serve: the HTTP server (src/server) on a socket, until SIGTERM or SIGINT, which drain it first; a second
+// one exits at once.
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 
 #include <CLI/CLI.hpp>
@@ -20,8 +22,15 @@ using namespace blip2::server;
 namespace {
 
 int g_signal_pipe[2] = {-1, -1};
+std::atomic<int> g_signals{0};  // lock-free: safe in a signal handler
 
 void on_signal(int sig) {
+  if (g_signals.fetch_add(1) > 0) {
+    // A second SIGTERM/SIGINT while draining (which can wait on slow clients): stop now, as asked.
+    static const char msg[] = "blip2 serve: second signal: exiting without draining\n";
+    [[maybe_unused]] const ssize_t m = write(STDERR_FILENO, msg, sizeof msg - 1);
+    _exit(128 + sig);
+  }
   const unsigned char b = static_cast<unsigned char>(sig);
   [[maybe_unused]] const ssize_t n = write(g_signal_pipe[1], &b, 1);
 }

@@ -6,6 +6,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <map>
 #include <sstream>
 
@@ -94,6 +96,14 @@ HttpServer::HttpServer(const Blip2Model& model, const GenerationOptions& default
   http_->set_payload_max_length(opt_.limits.max_body_bytes);
   http_->set_read_timeout(30, 0);
   http_->set_write_timeout(30, 0);
+  // httplib's default socket options set SO_REUSEPORT, with which a second server binds a busy port without
+  // a word and the kernel splits the connections between the two. SO_REUSEADDR alone still allows a restart
+  // over connections in TIME_WAIT. The socket is noted for bind(), which raises its listen backlog.
+  http_->set_socket_options([this](socket_t sock) {
+    const int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    listen_fd_ = sock;
+  });
   routes();
 }
 
@@ -110,6 +120,11 @@ int HttpServer::bind() {
   if (port_ <= 0)
     fail(ErrorKind::Usage, "cannot listen on " + opt_.host + ":" + std::to_string(opt_.port) +
                                " (address in use, or not an address of this machine)");
+  // httplib listens with a backlog of 5: under load, connections beyond it are dropped and retried a second
+  // later (a ~1 s p99). Calling listen() again on the listening socket sets the new backlog (capped by the
+  // kernel's somaxconn).
+  if (::listen(listen_fd_, kListenBacklog) != 0)
+    fail(ErrorKind::Internal, "cannot set the listen backlog: " + std::string(std::strerror(errno)));
   return port_;
 }
 

@@ -744,6 +744,33 @@ TEST(ModelDirectory, EveryAcceptedBucketConfigIndexesInsideTheTable) {
   }
 }
 
+TEST(ModelDirectory, NonFiniteLogitsAreAnErrorNotACaption) {
+  // One weight of token 7's output row non-finite: only that logit is NaN or infinite, and greedy decoding
+  // would still choose a token every step. Generation refuses it, naming the value and the token.
+  for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    SCOPED_TRACE(bad);
+    ModelDir dir;
+    dir.edit_tensors([&](Tensors& ts) {
+      for (auto& [name, t] : ts)
+        if (name == "language_model.lm_head.weight") t.data[static_cast<size_t>(7 * t.dim(1))] = bad;
+    });
+    const Blip2Model m(dir.str());
+    const Encoded e = m.encode(chelsea_pixels(), m.tokenize({""}));
+    for (const int beams : {1, 3}) {
+      GenerationOptions g;
+      g.num_beams = beams;
+      try {
+        generate([&](int expand) { return m.start_decoder(e, expand); }, 1, g, SpecialTokens{});
+        ADD_FAILURE() << "no error with " << beams << " beams";
+      } catch (const Error& err) {
+        EXPECT_EQ(err.kind(), ErrorKind::Model);
+        EXPECT_NE(std::string(err.what()).find("(token 7, step 1): its weights or computation produce non-finite"),
+                  std::string::npos) << err.what();
+      }
+    }
+  }
+}
+
 TEST(ModelDirectory, MissingFieldDefaultsToHuggingFaceAndMismatchesWeights) {
   // Without vision_config.hidden_size the HF default (1408) applies; the weights are 64 wide.
   ModelDir dir;

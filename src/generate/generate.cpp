@@ -286,6 +286,17 @@ void Generation::advance(const float* logits) {
     return;
   }
   const int64_t V = V_;
+  // NaN or infinite logits (NaN weights, an overflow) would still pick tokens, and a normal-looking answer
+  // would hide a broken model: refuse them.
+  for (int r = 0; r < K; ++r) {
+    if (!beam_ && row_done_[r]) continue;
+    const float* row = logits + r * V;
+    for (int64_t v = 0; v < V; ++v)
+      if (!std::isfinite(row[v]))
+        fail(ErrorKind::Model, "the model's logits hold " + fmt(row[v]) + " (token " + std::to_string(v) + ", step " +
+                                   std::to_string(step_ + 1) + "): its weights or computation produce non-finite "
+                                                               "values; no text would be meaningful");
+  }
   const bool last = step_ + 1 == o_.max_new_tokens;
   ++step_;
 

@@ -584,6 +584,29 @@ TEST(ModelDirectory, UnexpectedExtraTensor) {
                                       "vision_model.encoder.layers.3.mlp.fc1.bias"}));
 }
 
+TEST(ModelDirectory, ControlCharactersFromModelFilesArePrintedEscaped) {
+  // A config value and a tensor name carrying terminal escape sequences (OSC title, C1 CSI, newline) reach
+  // the message escaped: nothing in it can drive a terminal, and it stays one line.
+  const auto expect_escaped = [](const std::string& dir, const std::string& escaped) {
+    try {
+      Blip2Model m(dir);
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      const std::string w = e.what();
+      for (const char* raw : {"\x1b", "\x07", "\n", "\xc2\x9b"}) EXPECT_EQ(w.find(raw), std::string::npos) << w;
+      EXPECT_NE(w.find(escaped), std::string::npos) << w;
+    }
+  };
+  const std::string evil = "blip\x1b]0;owned\x07\xc2\x9b" "31m\n";
+  const std::string shown = "blip\\x1b]0;owned\\x07\\u009b31m\\x0a";
+  ModelDir config;
+  config.edit_config([&](json& j) { j["model_type"] = evil; });
+  expect_escaped(config.str(), "model_type = \"" + shown + "\"");
+  ModelDir weights;
+  weights.edit_tensors([&](Tensors& ts) { ts.emplace_back(evil, Tensor({1})); });
+  expect_escaped(weights.str(), shown);
+}
+
 TEST(ModelDirectory, IntegerTensorWhereFloatIsExpected) {
   for (const std::string dtype : {"I64", "U8"}) {
     SCOPED_TRACE(dtype);

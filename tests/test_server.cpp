@@ -3,6 +3,7 @@
 // image cache; every kind of bad request gets a 4xx in OpenAI's error shape and the server keeps serving;
 // queue limits, disconnects, timeouts and draining.
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
 #include <signal.h>
 
 #include <atomic>
@@ -427,8 +428,21 @@ TEST(ServerErrors, RemoteImagesOnlyWhenAllowed) {
     expect_error(post(cli, body(base + "/cat.png")), 400, "remote image URLs are disabled", "image_url");
   }
   {
+    // Allowed, but this host is the machine itself: refused on its address, before any connection.
     ServerOptions o;
     o.limits.allow_remote_images = true;
+    TestServer s(o);
+    auto cli = s.client();
+    expect_error(post(cli, body(base + "/cat.png")), 400, "resolves to a loopback address (127.0.0.1)", "image_url");
+    expect_error(post(cli, body("http://[::1]:1/cat.png")), 400, "a loopback address (::1)", "image_url");
+    expect_error(post(cli, body("http://localhost:" + std::to_string(port) + "/cat.png")), 400, "a loopback address",
+                 "image_url");
+    expect_error(post(cli, body("http://user:pw@127.0.0.1:1/cat.png")), 400, "user names or passwords", "image_url");
+  }
+  {
+    ServerOptions o;
+    o.limits.allow_remote_images = true;
+    o.limits.allow_private_image_hosts = true;
     o.limits.max_image_bytes = cat.size() + 10;
     TestServer s(o);
     auto cli = s.client();
@@ -441,6 +455,47 @@ TEST(ServerErrors, RemoteImagesOnlyWhenAllowed) {
   }
   images.stop();
   t.join();
+}
+
+// The destination policy of remote image fetches, on addresses alone (no connection is made).
+TEST(ServerRequestParsing, RemoteImageAddressKinds) {
+  const auto kind = [](const std::string& ip) {
+    sockaddr_storage ss{};
+    if (ip.find(':') == std::string::npos) {
+      auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+      a->sin_family = AF_INET;
+      EXPECT_EQ(inet_pton(AF_INET, ip.c_str(), &a->sin_addr), 1) << ip;
+    } else {
+      auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+      a->sin6_family = AF_INET6;
+      EXPECT_EQ(inet_pton(AF_INET6, ip.c_str(), &a->sin6_addr), 1) << ip;
+    }
+    return non_public_address_kind(reinterpret_cast<const sockaddr*>(&ss));
+  };
+  const std::pair<const char*, const char*> cases[] = {
+      {"127.0.0.1", "loopback"},        {"127.255.0.9", "loopback"},     {"::1", "loopback"},
+      {"169.254.169.254", "link-local"}, {"169.254.0.1", "link-local"},  {"fe80::1", "link-local"},
+      {"febf::1", "link-local"},
+      {"10.0.0.1", "private"},          {"10.255.255.255", "private"},   {"172.16.0.1", "private"},
+      {"172.31.255.254", "private"},    {"192.168.1.1", "private"},      {"100.64.0.1", "private"},
+      {"100.127.255.255", "private"},   {"fd00::1", "private"},          {"fc00::1", "private"},
+      {"fec0::1", "private"},
+      {"0.0.0.0", "unspecified"},       {"0.1.2.3", "unspecified"},      {"::", "unspecified"},
+      {"224.0.0.1", "multicast"},       {"239.255.255.250", "multicast"}, {"ff02::1", "multicast"},
+      {"255.255.255.255", "reserved"},  {"240.0.0.1", "reserved"},       {"192.0.0.8", "reserved"},
+      {"198.18.0.1", "reserved"},       {"::0.0.0.2", "reserved"},
+      // IPv4 inside IPv6: judged by the IPv4 address
+      {"::ffff:127.0.0.1", "loopback"}, {"::ffff:169.254.169.254", "link-local"}, {"::ffff:10.1.2.3", "private"},
+      {"64:ff9b::192.168.0.1", "private"}, {"::ffff:8.8.8.8", ""},
+      // public, next to the ranges above
+      {"8.8.8.8", ""},                  {"1.1.1.1", ""},                 {"126.255.255.255", ""},
+      {"128.0.0.1", ""},                {"169.253.255.255", ""},         {"169.255.0.0", ""},
+      {"11.0.0.1", ""},                 {"172.15.255.255", ""},          {"172.32.0.0", ""},
+      {"192.167.255.255", ""},          {"192.169.0.0", ""},             {"100.63.255.255", ""},
+      {"100.128.0.0", ""},              {"223.255.255.255", ""},         {"198.20.0.0", ""},
+      {"2606:4700::1111", ""},          {"2001:4860:4860::8888", ""},    {"fbff::1", ""},
+      {"fe7f::1", ""}};
+  for (const auto& [ip, want] : cases) EXPECT_EQ(kind(ip), want) << ip;
 }
 
 // Random damage to a valid request: every answer is a 200 or a 4xx with OpenAI's error object.

@@ -125,6 +125,9 @@ void add_serve_command(CLI::App& app, std::function<std::unique_ptr<Blip2Model>(
                   "Allow file:// image URLs inside this directory (default: refused)")->group(lim);
   sub->add_flag("--allow-remote-images", o.limits.allow_remote_images,
                 "Fetch http(s):// image URLs (default: refused; only data: URLs are read)")->group(lim);
+  sub->add_flag("--allow-private-image-hosts", o.limits.allow_private_image_hosts,
+                "With --allow-remote-images, also fetch from loopback, link-local (cloud metadata) and private "
+                "addresses (default: refused, checked on the resolved address)")->group(lim);
   sub->add_option("--http-threads", o.http_threads, "Connections served at once (0: max-queue + max-batch-rows + 8)")
       ->capture_default_str()->group(lim);
   sub->add_option("--drain-timeout", o.drain_timeout_s, "On SIGTERM, seconds to wait for running requests")

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/file.h"
 #include "image/image.h"
 #include "server/web_page.h"
 
@@ -203,7 +204,35 @@ void HttpServer::routes() {
                                            {"owned_by", "blip2"}}})}};
     res.set_content(dump(j), kJson);
   });
-  s.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) { chat(req, res); });
+  // The body is read here rather than by httplib, whose limit counts the bytes received: a gzip or brotli body
+  // inflated past it, and a chunked one was not counted at all. These are counted after decoding, as they
+  // arrive, so no more than the limit is ever held.
+  s.Post("/v1/chat/completions",
+         [this](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& read) {
+           std::string body;
+           bool over = false;
+           const bool ok = read([&](const char* data, size_t n) {
+             if (body.size() + n > opt_.limits.max_body_bytes) {
+               over = true;
+               return false;
+             }
+             body.append(data, n);
+             return true;
+           });
+           // (a Content-Length over the limit: httplib refuses to read before any byte is counted)
+           const std::string length = req.get_header_value("Content-Length");
+           over = over || (!ok && !length.empty() && std::strtoull(length.c_str(), nullptr, 10) > opt_.limits.max_body_bytes);
+           if (!ok || over) {
+             res.set_header("Connection", "close");  // the rest of the body is not read
+             send_error(res, over ? ApiError(413, "request body too large (the limit is " +
+                                                      size_str(opt_.limits.max_body_bytes) + ", counted decompressed)",
+                                             "", "body_too_large")
+                                  : ApiError(400, "the request body could not be read (cut short, or a bad chunked, "
+                                                  "gzip or brotli encoding)", "", "invalid_body"));
+             return;
+           }
+           chat(req, body, res);
+         });
 }
 
 // OPT's positions are a learned table: the image's query tokens, the prompt and every generated token but
@@ -221,7 +250,7 @@ void HttpServer::check_positions(const Job& job) const {
                    "max_tokens", "context_length_exceeded");
 }
 
-void HttpServer::chat(const httplib::Request& req, httplib::Response& res) {
+void HttpServer::chat(const httplib::Request& req, const std::string& body, httplib::Response& res) {
   ++in_flight_;
   struct Leave {  // the request leaves in_flight_ when its response is written (streams: by the releaser)
     std::atomic<int>* n;
@@ -236,7 +265,7 @@ void HttpServer::chat(const httplib::Request& req, httplib::Response& res) {
     if (ct.rfind("application/json", 0) != 0)
       throw ApiError(415, "Content-Type must be application/json (got '" + ct + "')", "", "unsupported_media_type");
     if (draining_) throw ApiError(503, "the server is shutting down", "", "shutting_down", "server_error");
-    cr = parse_chat_request(req.body, defaults_, opt_.limits);
+    cr = parse_chat_request(body, defaults_, opt_.limits);
     const std::string bytes = fetch_image(cr.image_url, opt_.limits);
 
     job = std::make_shared<Job>();

@@ -53,7 +53,7 @@ class HttpServer {
  private:
   struct Counters;
   void routes();
-  void chat(const httplib::Request& req, httplib::Response& res);
+  void chat(const httplib::Request& req, const std::string& body, httplib::Response& res);
   void check_positions(const Job& job) const;  // throws ApiError(400)
 
   const Blip2Model& model_;

@@ -20,10 +20,11 @@ void add_to_hist(std::vector<int64_t>& hist, int64_t v) {
   ++hist[i];
 }
 
-// A request's failure inside the engine: its own settings (an Error of kind Usage or Input: 400), else a 500.
-std::unique_ptr<ApiError> engine_error(const std::exception& e) {
+// A failure inside the engine: the request's own settings (an Error of kind Usage or Input: 400) when it is the
+// only request the failed work was for (`own`), else a 500: a shared pass cannot blame one of its requests.
+std::unique_ptr<ApiError> engine_error(const std::exception& e, bool own = true) {
   const auto* err = dynamic_cast<const Error*>(&e);
-  if (err && (err->kind() == ErrorKind::Usage || err->kind() == ErrorKind::Input))
+  if (own && err && (err->kind() == ErrorKind::Usage || err->kind() == ErrorKind::Input))
     return std::make_unique<ApiError>(400, e.what(), "", "invalid_value");
   return std::make_unique<ApiError>(500, std::string("generation failed: ") + e.what(), "", "internal_error",
                                     "server_error");
@@ -215,7 +216,7 @@ struct Scheduler::Running {
 // Ends jobs that failed before joining the batch (their rows were counted by take_admissible).
 void Scheduler::fail_admitted(const std::vector<std::shared_ptr<Job>>& jobs, const std::exception& e) {
   for (const auto& j : jobs) {
-    j->error = engine_error(e);
+    j->error = engine_error(e, jobs.size() == 1);
     finish(*j, false);
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -429,7 +430,7 @@ void Scheduler::complete(Running& r) {
 
 void Scheduler::fail_running(const std::exception& e) {
   for (auto& r : running_) {
-    r->job->error = engine_error(e);
+    r->job->error = engine_error(e, running_.size() == 1);
     finish(*r->job, false);
   }
   running_.clear();

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <arpa/inet.h>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <random>
@@ -399,6 +400,25 @@ TEST(ServerErrors, BodyLimitHoldsForCompressedAndChunkedBodies) {
   const auto small = chunked(good.dump(), &small_sent);
   ASSERT_TRUE(small);
   EXPECT_EQ(small->status, 200) << small->body;
+}
+
+TEST(ServerErrors, HugeQuestionIsRefusedWithoutTokenizingItAll) {
+  // A 15 MB question (within the 16 MB body limit) is refused as too long after a few chunks of it are
+  // tokenized, before the image is looked at; tokenizing it whole took gigabytes.
+  auto cli = shared_server().client();
+  std::string question;
+  while (question.size() < (15u << 20)) question += "what colour is the cat on the left? ";
+  rusage before{};
+  getrusage(RUSAGE_SELF, &before);
+  const auto t0 = std::chrono::steady_clock::now();
+  expect_error(post(cli, ask(kImages + "one_pixel.png", question, {{"max_tokens", 2}})), 400, "question is too long",
+               "messages");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  rusage after{};
+  getrusage(RUSAGE_SELF, &after);
+  // (the request body and its copies are ~100 MB of the peak)
+  EXPECT_LT(after.ru_maxrss - before.ru_maxrss, 400L << 10) << "peak RSS grew by " << (after.ru_maxrss - before.ru_maxrss) / 1024 << " MiB";
+  std::printf("  a 15 MB question refused in %.2f s\n", seconds);
 }
 
 TEST(ServerErrors, LimitsOnBodyImageDepthAndPrompt) {

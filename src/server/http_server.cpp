@@ -78,6 +78,31 @@ int64_t unix_now() {
 
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
+// Tokens of a prompt, stopping once past `limit` and tokenizing at most kChunk bytes at a time: tokenizing
+// costs memory in proportion to the text (a 15 MB question took 3.7 GB before it was refused). Longer text is
+// counted in chunks cut before a space, where both tokenizers split words anyway (GPT-2's pre-tokenizer gives
+// the space to the next word; SentencePiece splits on whitespace), less the BOS or EOS each encode() adds.
+// Exact up to kChunk bytes, which any prompt within the limits is; beyond, a cut inside a run of spaces or
+// of a word without spaces can miscount by a token or two, on text that is thousands of tokens over.
+int64_t count_prompt_tokens(const Tokenizer& tok, const std::string& text, int64_t limit) {
+  constexpr size_t kChunk = 16 << 10;
+  if (text.size() <= kChunk) return static_cast<int64_t>(tok.encode(text).size());
+  const int64_t added = static_cast<int64_t>(tok.encode("").size());
+  int64_t n = added;
+  for (size_t at = 0; at < text.size() && n <= limit;) {
+    size_t cut = std::min(text.size(), at + kChunk);
+    if (cut < text.size()) {
+      const size_t space = text.rfind(' ', cut);
+      if (space != std::string::npos && space > at) cut = space;
+      else
+        while (cut > at + 1 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;  // not mid-character
+    }
+    n += static_cast<int64_t>(tok.encode(text.substr(at, cut - at)).size()) - added;
+    at = cut;
+  }
+  return n;
+}
+
 const std::vector<std::string> kPaths = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions"};
 
 }  // namespace
@@ -266,10 +291,18 @@ void HttpServer::chat(const httplib::Request& req, const std::string& body, http
       throw ApiError(415, "Content-Type must be application/json (got '" + ct + "')", "", "unsupported_media_type");
     if (draining_) throw ApiError(503, "the server is shutting down", "", "shutting_down", "server_error");
     cr = parse_chat_request(body, defaults_, opt_.limits);
-    const std::string bytes = fetch_image(cr.image_url, opt_.limits);
-
     job = std::make_shared<Job>();
     job->options = cr.options;
+    // The prompt before the image: a question that is too long is refused before any image work.
+    const int64_t max_prompt = opt_.limits.max_prompt_tokens > 0
+                                   ? std::min(opt_.limits.max_prompt_tokens, model_.max_prompt_tokens())
+                                   : model_.max_prompt_tokens();
+    const auto count = [&](const std::string& p) { return count_prompt_tokens(model_.tokenizer(), p, max_prompt); };
+    job->prompt = conversation_prompt(cr, max_prompt, count);
+    job->prompt_tokens = count(job->prompt);
+    check_positions(*job);
+
+    const std::string bytes = fetch_image(cr.image_url, opt_.limits);
     job->deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                        std::chrono::duration<double>(opt_.scheduler.request_timeout_s));
     job->image_key = sha256_hex(bytes);
@@ -284,13 +317,6 @@ void HttpServer::chat(const httplib::Request& req, const std::string& body, http
         throw ApiError(422, std::string("cannot use the image: ") + e.what(), "image_url", "invalid_image");
       }
     }
-    const int64_t max_prompt = opt_.limits.max_prompt_tokens > 0
-                                   ? std::min(opt_.limits.max_prompt_tokens, model_.max_prompt_tokens())
-                                   : model_.max_prompt_tokens();
-    const auto count = [&](const std::string& p) { return static_cast<int64_t>(model_.tokenizer().encode(p).size()); };
-    job->prompt = conversation_prompt(cr, max_prompt, count);
-    job->prompt_tokens = count(job->prompt);
-    check_positions(*job);
     scheduler_->submit(job);
   } catch (const ApiError& e) {
     send_error(res, e);

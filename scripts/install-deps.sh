@@ -12,6 +12,7 @@ packages=(
   libcpp-httplib-dev libssl-dev           # HTTP server (blip2 serve); SHA-256 of images
   libgtest-dev                            # tests
   curl chromium                           # server tests: the curl script, the page in headless Chromium
+  iproute2                                # server tests: ss shows the listen backlog
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # blip2 serve as a real process, driven with curl: health, a plain and a streamed completion (the same answer as
-# `blip2 ask`), errors in OpenAI's shape, an oversize body, and SIGTERM draining a running request before exit.
+# `blip2 ask`), errors in OpenAI's shape, an oversize body, a busy port refused, the listen backlog, SIGTERM
+# draining a running request before exit, and a second SIGTERM ending a drain that waits on a slow client.
 # Usage: server_curl.sh BLIP2_CLI FIXTURES_DIR
 set -euo pipefail
 cli=$1
@@ -63,6 +64,16 @@ request --data-binary @"$tmp/big.json"
 code=$(curl -sS -o /dev/null -w '%{http_code}' -H 'Content-Type: text/plain' -d '{}' "$url/v1/chat/completions")
 [ "$code" = 415 ] || fail "wrong content type: $code"
 
+# A second server on the same port is refused (httplib's SO_REUSEPORT let it share the port silently).
+status=0
+timeout 20 "$cli" serve --port "$port" 2> "$tmp/err2" || status=$?
+[ "$status" = 2 ] && grep -q "address in use" "$tmp/err2" || fail "second server on a busy port: status $status, $(cat "$tmp/err2")"
+
+# The listen backlog (ss's Send-Q of a listening socket) is kListenBacklog (1024) or the kernel's cap, not 5.
+backlog=$(ss -ltnH "sport = :$port" | awk '{print $3}')
+want_backlog=$(( $(cat /proc/sys/net/core/somaxconn) < 1024 ? $(cat /proc/sys/net/core/somaxconn) : 1024 ))
+[ "$backlog" = "$want_backlog" ] || fail "listen backlog $backlog, want $want_backlog"
+
 # SIGTERM while a long request streams: it finishes, then the server exits with status 0.
 ask "tell me everything" 1000 ',"min_tokens":1000,"stream":true'
 curl -sSN -H 'Content-Type: application/json' -d @"$tmp/req.json" "$url/v1/chat/completions" > "$tmp/long" &
@@ -78,4 +89,28 @@ pid=
 grep -q '"finish_reason":"length"' "$tmp/long" || fail "running request was cut short: $(tail -c 300 "$tmp/long")"
 [ "$(grep '^data: ' "$tmp/long" | tail -1)" = "data: [DONE]" ] || fail "running request did not end with [DONE]"
 grep -q "finishing running requests" "$tmp/err" || fail "no drain message"
+
+# A drain held up by a client that sends half its headers (it waits up to the 30 s read timeout): a second
+# SIGTERM exits at once, with status 128 + 15.
+"$cli" serve --port 0 2> "$tmp/err" &
+pid=$!
+for _ in $(seq 1 400); do grep -q "listening on" "$tmp/err" && break; sleep 0.05; done
+port=$(grep -o '127\.0\.0\.1:[0-9]*' "$tmp/err" | head -1 | cut -d: -f2)
+[ -n "$port" ] || fail "second server did not start"
+exec 3<>"/dev/tcp/127.0.0.1/$port"
+printf 'GET /health HTTP/1.1\r\nHost: x\r\n' >&3
+sleep 0.2
+kill -TERM "$pid"
+sleep 1
+kill -0 "$pid" 2>/dev/null || fail "the drain did not wait for the slow client (nothing left to test)"
+start=$(date +%s%N)
+kill -TERM "$pid"
+status=0
+wait "$pid" || status=$?
+pid=
+elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+exec 3>&-
+[ "$status" = 143 ] || fail "exit status $status after a second SIGTERM, want 143"
+[ "$elapsed_ms" -lt 3000 ] || fail "a second SIGTERM took $elapsed_ms ms to exit"
+grep -q "second signal: exiting without draining" "$tmp/err" || fail "no message for the second signal"
 echo "server_curl: all checks passed"

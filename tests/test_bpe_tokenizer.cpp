@@ -12,6 +12,8 @@
 
 #include "core/error.h"
 #include "text/bpe_tokenizer.h"
+#include "text/text_stream.h"
+#include "text/tokenizer.h"
 
 using namespace blip2;
 namespace fs = std::filesystem;
@@ -244,6 +246,71 @@ TEST(BpeTokenizer, CleanUpTokenizationSpacesWhenConfigured) {
   EXPECT_EQ(plain.decode(plain.encode(text)), text);
 }
 
+// The OPT tokenizer of the fixture with clean_up_tokenization_spaces on, as the CLI, the server and the C API
+// stream through it.
+std::unique_ptr<Tokenizer> cleaning_opt_tokenizer(const TempDir& dir) {
+  dir.copy("tokenizer.json");
+  json cfg = read_json(kFixture + "/tokenizer_config.json");
+  cfg["clean_up_tokenization_spaces"] = true;
+  dir.write("tokenizer_config.json", cfg);
+  Blip2Config c;
+  c.family = LanguageFamily::OPT;
+  return load_tokenizer(dir.str(), c);
+}
+
+// Streams ids one at a time; returns the pieces.
+std::vector<std::string> stream_pieces(const Tokenizer& tok, const std::vector<int32_t>& ids) {
+  TextStream ts(tok);
+  std::vector<std::string> pieces;
+  for (int32_t id : ids) pieces.push_back(ts.put(id));
+  pieces.push_back(ts.end(ids));
+  return pieces;
+}
+
+std::string joined(const std::vector<std::string>& pieces) {
+  std::string s;
+  for (const auto& p : pieces) s += p;
+  return s;
+}
+
+TEST(TextStream, CleanUpDoesNotDropTheRestOfTheAnswer) {
+  // Tokens " you", " ", "?", " and": after " you " the "?" cleans the space away. The stream showed " you "
+  // and then nothing more, as nothing after it extended what it had shown.
+  TempDir dir;
+  const auto tok = cleaning_opt_tokenizer(dir);
+  std::vector<int32_t> ids;
+  for (const char* piece : {" you", " ", "?", " and"})
+    for (int32_t id : tok->encode(piece)) if (id != 2) ids.push_back(id);  // without the BOS encode adds
+  ASSERT_EQ(tok->decode(ids), " you? and");
+  const auto pieces = stream_pieces(*tok, ids);
+  EXPECT_EQ(joined(pieces), " you? and");
+  EXPECT_EQ(pieces[0], " you");  // shown as soon as nothing can change it
+}
+
+TEST(TextStream, PiecesAlwaysJoinToTheFinalTextWithCleanUp) {
+  // Random token sequences over the characters the clean-up rules look at: every piece extends what was
+  // shown, and the pieces join to decode(all ids), whatever comes next.
+  TempDir dir;
+  const auto tok = cleaning_opt_tokenizer(dir);
+  const std::vector<std::string> alphabet = {" ", "'", "n", "t", "s", "m", "v", "e", "r", ".", "?", "!", ",", "a",
+                                             " n't", " 's", " ' ", "don", "\xC3\xA9", "\xE2\x82", "\xAC", "x"};
+  std::mt19937 rng(15);
+  for (int trial = 0; trial < 3000; ++trial) {
+    std::vector<int32_t> ids;
+    const int n = 1 + static_cast<int>(rng() % 14);
+    for (int i = 0; i < n; ++i)
+      for (int32_t id : tok->encode(alphabet[rng() % alphabet.size()])) if (id != 2) ids.push_back(id);
+    const std::string want = tok->decode(ids);
+    const auto pieces = stream_pieces(*tok, ids);
+    std::string shown;
+    for (const auto& p : pieces) {
+      shown += p;
+      ASSERT_EQ(want.compare(0, shown.size(), shown), 0) << "shown \"" << shown << "\" of \"" << want << "\"";
+    }
+    ASSERT_EQ(shown, want);
+  }
+}
+
 // Texts beyond the fixture's reference. The ids come from tokenizers.js 0.2.0 (@huggingface/tokenizers,
 // HF's JavaScript port) on the fixture's tokenizer.json, not from transformers.
 TEST(BpeTokenizer, MoreTextsAgainstAnIndependentImplementation) {
@@ -408,6 +475,18 @@ TEST(BpeTokenizer, MalformedJsonIsAModelError) {
   bad_id.write("vocab.json", std::string("{\"a\": \"one\"}"));
   bad_id.copy("merges.txt");
   expect_model_error(bad_id.str(), {"vocab.json", "\"a\"", "not an integer"});
+}
+
+TEST(BpeTokenizer, EndlessFilesAreRefusedAtTheSizeCap) {
+  // Each tokenizer file in turn is /dev/zero: the read stops at the cap with a message naming the file.
+  for (const char* name : {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"}) {
+    SCOPED_TRACE(name);
+    TempDir dir;
+    for (const char* f : {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"})
+      if (std::string(f) != name) dir.copy(f);
+    fs::create_symlink("/dev/zero", fs::path(dir.str()) / name);
+    expect_model_error(dir.str(), {std::string("/") + name, "tokenizer file is larger than 64 MiB"});
+  }
 }
 
 TEST(BpeTokenizer, BadMergesAreModelErrors) {

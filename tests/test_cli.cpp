@@ -555,9 +555,14 @@ INSTANTIATE_TEST_SUITE_P(
         CliError{"EmptyFileAsImage", gen({"--image", "/dev/null", "--prompt", ""}), 4, "/dev/null"},
         CliError{"MissingImage", gen({"--image", kImages + "no-such.png", "--prompt", ""}), 4, "no-such.png: cannot open"},
         CliError{"DirectoryAsImage", gen({"--image", kImages, "--prompt", ""}), 4, "cannot read"},
+        CliError{"EndlessImage", gen({"--image", "/dev/zero", "--prompt", ""}), 4, "/dev/zero: image is larger than 256 MiB"},
         CliError{"SecondImageBad", gen({"--image", kCat, "--prompt", "", "--image", kImages + "truncated.jpg", "--prompt", ""}), 4, "truncated.jpg"},
         CliError{"PromptTooLong", gen({"--image", kCat, "--prompt", long_prompt()}), 4, "prompt is too long"},
         CliError{"CaptionTruncatedJpeg", {"caption", "--model", kModel, kImages + "truncated.jpg"}, 4, "truncated.jpg"},
+        // Settings that leave beam sampling fewer tokens than it draws: the input's fault, not an internal error.
+        CliError{"BeamSamplingOutOfTokens",
+                 {"caption", "--model", kModel, kCat, "--do-sample", "--num-beams", "2", "--top-p", "0.001"}, 4,
+                 "beam sampling draws 4 tokens (2 × num_beams) but only 2 had a non-zero probability"},
         CliError{"AskQuestionTooLong", {"ask", "--model", kModel, kCat, long_prompt()}, 4, "prompt is too long"},
         // 2: usage
         CliError{"MoreImagesThanPrompts", gen({"--image", kCat, "--image", kCat, "--prompt", ""}), 2, "each --image needs one --prompt"},

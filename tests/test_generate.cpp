@@ -501,12 +501,14 @@ TEST(Options, RejectsContradictionsAndRanges) {
   expect_usage(with([](auto& x) { x.min_new_tokens = 30; }), "--min-new-tokens");
   expect_usage(with([](auto& x) { x.do_sample = true; x.temperature = 0.0; }), "--temperature");
   expect_usage(with([](auto& x) { x.do_sample = true; x.temperature = -1.0; }), "--temperature");
+  expect_usage(with([](auto& x) { x.do_sample = true; x.temperature = 0.001; }), "--temperature must be at least 0.002");
   expect_usage(with([](auto& x) { x.do_sample = true; x.top_p = 0.0; }), "--top-p");
   expect_usage(with([](auto& x) { x.do_sample = true; x.top_p = 1.5; }), "--top-p");
   expect_usage(with([](auto& x) { x.do_sample = true; x.top_k = -1; }), "--top-k");
   // accepted: negative length penalty, several samples, as many sequences as beams
   validate(with([](auto& x) { x.num_beams = 5; x.length_penalty = -1.0; x.num_return_sequences = 5; }));
   validate(with([](auto& x) { x.do_sample = true; x.num_return_sequences = 4; x.top_p = 1.0; }));
+  validate(with([](auto& x) { x.do_sample = true; x.temperature = 0.002; }));
 }
 
 TEST(Options, GenerationConfigSuppliesDefaults) {

@@ -263,6 +263,18 @@ TEST(ImageDecode, MissingFile) {
   expect_input_error([&] { blip2::load_image(path); }, path, "cannot open");
 }
 
+TEST(ImageDecode, EndlessFileIsRefusedAtTheSizeCap) {
+  // /dev/zero never ends: reading stops at the cap with a message instead of filling memory.
+  expect_input_error([&] { blip2::load_image("/dev/zero"); }, "/dev/zero", "image is larger than 256 MiB");
+}
+
+TEST(ImageDecode, LargeRegularFileIsRefusedBeforeReading) {
+  TempDir dir;
+  const std::string path = dir.write("huge.png", {});
+  std::filesystem::resize_file(path, (size_t(256) << 20) + 1);  // sparse: refused from its size, never read
+  expect_input_error([&] { blip2::load_image(path); }, path, "image is larger than 256 MiB");
+}
+
 TEST(ImageDecode, TextFileIsRejected) {
   TempDir dir;
   const std::string text = "this is not an image\n";

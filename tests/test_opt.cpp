@@ -230,6 +230,10 @@ TEST(OptVariants, BadOptConfigsNameTheField) {
   expect_model_error([](auto& j) { j["text_config"]["eos_token_id"] = 5000; }, "outside the vocabulary");
   expect_model_error([](auto& j) { j["text_config"]["ffn_dim"] = 100; }, "fc1.weight");  // the weights disagree
   expect_model_error([](auto& j) { j["image_token_index"] = 4096; }, "image_token_index");
+  // 8 query slots + BOS + one generated token need 10 positions.
+  expect_model_error([](auto& j) { j["text_config"]["max_position_embeddings"] = 9; },
+                     "text_config.max_position_embeddings = 9 leaves no room for a prompt: it must be at least "
+                     "num_query_tokens (8) + 2");
 }
 
 TEST(OptVariants, MissingTokenizerIsAModelError) {

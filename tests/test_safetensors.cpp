@@ -16,12 +16,14 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/file.h"
 #include "generate/generate.h"
 #include "image/image.h"
 #include "io/checkpoint.h"
 #include "io/config.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
+#include "model/t5.h"
 #include "support.h"
 
 using namespace blip2;
@@ -582,6 +584,29 @@ TEST(ModelDirectory, UnexpectedExtraTensor) {
                                       "vision_model.encoder.layers.3.mlp.fc1.bias"}));
 }
 
+TEST(ModelDirectory, ControlCharactersFromModelFilesArePrintedEscaped) {
+  // A config value and a tensor name carrying terminal escape sequences (OSC title, C1 CSI, newline) reach
+  // the message escaped: nothing in it can drive a terminal, and it stays one line.
+  const auto expect_escaped = [](const std::string& dir, const std::string& escaped) {
+    try {
+      Blip2Model m(dir);
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      const std::string w = e.what();
+      for (const char* raw : {"\x1b", "\x07", "\n", "\xc2\x9b"}) EXPECT_EQ(w.find(raw), std::string::npos) << w;
+      EXPECT_NE(w.find(escaped), std::string::npos) << w;
+    }
+  };
+  const std::string evil = "blip\x1b]0;owned\x07\xc2\x9b" "31m\n";
+  const std::string shown = "blip\\x1b]0;owned\\x07\\u009b31m\\x0a";
+  ModelDir config;
+  config.edit_config([&](json& j) { j["model_type"] = evil; });
+  expect_escaped(config.str(), "model_type = \"" + shown + "\"");
+  ModelDir weights;
+  weights.edit_tensors([&](Tensors& ts) { ts.emplace_back(evil, Tensor({1})); });
+  expect_escaped(weights.str(), shown);
+}
+
 TEST(ModelDirectory, IntegerTensorWhereFloatIsExpected) {
   for (const std::string dtype : {"I64", "U8"}) {
     SCOPED_TRACE(dtype);
@@ -622,6 +647,37 @@ TEST(ModelDirectory, ConfigNotJson) {
   EXPECT_TRUE(model_error(dir.str(), {dir / "config.json", "not valid JSON"}));
   write_bytes(dir / "config.json", "[1, 2]");
   EXPECT_TRUE(model_error(dir.str(), {dir / "config.json", "expected a JSON object"}));
+}
+
+TEST(ModelDirectory, EndlessOrHugeFilesAreRefusedAtTheirSizeCap) {
+  // Each file the loader reads, replaced by /dev/zero (never ends) and by a sparse file just over its cap
+  // (refused from its size): an error naming the file, not a read without end.
+  struct Case {
+    const char* file;
+    const char* what;
+    size_t cap;
+  };
+  for (const Case c : {Case{"config.json", "config file", kMaxConfigFileBytes},
+                       Case{"generation_config.json", "config file", kMaxConfigFileBytes},
+                       Case{"tokenizer_config.json", "config file", kMaxConfigFileBytes},
+                       Case{"spiece.model", "tokenizer file", kMaxTokenizerFileBytes}}) {
+    SCOPED_TRACE(c.file);
+    ModelDir dir;
+    fs::remove(dir / c.file);
+    fs::create_symlink("/dev/zero", dir / c.file);
+    const std::string why = std::string(c.what) + " is larger than " + size_str(c.cap);
+    EXPECT_TRUE(model_error(dir.str(), {dir / c.file, why}));
+    fs::remove(dir / c.file);
+    write_bytes(dir / c.file, "");
+    fs::resize_file(dir / c.file, c.cap + 1);
+    EXPECT_TRUE(model_error(dir.str(), {dir / c.file, why}));
+  }
+}
+
+TEST(ModelDirectory, EndlessShardIndexIsRefused) {
+  ModelDir dir;
+  fs::create_symlink("/dev/zero", dir / "model.safetensors.index.json");
+  EXPECT_TRUE(model_error(dir.str(), {dir / "model.safetensors.index.json", "index file is larger than 16 MiB"}));
 }
 
 struct ConfigEdit {
@@ -677,8 +733,66 @@ INSTANTIATE_TEST_SUITE_P(
         ConfigEdit{"TextModelTypeMissing", [](json& j) { j["text_config"].erase("model_type"); },
                    {"text_config.model_type", "Flan-T5 (\"t5\") or OPT"}},
         ConfigEdit{"EosOutsideVocab", [](json& j) { j["text_config"]["eos_token_id"] = 5000; },
-                   {"special token id 5000", "outside the vocabulary (1152)"}}),
+                   {"special token id 5000", "outside the vocabulary (1152)"}},
+        // Below half the bucket count the logarithmic bucket goes negative (a read before the bias table);
+        // at exactly half its log is zero and the bucket is NaN cast to an integer.
+        ConfigEdit{"MaxDistanceBelowHalfTheBuckets",
+                   [](json& j) { j["text_config"]["relative_attention_max_distance"] = 10; },
+                   {"text_config.relative_attention_max_distance = 10 must be greater than half of "
+                    "relative_attention_num_buckets (32)"}},
+        ConfigEdit{"MaxDistanceHalfTheBuckets",
+                   [](json& j) { j["text_config"]["relative_attention_max_distance"] = 16; },
+                   {"text_config.relative_attention_max_distance = 16 must be greater than half"}},
+        ConfigEdit{"TooFewBuckets", [](json& j) { j["text_config"]["relative_attention_num_buckets"] = 2; },
+                   {"text_config.relative_attention_num_buckets = 2 is out of range [4, 65536]"}}),
     [](const ::testing::TestParamInfo<ConfigEdit>& info) { return std::string(info.param.name); });
+
+TEST(ModelDirectory, EveryAcceptedBucketConfigIndexesInsideTheTable) {
+  // The smallest max_distance the config accepts, for a few bucket counts: every relative position, both
+  // directions, lands in [0, num_buckets).
+  for (const int buckets : {4, 5, 32, 33, 1000}) {
+    for (const int max_distance : {buckets / 2 + 1, buckets, 128}) {
+      if (max_distance <= buckets / 2) continue;
+      json j = json::parse(read_bytes(kTinyDir + "/config.json"));
+      j["text_config"]["relative_attention_num_buckets"] = buckets;
+      j["text_config"]["relative_attention_max_distance"] = max_distance;
+      EXPECT_NO_THROW(parse_config(j.dump(), "config.json"));
+      for (const bool bidirectional : {true, false})
+        for (int64_t rel = -5000; rel <= 5000; ++rel) {
+          const int b = t5_relative_bucket(rel, bidirectional, buckets, max_distance);
+          ASSERT_TRUE(b >= 0 && b < buckets) << buckets << " buckets, max distance " << max_distance << ", rel "
+                                             << rel << ": bucket " << b;
+        }
+    }
+  }
+}
+
+TEST(ModelDirectory, NonFiniteLogitsAreAnErrorNotACaption) {
+  // One weight of token 7's output row non-finite: only that logit is NaN or infinite, and greedy decoding
+  // would still choose a token every step. Generation refuses it, naming the value and the token.
+  for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    SCOPED_TRACE(bad);
+    ModelDir dir;
+    dir.edit_tensors([&](Tensors& ts) {
+      for (auto& [name, t] : ts)
+        if (name == "language_model.lm_head.weight") t.data[static_cast<size_t>(7 * t.dim(1))] = bad;
+    });
+    const Blip2Model m(dir.str());
+    const Encoded e = m.encode(chelsea_pixels(), m.tokenize({""}));
+    for (const int beams : {1, 3}) {
+      GenerationOptions g;
+      g.num_beams = beams;
+      try {
+        generate([&](int expand) { return m.start_decoder(e, expand); }, 1, g, SpecialTokens{});
+        ADD_FAILURE() << "no error with " << beams << " beams";
+      } catch (const Error& err) {
+        EXPECT_EQ(err.kind(), ErrorKind::Model);
+        EXPECT_NE(std::string(err.what()).find("(token 7, step 1): its weights or computation produce non-finite"),
+                  std::string::npos) << err.what();
+      }
+    }
+  }
+}
 
 TEST(ModelDirectory, MissingFieldDefaultsToHuggingFaceAndMismatchesWeights) {
   // Without vision_config.hidden_size the HF default (1408) applies; the weights are 64 wide.

@@ -3,7 +3,9 @@
 // image cache; every kind of bad request gets a 4xx in OpenAI's error shape and the server keeps serving;
 // queue limits, disconnects, timeouts and draining.
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <random>
@@ -35,16 +37,21 @@ Blip2Model& model() {
   return m;
 }
 
+Blip2Model& opt_model() {
+  static Blip2Model m(BLIP2_BUNDLED_OPT_DIR);
+  return m;
+}
+
 // A server on 127.0.0.1 and a free port, serving until the object goes.
 struct TestServer {
   std::unique_ptr<HttpServer> srv;
   std::thread thread;
   int port = 0;
-  explicit TestServer(ServerOptions o = {}) {
+  explicit TestServer(ServerOptions o = {}, const Blip2Model& m = model(), const std::string& dir = BLIP2_TINY_T5_DIR) {
     signal(SIGPIPE, SIG_IGN);
     o.host = "127.0.0.1";
     o.port = 0;
-    srv = std::make_unique<HttpServer>(model(), generation_defaults(BLIP2_TINY_T5_DIR), o);
+    srv = std::make_unique<HttpServer>(m, generation_defaults(dir), o);
     port = srv->bind();
     thread = std::thread([this] { srv->serve(); });
     srv->wait_until_listening();
@@ -124,14 +131,15 @@ TEST(Server, HealthModelsMetricsAndPage) {
   for (const char* name : {"blip2_queue_length", "blip2_tokens_per_second", "blip2_image_cache_hits_total",
                            "blip2_batch_rows_count", "blip2_generated_tokens_total"})
     EXPECT_GE(metric(met->body, name), 0) << name << " in\n" << met->body;
-  // httplib counts a request in its logger, after the response has gone out: /metrics may come first.
-  const std::string models_line = "blip2_http_requests_total{path=\"/v1/models\",code=\"200\"}";
-  for (int i = 0; i < 200 && met->body.find(models_line) == std::string::npos; ++i) {
+  // A request is counted by httplib's logger after its response is written, on the thread that served it: on a
+  // busy machine /metrics can come first.
+  const std::string counted = "blip2_http_requests_total{path=\"/v1/models\",code=\"200\"}";
+  for (int i = 0; i < 200 && met->body.find(counted) == std::string::npos; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
     met = cli.Get("/metrics");
     ASSERT_TRUE(met);
   }
-  EXPECT_NE(met->body.find(models_line), std::string::npos);
+  EXPECT_NE(met->body.find(counted), std::string::npos) << met->body;
 }
 
 // ---- Completions ------------------------------------------------------------------------------------------
@@ -302,6 +310,7 @@ TEST(ServerErrors, MalformedAndWrongRequestsGet4xxAndTheServerKeepsServing) {
       {"/max_tokens", "ten", "must be an integer", "max_tokens"},
       {"/max_tokens", 100000, "between 1 and", "max_tokens"},
       {"/temperature", 5, "between 0 and 2", "temperature"},
+      {"/temperature", 0.001, "must be 0 (the most likely tokens) or at least 0.002", "temperature"},
       {"/stream", "yes", "true or false", "stream"},
       {"/n", 2, "needs sampling", "n"},
       {"/n", 100, "between 1 and 8", "n"},
@@ -349,6 +358,68 @@ TEST(ServerErrors, MalformedAndWrongRequestsGet4xxAndTheServerKeepsServing) {
   expect_error(get(cli, "/v1/chat/completions"), 405, "not allowed");
 
   ASSERT_EQ(post(cli, good).status, 200) << "still serving";
+}
+
+TEST(ServerErrors, BodyLimitHoldsForCompressedAndChunkedBodies) {
+  // The limit counts the body as decoded: a gzip body that inflates past it, and a chunked body (no length
+  // to check up front), stop at the limit. Both encodings are fine within it.
+  ServerOptions o;
+  o.limits.max_body_bytes = 1 << 20;
+  TestServer s(o);
+  const json good = ask(kImages + "one_pixel.png", "q", {{"max_tokens", 2}});
+  std::string padded = good.dump();
+  padded.insert(1, std::string(64 << 20, ' '));  // 64 MiB of JSON whitespace: gzip makes it ~64 KB
+  {
+    auto cli = s.client();
+    cli.set_compress(true);  // Content-Encoding: gzip
+    expect_error(post(cli, padded), 413, "request body too large (the limit is 1 MiB, counted decompressed)");
+  }
+  {
+    auto cli = s.client();
+    cli.set_compress(true);
+    EXPECT_EQ(post(cli, good).status, 200);
+  }
+  const auto chunked = [&](const std::string& body, size_t* sent) {
+    auto cli = s.client();
+    return cli.Post("/v1/chat/completions", [&](size_t, httplib::DataSink& sink) {
+      for (size_t at = 0; at < body.size(); at += 64 << 10) {
+        const size_t n = std::min<size_t>(64 << 10, body.size() - at);
+        if (!sink.write(body.data() + at, n)) return false;
+        *sent += n;
+      }
+      sink.done();
+      return true;
+    }, "application/json");
+  };
+  size_t sent = 0;
+  const auto big = chunked(padded, &sent);
+  // The server answers 413 and closes; the client may see that answer or a failed write. Either way the server
+  // stopped reading: far less than the 64 MiB went out (socket buffers take a few MiB).
+  if (big) EXPECT_EQ(big->status, 413) << big->body;
+  EXPECT_LT(sent, size_t(32) << 20);
+  size_t small_sent = 0;
+  const auto small = chunked(good.dump(), &small_sent);
+  ASSERT_TRUE(small);
+  EXPECT_EQ(small->status, 200) << small->body;
+}
+
+TEST(ServerErrors, HugeQuestionIsRefusedWithoutTokenizingItAll) {
+  // A 15 MB question (within the 16 MB body limit) is refused as too long after a few chunks of it are
+  // tokenized, before the image is looked at; tokenizing it whole took gigabytes.
+  auto cli = shared_server().client();
+  std::string question;
+  while (question.size() < (15u << 20)) question += "what colour is the cat on the left? ";
+  rusage before{};
+  getrusage(RUSAGE_SELF, &before);
+  const auto t0 = std::chrono::steady_clock::now();
+  expect_error(post(cli, ask(kImages + "one_pixel.png", question, {{"max_tokens", 2}})), 400, "question is too long",
+               "messages");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  rusage after{};
+  getrusage(RUSAGE_SELF, &after);
+  // (the request body and its copies are ~100 MB of the peak)
+  EXPECT_LT(after.ru_maxrss - before.ru_maxrss, 400L << 10) << "peak RSS grew by " << (after.ru_maxrss - before.ru_maxrss) / 1024 << " MiB";
+  std::printf("  a 15 MB question refused in %.2f s\n", seconds);
 }
 
 TEST(ServerErrors, LimitsOnBodyImageDepthAndPrompt) {
@@ -429,8 +500,21 @@ TEST(ServerErrors, RemoteImagesOnlyWhenAllowed) {
     expect_error(post(cli, body(base + "/cat.png")), 400, "remote image URLs are disabled", "image_url");
   }
   {
+    // Allowed, but this host is the machine itself: refused on its address, before any connection.
     ServerOptions o;
     o.limits.allow_remote_images = true;
+    TestServer s(o);
+    auto cli = s.client();
+    expect_error(post(cli, body(base + "/cat.png")), 400, "resolves to a loopback address (127.0.0.1)", "image_url");
+    expect_error(post(cli, body("http://[::1]:1/cat.png")), 400, "a loopback address (::1)", "image_url");
+    expect_error(post(cli, body("http://localhost:" + std::to_string(port) + "/cat.png")), 400, "a loopback address",
+                 "image_url");
+    expect_error(post(cli, body("http://user:pw@127.0.0.1:1/cat.png")), 400, "user names or passwords", "image_url");
+  }
+  {
+    ServerOptions o;
+    o.limits.allow_remote_images = true;
+    o.limits.allow_private_image_hosts = true;
     o.limits.max_image_bytes = cat.size() + 10;
     TestServer s(o);
     auto cli = s.client();
@@ -443,6 +527,47 @@ TEST(ServerErrors, RemoteImagesOnlyWhenAllowed) {
   }
   images.stop();
   t.join();
+}
+
+// The destination policy of remote image fetches, on addresses alone (no connection is made).
+TEST(ServerRequestParsing, RemoteImageAddressKinds) {
+  const auto kind = [](const std::string& ip) {
+    sockaddr_storage ss{};
+    if (ip.find(':') == std::string::npos) {
+      auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+      a->sin_family = AF_INET;
+      EXPECT_EQ(inet_pton(AF_INET, ip.c_str(), &a->sin_addr), 1) << ip;
+    } else {
+      auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+      a->sin6_family = AF_INET6;
+      EXPECT_EQ(inet_pton(AF_INET6, ip.c_str(), &a->sin6_addr), 1) << ip;
+    }
+    return non_public_address_kind(reinterpret_cast<const sockaddr*>(&ss));
+  };
+  const std::pair<const char*, const char*> cases[] = {
+      {"127.0.0.1", "loopback"},        {"127.255.0.9", "loopback"},     {"::1", "loopback"},
+      {"169.254.169.254", "link-local"}, {"169.254.0.1", "link-local"},  {"fe80::1", "link-local"},
+      {"febf::1", "link-local"},
+      {"10.0.0.1", "private"},          {"10.255.255.255", "private"},   {"172.16.0.1", "private"},
+      {"172.31.255.254", "private"},    {"192.168.1.1", "private"},      {"100.64.0.1", "private"},
+      {"100.127.255.255", "private"},   {"fd00::1", "private"},          {"fc00::1", "private"},
+      {"fec0::1", "private"},
+      {"0.0.0.0", "unspecified"},       {"0.1.2.3", "unspecified"},      {"::", "unspecified"},
+      {"224.0.0.1", "multicast"},       {"239.255.255.250", "multicast"}, {"ff02::1", "multicast"},
+      {"255.255.255.255", "reserved"},  {"240.0.0.1", "reserved"},       {"192.0.0.8", "reserved"},
+      {"198.18.0.1", "reserved"},       {"::0.0.0.2", "reserved"},
+      // IPv4 inside IPv6: judged by the IPv4 address
+      {"::ffff:127.0.0.1", "loopback"}, {"::ffff:169.254.169.254", "link-local"}, {"::ffff:10.1.2.3", "private"},
+      {"64:ff9b::192.168.0.1", "private"}, {"::ffff:8.8.8.8", ""},
+      // public, next to the ranges above
+      {"8.8.8.8", ""},                  {"1.1.1.1", ""},                 {"126.255.255.255", ""},
+      {"128.0.0.1", ""},                {"169.253.255.255", ""},         {"169.255.0.0", ""},
+      {"11.0.0.1", ""},                 {"172.15.255.255", ""},          {"172.32.0.0", ""},
+      {"192.167.255.255", ""},          {"192.169.0.0", ""},             {"100.63.255.255", ""},
+      {"100.128.0.0", ""},              {"223.255.255.255", ""},         {"198.20.0.0", ""},
+      {"2606:4700::1111", ""},          {"2001:4860:4860::8888", ""},    {"fbff::1", ""},
+      {"fe7f::1", ""}};
+  for (const auto& [ip, want] : cases) EXPECT_EQ(kind(ip), want) << ip;
 }
 
 // Random damage to a valid request: every answer is a 200 or a 4xx with OpenAI's error object.
@@ -520,6 +645,86 @@ TEST(ServerLoad, ConcurrentRequestsAllSucceedWithTheSequentialAnswers) {
   EXPECT_EQ(metric(m, "blip2_requests_completed_total"), 24);
   EXPECT_GT(metric(m, "blip2_batch_rows_sum"), metric(m, "blip2_batch_rows_count"))
       << "some decoder steps ran several requests' rows together\n" << m;
+}
+
+TEST(ServerLoad, ARequestThatFailsInTheEngineFailsAlone) {
+  // Beam sampling that runs out of tokens with a non-zero probability passes every check up front and fails in
+  // the engine: top_p 0.001 keeps 2 tokens of the one live beam where 4 are drawn (at its first choice, next to
+  // the requests admitted with it), temperature 0.004 after several steps (in a decoder step shared with the
+  // others). Each fails alone with a 400 naming the cause; every request running with it gets its own answer.
+  TestServer s;
+  const std::vector<std::string> images = {kCat, kRocket, kCoffee};
+  std::vector<json> extras;
+  std::vector<std::string> want;
+  for (int i = 0; i < 8; ++i) {
+    GenerationOptions o = greedy(i % 2 ? 8 : 10 + i);
+    json extra = {{"max_tokens", o.max_new_tokens}};
+    if (i % 2) {
+      o.num_beams = 2;  // the rows of the failing requests: admitted in one group with them
+      extra["num_beams"] = 2;
+    }
+    if (i % 4 == 2) extra["stream"] = true;
+    extras.push_back(extra);
+    want.push_back(reference(images[i % 3], "Question: q" + std::to_string(i) + " Answer:", o)[0]);
+  }
+  const json bad[] = {{{"num_beams", 2}, {"top_p", 0.001}, {"seed", 1}, {"max_tokens", 20}},
+                      {{"num_beams", 2}, {"temperature", 0.004}, {"seed", 1}, {"max_tokens", 20}}};
+  std::atomic<int> good_errors{0}, bad_errors{0}, bad_sent{0}, good_sent{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 6; ++c)
+    clients.emplace_back([&, c] {
+      auto cli = s.client();
+      for (int k = 0; k < 4; ++k) {
+        if ((c + k) % 3 == 0) {
+          ++bad_sent;
+          const Reply r = post(cli, ask(kCat, "what is this?", bad[(c + k) % 2]));
+          const std::string msg = r.json_body().value("/error/message"_json_pointer, std::string());
+          if (r.status != 400 || msg.find("beam sampling draws 4 tokens") == std::string::npos) {
+            ++bad_errors;
+            ADD_FAILURE() << r.status << " " << r.body;
+          }
+        } else {
+          ++good_sent;
+          const int i = (c * 4 + k) % 8;
+          const Reply r = post(cli, ask(images[i % 3], "q" + std::to_string(i), extras[i]));
+          if (r.status != 200 || choice_texts(r).at(0) != want[i]) {
+            ++good_errors;
+            ADD_FAILURE() << r.status << " " << r.body;
+          }
+        }
+      }
+    });
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(good_errors, 0);
+  EXPECT_EQ(bad_errors, 0);
+  const std::string m = s.client().Get("/metrics")->body;
+  EXPECT_EQ(metric(m, "blip2_requests_completed_total"), good_sent.load()) << m;
+  EXPECT_EQ(metric(m, "blip2_requests_failed_total"), bad_sent.load()) << m;
+}
+
+TEST(ServerErrors, OptMaxTokensPastThePositionTableIsA400) {
+  // OPT's prompt and answer share its learned positions. A request past them used to pass the checks and fail
+  // in the decoder step shared with every running request; it is a 400 now, and the largest max_tokens that
+  // fits runs to the last position.
+  TestServer s({}, opt_model(), BLIP2_BUNDLED_OPT_DIR);
+  const std::string prompt = "Question: what is this? Answer:";
+  const auto& c = opt_model().config();
+  const int64_t L = static_cast<int64_t>(opt_model().tokenizer().encode(prompt).size());  // BOS included
+  const int64_t room = c.opt.max_position_embeddings + 1 - c.num_query_tokens - L;  // the last token is never fed
+  ASSERT_GT(room, 10);
+  // The engine itself agrees: one more token runs past the table.
+  const Encoded e = opt_model().encode(preprocess_images({load_image(kCat)}, 224), opt_model().tokenize({prompt}));
+  GenerationOptions over = greedy(static_cast<int>(room) + 1);
+  over.min_new_tokens = over.max_new_tokens;
+  EXPECT_THROW(generate([&](int x) { return opt_model().start_decoder(e, x); }, 1, over, opt_model().special_tokens()),
+               Error);
+  auto cli = s.client();
+  const std::string why = "leaves room for " + std::to_string(room);
+  expect_error(post(cli, ask(kCat, "what is this?", {{"max_tokens", room + 1}})), 400, why + " tokens", "max_tokens");
+  const Reply r = post(cli, ask(kCat, "what is this?", {{"max_tokens", room}, {"min_tokens", room}}));
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(r.json_body()["usage"]["completion_tokens"], room);
+  EXPECT_EQ(r.json_body()["choices"][0]["finish_reason"], "length");
 }
 
 TEST(ServerLoad, FullQueueAnswers503) {

@@ -6,6 +6,9 @@
 
 #include "core/error.h"
 #include "text/t5_tokenizer.h"
+#include "text/text_stream.h"
+
+#include <random>
 
 using namespace blip2;
 
@@ -41,6 +44,26 @@ TEST(T5Tokenizer, DecodeSkipsSpecialTokens) {
   noisy.insert(noisy.end(), ids.begin(), ids.end() - 1);
   for (int32_t id : {1050, 1120, 2, 1}) noisy.push_back(id);
   EXPECT_EQ(tok.decode(noisy), "how many dogs are in the picture?");
+}
+
+TEST(T5Tokenizer, StreamedPiecesJoinToTheFinalText) {
+  // Random ids (byte pieces, specials and sentinels included), streamed one at a time: each piece extends the
+  // text shown so far and the pieces join to decode(all ids).
+  const T5Tokenizer tok(BLIP2_TINY_T5_DIR);
+  std::mt19937 rng(15);
+  for (int trial = 0; trial < 2000; ++trial) {
+    std::vector<int32_t> ids;
+    const int n = 1 + static_cast<int>(rng() % 12);
+    for (int i = 0; i < n; ++i) ids.push_back(static_cast<int32_t>(rng() % 1152));
+    const std::string want = tok.decode(ids);
+    TextStream ts(tok);
+    std::string shown;
+    for (size_t i = 0; i <= ids.size(); ++i) {
+      shown += i < ids.size() ? ts.put(ids[i]) : ts.end(ids);
+      ASSERT_EQ(want.compare(0, shown.size(), shown), 0) << "shown \"" << shown << "\" of \"" << want << "\"";
+    }
+    ASSERT_EQ(shown, want);
+  }
 }
 
 TEST(T5Tokenizer, MissingModelFileIsAModelError) {

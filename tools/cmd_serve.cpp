@@ -1,7 +1,9 @@
-// blip2 serve: the HTTP server (src/server) on a socket, until SIGTERM or SIGINT, which drain it first.
+// blip2 serve: the HTTP server (src/server) on a socket, until SIGTERM or SIGINT, which drain it first; a second
+// one exits at once.
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 
 #include <CLI/CLI.hpp>
@@ -20,8 +22,15 @@ using namespace blip2::server;
 namespace {
 
 int g_signal_pipe[2] = {-1, -1};
+std::atomic<int> g_signals{0};  // lock-free: safe in a signal handler
 
 void on_signal(int sig) {
+  if (g_signals.fetch_add(1) > 0) {
+    // A second SIGTERM/SIGINT while draining (which can wait on slow clients): stop now, as asked.
+    static const char msg[] = "blip2 serve: second signal: exiting without draining\n";
+    [[maybe_unused]] const ssize_t m = write(STDERR_FILENO, msg, sizeof msg - 1);
+    _exit(128 + sig);
+  }
   const unsigned char b = static_cast<unsigned char>(sig);
   [[maybe_unused]] const ssize_t n = write(g_signal_pipe[1], &b, 1);
 }
@@ -116,6 +125,9 @@ void add_serve_command(CLI::App& app, std::function<std::unique_ptr<Blip2Model>(
                   "Allow file:// image URLs inside this directory (default: refused)")->group(lim);
   sub->add_flag("--allow-remote-images", o.limits.allow_remote_images,
                 "Fetch http(s):// image URLs (default: refused; only data: URLs are read)")->group(lim);
+  sub->add_flag("--allow-private-image-hosts", o.limits.allow_private_image_hosts,
+                "With --allow-remote-images, also fetch from loopback, link-local (cloud metadata) and private "
+                "addresses (default: refused, checked on the resolved address)")->group(lim);
   sub->add_option("--http-threads", o.http_threads, "Connections served at once (0: max-queue + max-batch-rows + 8)")
       ->capture_default_str()->group(lim);
   sub->add_option("--drain-timeout", o.drain_timeout_s, "On SIGTERM, seconds to wait for running requests")

@@ -15,7 +15,8 @@ enum class ErrorKind {
 
 class Error : public std::runtime_error {
  public:
-  Error(ErrorKind kind, const std::string& msg) : std::runtime_error(msg), kind_(kind) {}
+  // The message is stored printable (printable()): it quotes names and values from files and requests.
+  Error(ErrorKind kind, const std::string& msg);
   ErrorKind kind() const { return kind_; }
 
  private:
@@ -23,5 +24,10 @@ class Error : public std::runtime_error {
 };
 
 [[noreturn]] void fail(ErrorKind kind, const std::string& msg);
+
+// `s` with its control characters (C0, DEL and UTF-8-encoded C1, newlines included) written as \xNN or
+// \u00NN, so that a tensor name or config value carrying terminal escape sequences cannot drive the terminal
+// an error is printed on, and every message stays one line.
+std::string printable(const std::string& s);
 
 }  // namespace blip2

@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/file.h"
 #include "core/tensor.h"
 
 namespace blip2 {
@@ -108,7 +109,11 @@ std::vector<Candidate> sampled_candidates(const std::vector<float>& acc, int64_t
   std::vector<Candidate> out;
   for (int i = 0; i < n; ++i) {
     const double total = std::accumulate(w.begin(), w.end(), 0.0);
-    if (!(total > 0.0)) fail(ErrorKind::Internal, "beam sampling ran out of tokens with non-zero probability");
+    // Few tokens keep a non-zero weight after temperature, top_k and top_p: the request's settings, not a bug.
+    if (!(total > 0.0))
+      fail(ErrorKind::Input, "beam sampling draws " + std::to_string(n) + " tokens (2 × num_beams) but only " +
+                                 std::to_string(i) + " had a non-zero probability: raise the temperature or top_p, "
+                                                     "or lower num_beams");
     const int64_t j = draw(w, total, rng);
     out.push_back({acc[j], static_cast<int>(j / V), static_cast<int32_t>(j % V)});
     w[j] = 0.0;
@@ -150,9 +155,9 @@ void validate(const GenerationOptions& o) {
   if (!(std::isfinite(o.repetition_penalty) && o.repetition_penalty > 0.0))
     usage("--repetition-penalty must be a positive number, 1 for none (got " + fmt(o.repetition_penalty) + ")");
   if (o.do_sample) {
-    if (!(std::isfinite(o.temperature) && o.temperature > 0.0))
-      usage("--temperature must be greater than 0 when sampling (got " + fmt(o.temperature) +
-            "); for the most likely tokens leave out --do-sample");
+    if (!(std::isfinite(o.temperature) && o.temperature >= kMinSamplingTemperature))
+      usage("--temperature must be at least " + fmt(kMinSamplingTemperature) + " when sampling (got " +
+            fmt(o.temperature) + "; below, the softmax degenerates); for the most likely tokens leave out --do-sample");
     if (o.top_k < 0) usage("--top-k must be 0 (off) or positive (got " + std::to_string(o.top_k) + ")");
     if (!(o.top_p > 0.0 && o.top_p <= 1.0)) usage("--top-p must be in (0, 1] (got " + fmt(o.top_p) + ")");
   }
@@ -306,9 +311,23 @@ bool Generation::needs_logits() const {
   return false;
 }
 
+// NaN or infinite logits (NaN weights, an overflow) would still pick tokens, and a normal-looking answer would
+// hide a broken model: refuse them.
+void Generation::refuse_non_finite(int64_t row, const float* values, int64_t n) const {
+  for (int64_t v = 0; v < n; ++v)
+    if (!std::isfinite(values[v]))
+      fail(ErrorKind::Model, "the model's logits hold " + fmt(values[v]) + " (row " + std::to_string(row) +
+                                 (n > 1 ? ", token " + std::to_string(v) : std::string()) + ", step " +
+                                 std::to_string(step_) + "): its weights or computation produce non-finite "
+                                                         "values; no text would be meaningful");
+}
+
 void Generation::advance(const ops::Pick* picks) {
   if (needs_logits()) fail(ErrorKind::Internal, "generation: this step needs the logits, not greedy picks");
   if (!start_step()) return;
+  // A pick's log-probability is not finite exactly when its row's logits hold a NaN or +infinity.
+  for (int r = 0; r < rows(); ++r)
+    if (!row_done_[r]) refuse_non_finite(r, &picks[r].log_prob, 1);
   for (int r = 0; r < rows(); ++r) {
     if (row_done_[r]) feed_[r] = sp_.pad;  // finished rows keep feeding padding, as the reference does
     else choose(r, picks[r].id, picks[r].log_prob);
@@ -321,6 +340,8 @@ void Generation::advance(const float* logits) {
   if (!start_step()) return;
   const int64_t V = V_;
   const bool last = last_;
+  for (int r = 0; r < K; ++r)
+    if (beam_ || !row_done_[r]) refuse_non_finite(r, logits + r * V, V);
 
   if (!beam_) {
     std::vector<float> buf(static_cast<size_t>(V));
@@ -479,8 +500,8 @@ GenerationOptions generation_defaults(const std::string& model_dir) {
   const std::string path = (std::filesystem::path(model_dir) / "generation_config.json").string();
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) return o;  // none (or no directory): the load reports it
-  std::ifstream in(path);
-  const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  const nlohmann::json j =
+      nlohmann::json::parse(read_file(path, kMaxConfigFileBytes, ErrorKind::Model, "config file"), nullptr, false);
   if (j.is_discarded() || !j.is_object()) fail(ErrorKind::Model, path + ": not a JSON object");
   const auto bad = [&](const char* key, const char* what) {
     fail(ErrorKind::Model, path + ": field '" + key + "' must be " + what);

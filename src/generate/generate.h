@@ -115,6 +115,7 @@ class Generation {
   std::vector<int32_t> feed_;
   std::vector<int> parents_;
   bool start_step();                                  // false once done (the rows then feed padding)
+  void refuse_non_finite(int64_t row, const float* values, int64_t n) const;  // Error(Model) if any is NaN/inf
   void choose(int row, int32_t next, float log_prob);  // greedy / sampling: row takes `next`
   void finish_rows();                                 // greedy / sampling: done when every row has ended
   bool last_ = false;                                 // this step is the last allowed
@@ -132,6 +133,11 @@ class Generation {
 std::vector<std::vector<GeneratedSequence>> generate(
     const std::function<std::unique_ptr<Decoder>(int expand)>& start, int batch,
     const GenerationOptions& options, const SpecialTokens& special, const TokenCallback& on_token = nullptr);
+
+// The smallest sampling temperature. A token d logits below the best gets weight exp(-d / temperature), which
+// is exactly 0 in double precision once d / temperature > 745: below 0.002 every token 1.5 logits behind the
+// best can never be drawn, sampling is greedy decoding in disguise, and beam sampling runs out of tokens.
+constexpr double kMinSamplingTemperature = 0.002;
 
 // Checks options for contradictions and ranges; throws Error(Usage) naming the command-line option.
 void validate(const GenerationOptions& options);

@@ -14,6 +14,7 @@
 #include <new>
 
 #include "core/error.h"
+#include "core/file.h"
 #include "image/webp.h"
 
 namespace blip2 {
@@ -378,17 +379,8 @@ RgbImage decode_image(const uint8_t* data, size_t size, const std::string& name,
 }
 
 RgbImage load_image(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) fail(ErrorKind::Input, path + ": cannot open: " + std::strerror(errno));
-  std::vector<uint8_t> bytes;
-  uint8_t buf[1 << 16];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) bytes.insert(bytes.end(), buf, buf + n);
-  const bool failed = std::ferror(f);
-  const int err = errno;
-  std::fclose(f);
-  if (failed) fail(ErrorKind::Input, path + ": cannot read: " + std::strerror(err));  // e.g. a directory
-  return decode_image(bytes.data(), bytes.size(), path);
+  const std::string bytes = read_file(path, kMaxImageFileBytes, ErrorKind::Input, "image");
+  return decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), path);
 }
 
 RgbImage resize_bicubic(const RgbImage& src, int width, int height) {

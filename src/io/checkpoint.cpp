@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/file.h"
 
 namespace blip2 {
 
@@ -16,10 +17,8 @@ Checkpoint::Checkpoint(const std::string& model_dir, const Progress& progress) :
   const fs::path index = dir / "model.safetensors.index.json";
   const fs::path single = dir / "model.safetensors";
   if (fs::exists(index)) {
-    std::ifstream in(index);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    const auto j = nlohmann::json::parse(ss.str(), nullptr, false);
+    const auto j = nlohmann::json::parse(read_file(index.string(), kMaxConfigFileBytes, ErrorKind::Model, "index file"),
+                                         nullptr, false);
     if (j.is_discarded() || !j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       fail(ErrorKind::Model, index.string() + ": malformed index (no \"weight_map\" object)");
     std::map<std::string, std::vector<std::string>> by_shard;  // shard file -> tensor names

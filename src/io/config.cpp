@@ -1,11 +1,10 @@
 #include "io/config.h"
 
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "core/error.h"
+#include "core/file.h"
 
 namespace blip2 {
 
@@ -121,11 +120,8 @@ json parse_json(const std::string& text, const std::string& source) {
 }
 
 std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(ErrorKind::Model, path + ": cannot open (is this a BLIP-2 model directory?)");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  if (!std::filesystem::exists(path)) fail(ErrorKind::Model, path + ": cannot open (is this a BLIP-2 model directory?)");
+  return read_file(path, kMaxConfigFileBytes, ErrorKind::Model, "config file");
 }
 
 void parse_t5(const Fields& t, T5Config& tc, const std::string& where) {
@@ -137,8 +133,16 @@ void parse_t5(const Fields& t, T5Config& tc, const std::string& where) {
   tc.num_decoder_layers = tc.num_layers;  // T5Config: defaults to num_layers
   t.count("num_decoder_layers", tc.num_decoder_layers, 1024);
   t.count("num_heads", tc.num_heads, 4096);
-  t.count("relative_attention_num_buckets", tc.relative_attention_num_buckets, 1 << 16, 2);
+  // t5_relative_bucket gives each direction num_buckets / 2 buckets, half of them exact: the encoder needs
+  // num_buckets >= 4 for an exact bucket, and the logarithmic buckets index the table in range only when
+  // max_distance exceeds the exact ones (num_buckets / 2 for the decoder, which counts one direction);
+  // otherwise the log is zero or negative and the bucket index lands before the table.
+  t.count("relative_attention_num_buckets", tc.relative_attention_num_buckets, 1 << 16, 4);
   t.count("relative_attention_max_distance", tc.relative_attention_max_distance, 1 << 24);
+  if (tc.relative_attention_max_distance <= tc.relative_attention_num_buckets / 2)
+    t.bad("relative_attention_max_distance", "= " + std::to_string(tc.relative_attention_max_distance) +
+                                                 " must be greater than half of relative_attention_num_buckets (" +
+                                                 std::to_string(tc.relative_attention_num_buckets) + ")");
   t.epsilon("layer_norm_epsilon", tc.layer_norm_epsilon);
   // T5Config: feed_forward_proj "gated-ACT" or "ACT"; "gated-gelu" means gelu_new for backward
   // compatibility, but an explicit dense_act_fn (BLIP-2 stores "gelu") wins.
@@ -239,6 +243,11 @@ Blip2Config parse_config(const std::string& json_text, const std::string& source
     t.bad("model_type", "= \"" + text_type.value_or("") +
                             "\": the language model must be Flan-T5 (\"t5\") or OPT (\"opt\")");
   }
+  // OPT's learned positions must hold the query slots, the BOS token and one generated token.
+  if (c.family == LanguageFamily::OPT && c.opt.max_position_embeddings < c.num_query_tokens + 2)
+    t.bad("max_position_embeddings", "= " + std::to_string(c.opt.max_position_embeddings) +
+                                         " leaves no room for a prompt: it must be at least num_query_tokens (" +
+                                         std::to_string(c.num_query_tokens) + ") + 2");
   if (c.image_token_index && *c.image_token_index >= c.lm_vocab_size())
     top.bad("image_token_index", "= " + std::to_string(*c.image_token_index) + " is outside the vocabulary (" +
                                      std::to_string(c.lm_vocab_size()) + ")");

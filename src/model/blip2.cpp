@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/file.h"
 #include "cuda/cuda.h"
 #include "ops/ops.h"
 #include "ops/parallel.h"
@@ -23,9 +24,9 @@ int read_max_prompt_tokens(const std::string& dir, const Blip2Config& cfg) {
   if (cfg.family == LanguageFamily::OPT)
     n = std::max(1, cfg.opt.max_position_embeddings - cfg.num_query_tokens - 1);
   const auto path = std::filesystem::path(dir) / "tokenizer_config.json";
-  std::ifstream in(path);
-  if (!in) return n;
-  const auto j = nlohmann::json::parse(in, nullptr, false);
+  if (!std::filesystem::exists(path)) return n;
+  const auto j =
+      nlohmann::json::parse(read_file(path.string(), kMaxConfigFileBytes, ErrorKind::Model, "config file"), nullptr, false);
   if (j.is_object() && j.contains("model_max_length") && j["model_max_length"].is_number_integer()) {
     const int64_t m = j["model_max_length"].get<int64_t>();
     if (m > 0 && m <= (1 << 20)) return cfg.family == LanguageFamily::OPT ? std::min<int>(n, static_cast<int>(m))

@@ -1,6 +1,9 @@
 #include "server/chat_request.h"
 
+#include <arpa/inet.h>
 #include <httplib.h>
+#include <netdb.h>
+#include <netinet/in.h>
 
 #include <cmath>
 #include <filesystem>
@@ -169,6 +172,12 @@ ChatRequest parse_chat_request(const std::string& body, const GenerationOptions&
     o.temperature = get_number(*temperature, "temperature", 0.0, 2.0);
     o.do_sample = o.temperature > 0.0;
     if (!o.do_sample) o.temperature = 1.0;
+    if (o.do_sample && o.temperature < kMinSamplingTemperature) {
+      std::ostringstream s;
+      s << "'temperature' must be 0 (the most likely tokens) or at least " << kMinSamplingTemperature << " (got "
+        << o.temperature << "): below, the softmax degenerates (tokens 1.5 logits behind the best can never be drawn)";
+      bad_field("temperature", s.str());
+    }
   }
   if (top_p) {
     o.top_p = get_number(*top_p, "top_p", 0.0, 1.0);
@@ -278,6 +287,47 @@ ChatRequest parse_chat_request(const std::string& body, const GenerationOptions&
   return r;
 }
 
+namespace {
+
+// Resolves the URL's host, checks each address with non_public_address_kind, and makes the client connect to
+// the first address allowed: the address checked is the address used (a second lookup could answer
+// differently: DNS rebinding).
+void pin_public_address(httplib::Client& cli, const std::string& authority, const Limits& limits) {
+  if (authority.find('@') != std::string::npos)
+    bad_field("image_url", "image URLs with user names or passwords are not fetched", "image_url_not_allowed");
+  std::string host;
+  if (!authority.empty() && authority[0] == '[') {
+    const size_t close = authority.find(']');
+    if (close == std::string::npos) bad_field("image_url", "not a valid image URL", "invalid_image_url");
+    host = authority.substr(1, close - 1);
+  } else {
+    host = authority.substr(0, authority.find(':'));
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.c_str(), nullptr, &hints, &found) != 0 || !found)
+    bad_field("image_url", "could not fetch the image: cannot resolve the host name", "image_fetch_failed");
+  std::string chosen, refused;
+  for (const addrinfo* a = found; a && chosen.empty(); a = a->ai_next) {
+    char ip[INET6_ADDRSTRLEN] = {};
+    const void* raw = a->ai_family == AF_INET ? static_cast<const void*>(&reinterpret_cast<const sockaddr_in*>(a->ai_addr)->sin_addr)
+                                              : static_cast<const void*>(&reinterpret_cast<const sockaddr_in6*>(a->ai_addr)->sin6_addr);
+    if (!inet_ntop(a->ai_family, raw, ip, sizeof ip)) continue;
+    const std::string kind = non_public_address_kind(a->ai_addr);
+    if (kind.empty() || limits.allow_private_image_hosts) chosen = ip;
+    else if (refused.empty()) refused = "a " + kind + " address (" + ip + ")";
+  }
+  freeaddrinfo(found);
+  if (chosen.empty())
+    bad_field("image_url", "the image host resolves to " + refused + ", which is not fetched (start the server with "
+                           "--allow-private-image-hosts to allow it)", "image_url_not_allowed");
+  cli.set_hostname_addr_map({{host, chosen}});
+}
+
+}  // namespace
+
 std::string fetch_image(const std::string& url, const Limits& limits) {
   const auto too_large = [&](size_t n) {
     throw ApiError(413, "image is " + std::to_string(n) + " bytes, the limit is " + std::to_string(limits.max_image_bytes),
@@ -328,6 +378,7 @@ std::string fetch_image(const std::string& url, const Limits& limits) {
     const std::string path = path_start == std::string::npos ? "/" : url.substr(path_start);
     httplib::Client cli(origin);
     if (!cli.is_valid()) bad_field("image_url", "not a valid image URL", "invalid_image_url");
+    pin_public_address(cli, origin.substr(scheme_end), limits);
     const auto t = std::chrono::duration<double>(limits.remote_timeout_s);
     cli.set_connection_timeout(std::chrono::duration_cast<std::chrono::microseconds>(t));
     cli.set_read_timeout(std::chrono::duration_cast<std::chrono::microseconds>(t));
@@ -348,6 +399,43 @@ std::string fetch_image(const std::string& url, const Limits& limits) {
     return bytes;
   }
   bad_field("image_url", "image URLs must be data:image/...;base64 URLs", "invalid_image_url");
+}
+
+namespace {
+
+// The IPv4 ranges that are not public (RFC 6890's special-purpose registry, the parts a fetch must avoid).
+std::string ipv4_kind(uint32_t a) {  // host byte order
+  const auto in = [a](uint32_t net, int bits) { return bits == 0 || (a >> (32 - bits)) == (net >> (32 - bits)); };
+  if (in(0x7F000000, 8)) return "loopback";                                       // 127.0.0.0/8
+  if (in(0xA9FE0000, 16)) return "link-local";                                    // 169.254.0.0/16
+  if (in(0x0A000000, 8) || in(0xAC100000, 12) || in(0xC0A80000, 16)) return "private";  // 10/8 172.16/12 192.168/16
+  if (in(0x64400000, 10)) return "private";                                       // 100.64.0.0/10 (carrier NAT)
+  if (in(0x00000000, 8)) return "unspecified";                                    // 0.0.0.0/8
+  if (in(0xE0000000, 4)) return "multicast";                                      // 224.0.0.0/4
+  if (in(0xF0000000, 4) || in(0xC0000000, 24) || in(0xC6120000, 15)) return "reserved";  // 240/4 192.0.0/24 198.18/15
+  return "";
+}
+
+}  // namespace
+
+std::string non_public_address_kind(const sockaddr* addr) {
+  if (addr->sa_family == AF_INET)
+    return ipv4_kind(ntohl(reinterpret_cast<const sockaddr_in*>(addr)->sin_addr.s_addr));
+  if (addr->sa_family != AF_INET6) return "reserved";
+  const uint8_t* b = reinterpret_cast<const sockaddr_in6*>(addr)->sin6_addr.s6_addr;
+  const auto prefix = [b](std::initializer_list<uint8_t> p) { return std::equal(p.begin(), p.end(), b); };
+  const auto v4_at = [b](int i) { return uint32_t(b[i]) << 24 | uint32_t(b[i + 1]) << 16 | uint32_t(b[i + 2]) << 8 | b[i + 3]; };
+  if (prefix({0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF})) return ipv4_kind(v4_at(12));  // ::ffff:a.b.c.d
+  if (prefix({0, 0x64, 0xFF, 0x9B, 0, 0, 0, 0, 0, 0, 0, 0})) return ipv4_kind(v4_at(12));  // 64:ff9b::a.b.c.d
+  if (prefix({0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})) {  // ::/96: ::, ::1, and deprecated IPv4-compatible ones
+    const uint32_t low = v4_at(12);
+    return low == 1 ? "loopback" : low == 0 ? "unspecified" : "reserved";
+  }
+  if (b[0] == 0xFE && (b[1] & 0xC0) == 0x80) return "link-local";  // fe80::/10
+  if (b[0] == 0xFE && (b[1] & 0xC0) == 0xC0) return "private";     // fec0::/10 (site-local, deprecated)
+  if ((b[0] & 0xFE) == 0xFC) return "private";                     // fc00::/7 (unique local)
+  if (b[0] == 0xFF) return "multicast";                            // ff00::/8
+  return "";
 }
 
 std::string conversation_prompt(const ChatRequest& r, int64_t max_tokens,

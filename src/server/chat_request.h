@@ -1,6 +1,8 @@
 // POST /v1/chat/completions: the request body, parsed and checked against the server's limits before any
 // model work. Everything wrong with a request is an ApiError (400 and friends) naming the field.
 #pragma once
+#include <sys/socket.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -23,6 +25,7 @@ struct Limits {
   int max_choices = 8;                     // n and num_beams may not exceed this
   std::string local_image_dir;             // file:// image URLs allowed under this directory; empty: refused
   bool allow_remote_images = false;        // http(s):// image URLs fetched; off: refused
+  bool allow_private_image_hosts = false;  // ... also from loopback, link-local and private addresses
   double remote_timeout_s = 10;
 };
 
@@ -46,6 +49,13 @@ nlohmann::json parse_json_body(const std::string& body, int max_depth);
 // The encoded image bytes a URL names: a base64 data URL, or (when the limits allow it) a local file or a
 // remote URL. Throws ApiError.
 std::string fetch_image(const std::string& url, const Limits& limits);
+
+// Where a remote image may be fetched from, decided on each address its host resolves to: the kind of an address
+// that is not on the public internet ("loopback", "link-local", "private", "unspecified", "multicast",
+// "reserved"; IPv4-mapped and NAT64 IPv6 addresses by the IPv4 address inside), or "" for a public one. The
+// server fetches from the others only with allow_private_image_hosts: they reach the machine itself, its
+// network and the cloud metadata endpoint (169.254.169.254).
+std::string non_public_address_kind(const sockaddr* addr);
 
 // The prompt of a request: the conversation so far and the question (blip2 chat's format), or "" for a
 // lone image. Drops the oldest turns that do not fit `max_tokens`.

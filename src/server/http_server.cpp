@@ -6,10 +6,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <map>
 #include <sstream>
 
 #include "core/error.h"
+#include "core/file.h"
 #include "image/image.h"
 #include "server/web_page.h"
 
@@ -75,6 +78,31 @@ int64_t unix_now() {
 
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
+// Tokens of a prompt, stopping once past `limit` and tokenizing at most kChunk bytes at a time: tokenizing
+// costs memory in proportion to the text (a 15 MB question took 3.7 GB before it was refused). Longer text is
+// counted in chunks cut before a space, where both tokenizers split words anyway (GPT-2's pre-tokenizer gives
+// the space to the next word; SentencePiece splits on whitespace), less the BOS or EOS each encode() adds.
+// Exact up to kChunk bytes, which any prompt within the limits is; beyond, a cut inside a run of spaces or
+// of a word without spaces can miscount by a token or two, on text that is thousands of tokens over.
+int64_t count_prompt_tokens(const Tokenizer& tok, const std::string& text, int64_t limit) {
+  constexpr size_t kChunk = 16 << 10;
+  if (text.size() <= kChunk) return static_cast<int64_t>(tok.encode(text).size());
+  const int64_t added = static_cast<int64_t>(tok.encode("").size());
+  int64_t n = added;
+  for (size_t at = 0; at < text.size() && n <= limit;) {
+    size_t cut = std::min(text.size(), at + kChunk);
+    if (cut < text.size()) {
+      const size_t space = text.rfind(' ', cut);
+      if (space != std::string::npos && space > at) cut = space;
+      else
+        while (cut > at + 1 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;  // not mid-character
+    }
+    n += static_cast<int64_t>(tok.encode(text.substr(at, cut - at)).size()) - added;
+    at = cut;
+  }
+  return n;
+}
+
 const std::vector<std::string> kPaths = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions"};
 
 }  // namespace
@@ -94,6 +122,14 @@ HttpServer::HttpServer(const Blip2Model& model, const GenerationOptions& default
   http_->set_payload_max_length(opt_.limits.max_body_bytes);
   http_->set_read_timeout(30, 0);
   http_->set_write_timeout(30, 0);
+  // httplib's default socket options set SO_REUSEPORT, with which a second server binds a busy port without
+  // a word and the kernel splits the connections between the two. SO_REUSEADDR alone still allows a restart
+  // over connections in TIME_WAIT. The socket is noted for bind(), which raises its listen backlog.
+  http_->set_socket_options([this](socket_t sock) {
+    const int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    listen_fd_ = sock;
+  });
   routes();
 }
 
@@ -110,6 +146,11 @@ int HttpServer::bind() {
   if (port_ <= 0)
     fail(ErrorKind::Usage, "cannot listen on " + opt_.host + ":" + std::to_string(opt_.port) +
                                " (address in use, or not an address of this machine)");
+  // httplib listens with a backlog of 5: under load, connections beyond it are dropped and retried a second
+  // later (a ~1 s p99). Calling listen() again on the listening socket sets the new backlog (capped by the
+  // kernel's somaxconn).
+  if (::listen(listen_fd_, kListenBacklog) != 0)
+    fail(ErrorKind::Internal, "cannot set the listen backlog: " + std::string(std::strerror(errno)));
   return port_;
 }
 
@@ -188,10 +229,53 @@ void HttpServer::routes() {
                                            {"owned_by", "blip2"}}})}};
     res.set_content(dump(j), kJson);
   });
-  s.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) { chat(req, res); });
+  // The body is read here rather than by httplib, whose limit counts the bytes received: a gzip or brotli body
+  // inflated past it, and a chunked one was not counted at all. These are counted after decoding, as they
+  // arrive, so no more than the limit is ever held.
+  s.Post("/v1/chat/completions",
+         [this](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& read) {
+           std::string body;
+           bool over = false;
+           const bool ok = read([&](const char* data, size_t n) {
+             if (body.size() + n > opt_.limits.max_body_bytes) {
+               over = true;
+               return false;
+             }
+             body.append(data, n);
+             return true;
+           });
+           // (a Content-Length over the limit: httplib refuses to read before any byte is counted)
+           const std::string length = req.get_header_value("Content-Length");
+           over = over || (!ok && !length.empty() && std::strtoull(length.c_str(), nullptr, 10) > opt_.limits.max_body_bytes);
+           if (!ok || over) {
+             res.set_header("Connection", "close");  // the rest of the body is not read
+             send_error(res, over ? ApiError(413, "request body too large (the limit is " +
+                                                      size_str(opt_.limits.max_body_bytes) + ", counted decompressed)",
+                                             "", "body_too_large")
+                                  : ApiError(400, "the request body could not be read (cut short, or a bad chunked, "
+                                                  "gzip or brotli encoding)", "", "invalid_body"));
+             return;
+           }
+           chat(req, body, res);
+         });
 }
 
-void HttpServer::chat(const httplib::Request& req, httplib::Response& res) {
+// OPT's positions are a learned table: the image's query tokens, the prompt and every generated token but
+// the last take one each. A request that would run past it is refused here rather than failing mid-batch.
+void HttpServer::check_positions(const Job& job) const {
+  const Blip2Config& c = model_.config();
+  if (c.family != LanguageFamily::OPT) return;  // T5's relative positions have no end
+  const int64_t room = int64_t(c.opt.max_position_embeddings) + 1 - c.num_query_tokens - job.prompt_tokens;
+  if (job.options.max_new_tokens > room)
+    throw ApiError(400, "'max_tokens' (" + std::to_string(job.options.max_new_tokens) + ") does not fit: the model has " +
+                            std::to_string(c.opt.max_position_embeddings) + " positions, the image takes " +
+                            std::to_string(c.num_query_tokens) + " and the prompt " +
+                            std::to_string(job.prompt_tokens) + ", which leaves room for " +
+                            std::to_string(std::max<int64_t>(room, 0)) + " tokens",
+                   "max_tokens", "context_length_exceeded");
+}
+
+void HttpServer::chat(const httplib::Request& req, const std::string& body, httplib::Response& res) {
   ++in_flight_;
   struct Leave {  // the request leaves in_flight_ when its response is written (streams: by the releaser)
     std::atomic<int>* n;
@@ -206,11 +290,19 @@ void HttpServer::chat(const httplib::Request& req, httplib::Response& res) {
     if (ct.rfind("application/json", 0) != 0)
       throw ApiError(415, "Content-Type must be application/json (got '" + ct + "')", "", "unsupported_media_type");
     if (draining_) throw ApiError(503, "the server is shutting down", "", "shutting_down", "server_error");
-    cr = parse_chat_request(req.body, defaults_, opt_.limits);
-    const std::string bytes = fetch_image(cr.image_url, opt_.limits);
-
+    cr = parse_chat_request(body, defaults_, opt_.limits);
     job = std::make_shared<Job>();
     job->options = cr.options;
+    // The prompt before the image: a question that is too long is refused before any image work.
+    const int64_t max_prompt = opt_.limits.max_prompt_tokens > 0
+                                   ? std::min(opt_.limits.max_prompt_tokens, model_.max_prompt_tokens())
+                                   : model_.max_prompt_tokens();
+    const auto count = [&](const std::string& p) { return count_prompt_tokens(model_.tokenizer(), p, max_prompt); };
+    job->prompt = conversation_prompt(cr, max_prompt, count);
+    job->prompt_tokens = count(job->prompt);
+    check_positions(*job);
+
+    const std::string bytes = fetch_image(cr.image_url, opt_.limits);
     job->deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                        std::chrono::duration<double>(opt_.scheduler.request_timeout_s));
     job->image_key = sha256_hex(bytes);
@@ -225,12 +317,6 @@ void HttpServer::chat(const httplib::Request& req, httplib::Response& res) {
         throw ApiError(422, std::string("cannot use the image: ") + e.what(), "image_url", "invalid_image");
       }
     }
-    const int64_t max_prompt = opt_.limits.max_prompt_tokens > 0
-                                   ? std::min(opt_.limits.max_prompt_tokens, model_.max_prompt_tokens())
-                                   : model_.max_prompt_tokens();
-    const auto count = [&](const std::string& p) { return static_cast<int64_t>(model_.tokenizer().encode(p).size()); };
-    job->prompt = conversation_prompt(cr, max_prompt, count);
-    job->prompt_tokens = count(job->prompt);
     scheduler_->submit(job);
   } catch (const ApiError& e) {
     send_error(res, e);

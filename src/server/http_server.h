@@ -16,6 +16,9 @@
 
 namespace blip2::server {
 
+// Connections the kernel queues for accept() (the kernel caps it at net.core.somaxconn).
+constexpr int kListenBacklog = 1024;
+
 struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8080;               // 0: any free port (bind() returns it)
@@ -50,7 +53,8 @@ class HttpServer {
  private:
   struct Counters;
   void routes();
-  void chat(const httplib::Request& req, httplib::Response& res);
+  void chat(const httplib::Request& req, const std::string& body, httplib::Response& res);
+  void check_positions(const Job& job) const;  // throws ApiError(400)
 
   const Blip2Model& model_;
   const GenerationOptions defaults_;
@@ -61,6 +65,7 @@ class HttpServer {
   std::atomic<bool> draining_{false};
   std::atomic<int> in_flight_{0};  // chat requests whose response is not yet written
   int port_ = 0;
+  int listen_fd_ = -1;  // the listening socket (httplib owns it)
 };
 
 }  // namespace blip2::server

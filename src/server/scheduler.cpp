@@ -21,6 +21,16 @@ void add_to_hist(std::vector<int64_t>& hist, int64_t v) {
   ++hist[i];
 }
 
+// A failure inside the engine: the request's own settings (an Error of kind Usage or Input: 400) when it is the
+// only request the failed work was for (`own`), else a 500: a shared pass cannot blame one of its requests.
+std::unique_ptr<ApiError> engine_error(const std::exception& e, bool own = true) {
+  const auto* err = dynamic_cast<const Error*>(&e);
+  if (own && err && (err->kind() == ErrorKind::Usage || err->kind() == ErrorKind::Input))
+    return std::make_unique<ApiError>(400, e.what(), "", "invalid_value");
+  return std::make_unique<ApiError>(500, std::string("generation failed: ") + e.what(), "", "internal_error",
+                                    "server_error");
+}
+
 }  // namespace
 
 void Job::push(Event e) {
@@ -214,7 +224,19 @@ struct Scheduler::Running {
   std::shared_ptr<Job> job;
   std::vector<TextStream> streams;  // one per row (greedy and sampling stream as they go)
   std::unique_ptr<Generation> gen;
+  bool failed = false;              // its Generation threw: job->error is set; it leaves at retire()
 };
+
+// Ends jobs that failed before joining the batch (their rows were counted by take_admissible).
+void Scheduler::fail_admitted(const std::vector<std::shared_ptr<Job>>& jobs, const std::exception& e) {
+  for (const auto& j : jobs) {
+    j->error = engine_error(e, jobs.size() == 1);
+    finish(*j, false);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  running_requests_ -= static_cast<int64_t>(jobs.size());
+  for (const auto& j : jobs) running_rows_ -= rows_of(j->options);
+}
 
 // Starts the decoder rows of `jobs` (all taking `expand` rows) over their prompt stage `enc`, chooses their
 // first tokens, and appends them to the running batch.
@@ -226,14 +248,9 @@ void Scheduler::admit() {
   try {
     encode_images(jobs);
   } catch (const std::exception& e) {
-    for (const auto& j : jobs) {
-      j->error = std::make_unique<ApiError>(500, std::string("image encoding failed: ") + e.what(), "",
-                                            "internal_error", "server_error");
-      finish(*j, false);
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    running_requests_ -= static_cast<int64_t>(jobs.size());
-    for (const auto& j : jobs) running_rows_ -= rows_of(j->options);
+    // One vision pass for all (the images were decoded and checked before queueing: nothing is expected to
+    // fail here but the engine itself).
+    fail_admitted(jobs, e);
     return;
   }
   // Jobs taking the same number of rows start together: one prompt-stage pass, one decoder start.
@@ -244,39 +261,56 @@ void Scheduler::admit() {
   const auto t0 = Clock::now();
   // T5: every new prompt through the encoder at once (right padding is masked: each answer is the same as
   // alone). OPT's prompt stage is only the embedding; its prompts run alone, since left padding would enter
-  // what its logits processors see.
+  // what its logits processors see. If the shared pass fails, each prompt runs alone, so that only the one
+  // at fault fails.
   Encoded all;
-  if (t5) {
-    std::vector<std::string> prompts;
-    Encoded img;
-    const int64_t Q = jobs[0]->image->dim(1), d = jobs[0]->image->dim(2);
-    img.language_projection = Tensor({static_cast<int64_t>(jobs.size()), Q, d}, model_.device());
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      ops::copy_rows(*jobs[i]->image, 0, img.language_projection, static_cast<int64_t>(i) * Q, Q);
-      prompts.push_back(jobs[i]->prompt);
+  bool together = false;
+  if (t5 && jobs.size() > 1) {
+    try {
+      std::vector<std::string> prompts;
+      Encoded img;
+      const int64_t Q = jobs[0]->image->dim(1), d = jobs[0]->image->dim(2);
+      img.language_projection = Tensor({static_cast<int64_t>(jobs.size()), Q, d}, model_.device());
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        ops::copy_rows(*jobs[i]->image, 0, img.language_projection, static_cast<int64_t>(i) * Q, Q);
+        prompts.push_back(jobs[i]->prompt);
+      }
+      all = model_.encode_prompts(img, model_.tokenize(prompts));
+      together = true;
+    } catch (const std::exception&) {
     }
-    all = model_.encode_prompts(img, model_.tokenize(prompts));
   }
   for (size_t g0 = 0; g0 < jobs.size();) {
     size_t g1 = g0 + 1;
     const int E = rows_of(jobs[g0]->options);
-    if (t5)
+    if (together)
       while (g1 < jobs.size() && rows_of(jobs[g1]->options) == E) ++g1;
-    std::vector<std::unique_ptr<Running>> group;
+    const std::vector<std::shared_ptr<Job>> members(jobs.begin() + static_cast<std::ptrdiff_t>(g0),
+                                                    jobs.begin() + static_cast<std::ptrdiff_t>(g1));
+    std::unique_ptr<Decoder> d;
+    Tensor logits;
     try {
       Encoded enc;
-      if (t5) {
+      if (together) {
         enc = select_items(all, static_cast<int64_t>(g0), static_cast<int64_t>(g1));
       } else {
         Encoded img;
         img.language_projection = *jobs[g0]->image;
         enc = model_.encode_prompts(img, model_.tokenize({jobs[g0]->prompt}));
       }
-      std::unique_ptr<Decoder> d = model_.start_decoder(enc, E);
-      const Tensor logits = on_host(d->start());
-      std::vector<int> src;
-      bool moved = false;
-      for (size_t i = g0; i < g1; ++i) {
+      d = model_.start_decoder(enc, E);
+      logits = on_host(d->start());
+    } catch (const std::exception& e) {
+      fail_admitted(members, e);  // the group's one decoder pass: they fail together (alone unless T5 batched)
+      g0 = g1;
+      continue;
+    }
+    // Each request chooses its first tokens on its own: one that throws leaves, its rows dropped from `d`.
+    std::vector<std::unique_ptr<Running>> group;
+    std::vector<int> src;
+    bool moved = false;
+    for (size_t i = g0; i < g1; ++i) {
+      try {
         auto r = std::make_unique<Running>();
         r->job = jobs[i];
         r->streams = std::vector<TextStream>(static_cast<size_t>(E), TextStream(model_.tokenizer()));
@@ -296,22 +330,24 @@ void Scheduler::admit() {
         moved = moved || r->gen->reordered();
         for (int e = 0; e < E; ++e) src.push_back(base + r->gen->parents()[e]);
         group.push_back(std::move(r));
+      } catch (const std::exception& e) {
+        fail_admitted({jobs[i]}, e);
+        moved = true;  // its rows leave
       }
+    }
+    g0 = g1;
+    if (group.empty()) continue;
+    try {
       if (moved) d->reorder(src);
       if (dec_) dec_->append(std::move(*d));
       else dec_ = std::move(d);
-      for (auto& r : group) running_.push_back(std::move(r));
     } catch (const std::exception& e) {
-      for (size_t i = g0; i < g1; ++i) {
-        jobs[i]->error = std::make_unique<ApiError>(500, std::string("generation failed: ") + e.what(), "",
-                                                    "internal_error", "server_error");
-        finish(*jobs[i], false);
-      }
-      std::lock_guard<std::mutex> lock(mu_);
-      running_requests_ -= static_cast<int64_t>(g1 - g0);
-      running_rows_ -= static_cast<int64_t>(g1 - g0) * E;
+      std::vector<std::shared_ptr<Job>> left;
+      for (const auto& r : group) left.push_back(r->job);
+      fail_admitted(left, e);
+      continue;
     }
-    g0 = g1;
+    for (auto& r : group) running_.push_back(std::move(r));
   }
   std::lock_guard<std::mutex> lock(mu_);
   counters_.prompt_seconds += seconds_since(t0);
@@ -326,11 +362,19 @@ void Scheduler::step() {
     const int64_t V = logits.dim(1);
     int64_t offset = 0;
     for (const auto& r : running_) {
-      r->gen->advance(logits.ptr() + offset * V);
+      // A request's own choice failing (e.g. beam sampling out of tokens) ends that request only.
+      try {
+        r->gen->advance(logits.ptr() + offset * V);
+      } catch (const std::exception& e) {
+        r->job->error = engine_error(e);
+        r->failed = true;
+      }
       offset += r->gen->rows();
     }
   } catch (const std::exception& e) {
-    fail_running(std::string("generation failed: ") + e.what());
+    // The decoder step itself: its caches are shared by every row and may be half updated, so every running
+    // request fails. What is known to fail here (OPT past its positions) is refused before queueing.
+    fail_running(e);
     return;
   }
   {
@@ -351,11 +395,11 @@ void Scheduler::retire() {
   for (auto& r : running_) {
     const int n = r->gen->rows();
     Job& job = *r->job;
-    if (r->gen->done()) {
+    if (!r->failed && r->gen->done()) {
       complete(*r);
       changed = true;
       ++gone;
-    } else if (job.cancelled || Clock::now() > job.deadline) {
+    } else if (r->failed || job.cancelled || Clock::now() > job.deadline) {
       finish(job, false);
       changed = true;
       ++gone;
@@ -400,9 +444,9 @@ void Scheduler::complete(Running& r) {
   finish(job, true);
 }
 
-void Scheduler::fail_running(const std::string& what) {
+void Scheduler::fail_running(const std::exception& e) {
   for (auto& r : running_) {
-    r->job->error = std::make_unique<ApiError>(500, what, "", "internal_error", "server_error");
+    r->job->error = engine_error(e, running_.size() == 1);
     finish(*r->job, false);
   }
   running_.clear();

@@ -117,7 +117,8 @@ class Scheduler {
   void retire();  // finished, cancelled and expired requests leave; beams re-ranked
   void complete(Running& r);
   void finish(Job& job, bool ok);
-  void fail_running(const std::string& what);
+  void fail_running(const std::exception& e);
+  void fail_admitted(const std::vector<std::shared_ptr<Job>>& jobs, const std::exception& e);
   void count_tokens(int64_t n);
 
   const Blip2Model& model_;

@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/file.h"
 
 namespace blip2 {
 
@@ -134,27 +135,39 @@ void replace_all(std::string& s, const std::string& from, const std::string& to)
     s.replace(pos, from.size(), to);
 }
 
-// transformers' clean_up_tokenization: these replacements, in this order.
+// transformers' clean_up_tokenization: these replacements, in this order. Each only drops spaces.
+const std::pair<std::string, std::string> kCleanupRules[] = {
+    {" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"},
+    {" n't", "n't"}, {" 'm", "'m"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}};
+
 void clean_up_tokenization(std::string& s) {
-  static const std::pair<const char*, const char*> kRules[] = {
-      {" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"},
-      {" n't", "n't"}, {" 'm", "'m"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}};
-  for (const auto& [from, to] : kRules) replace_all(s, from, to);
+  for (const auto& [from, to] : kCleanupRules) replace_all(s, from, to);
+}
+
+// The longest prefix of `text` whose clean-up no text appended later can change: it ends after a character
+// that occurs in no rule's pattern except as its last character. No pattern can then straddle the cut in any
+// rule's input (the rules only drop spaces, so that character stays the last one before the cut, and a match
+// holding it ends there), so clean(text[0, cut) + more) = clean(text[0, cut)) + clean(text[cut, end) + more).
+// Without it, streamed text is lost: " you " is shown, then " ?" arrives and the text becomes " you?".
+size_t cleanup_stable_length(const std::string& text) {
+  static const std::string straddling = [] {
+    std::string chars;
+    for (const auto& [from, to] : kCleanupRules) chars += from.substr(0, from.size() - 1);
+    return chars;
+  }();
+  size_t cut = text.size();
+  while (cut > 0 && straddling.find(text[cut - 1]) != std::string::npos) --cut;
+  return cut;
 }
 
 bool is_ascii_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(ErrorKind::Model, path + ": cannot open tokenizer file");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) fail(ErrorKind::Model, path + ": cannot read tokenizer file");
-  return ss.str();
+std::string read_tokenizer_file(const std::string& path) {
+  return read_file(path, kMaxTokenizerFileBytes, ErrorKind::Model, "tokenizer file");
 }
 
 json read_json(const std::string& path) {
-  const std::string text = read_file(path);
+  const std::string text = read_tokenizer_file(path);
   try {
     return json::parse(text);
   } catch (const json::exception& e) {
@@ -253,7 +266,7 @@ struct BpeTokenizer::Impl {
   }
 
   void read_merges_txt(const std::string& path) {
-    std::istringstream in(read_file(path));
+    std::istringstream in(read_tokenizer_file(path));
     std::string line;
     int32_t rank = 0;
     for (int line_no = 1; std::getline(in, line); ++line_no) {
@@ -608,15 +621,22 @@ struct BpeTokenizer::Impl {
     return out;
   }
 
-  std::string decode(const std::vector<int32_t>& ids, bool skip_special) const {
+  // The text before clean-up.
+  std::string decode_raw(const std::vector<int32_t>& ids, bool skip_special) const {
     std::string bytes;
     for (int32_t id : ids) {
       if (id < 0 || static_cast<size_t>(id) >= bytes_of.size()) continue;  // HF skips ids with no token
       if (skip_special && special[id]) continue;
       bytes += bytes_of[id];
     }
-    std::string text = utf8_lossy(bytes);
-    if (clean_up_spaces) clean_up_tokenization(text);
+    return utf8_lossy(bytes);
+  }
+  std::string decode(const std::vector<int32_t>& ids, bool skip_special, bool stable_only = false) const {
+    std::string text = decode_raw(ids, skip_special);
+    if (clean_up_spaces) {
+      if (stable_only) text.resize(cleanup_stable_length(text));
+      clean_up_tokenization(text);
+    }
     return text;
   }
 };
@@ -683,6 +703,10 @@ std::vector<int32_t> BpeTokenizer::encode(const std::string& text) const { retur
 
 std::string BpeTokenizer::decode(const std::vector<int32_t>& ids, bool skip_special) const {
   return impl_->decode(ids, skip_special);
+}
+
+std::string BpeTokenizer::decode_stable(const std::vector<int32_t>& ids, bool skip_special) const {
+  return impl_->decode(ids, skip_special, true);
 }
 
 std::string BpeTokenizer::token_bytes(int32_t id) const {

@@ -32,6 +32,9 @@ class BpeTokenizer {
   // UTF-8 with U+FFFD for invalid sequences, then clean_up_tokenization_spaces if the config asks for it.
   // No strip(): callers that want LAVIS's output strip it themselves.
   std::string decode(const std::vector<int32_t>& ids, bool skip_special = true) const;
+  // The part of decode(ids) that no later ids can change: with clean_up_tokenization_spaces, text at the end
+  // that a following token could still clean up (" you " before "?") is left out. For streaming.
+  std::string decode_stable(const std::vector<int32_t>& ids, bool skip_special = true) const;
   // One token's bytes ("" for an id with no token). For streaming: a token may hold part of a UTF-8
   // character, so concatenate the bytes of several tokens before showing them.
   std::string token_bytes(int32_t id) const;

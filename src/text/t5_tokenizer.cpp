@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/file.h"
 
 namespace blip2 {
 
@@ -13,7 +14,8 @@ T5Tokenizer::T5Tokenizer(const std::string& model_dir, int eos_id, int extra_ids
   const std::string path = (std::filesystem::path(model_dir) / "spiece.model").string();
   if (!std::filesystem::exists(path))
     fail(ErrorKind::Model, path + ": tokenizer file missing (the T5 tokenizer needs spiece.model)");
-  const auto status = sp_->Load(path);
+  // Read here, under the tokenizer files' size cap, rather than by SentencePiece, which reads without one.
+  const auto status = sp_->LoadFromSerializedProto(read_file(path, kMaxTokenizerFileBytes, ErrorKind::Model, "tokenizer file"));
   if (!status.ok()) fail(ErrorKind::Model, path + ": cannot load SentencePiece model: " + status.ToString());
   pieces_ = sp_->GetPieceSize();
 }

@@ -1,6 +1,8 @@
 // Text of a sequence as its tokens arrive: each call returns what the decoded text gained since the last
 // one, holding back a trailing replacement character or an unfinished UTF-8 character until it completes
-// (a byte-fallback piece can end mid-character). The pieces joined equal decode(all ids).
+// (a byte-fallback piece can end mid-character), and text the tokenizer may still change (decode_stable:
+// OPT's clean-up of spaces). The pieces joined equal decode(all ids). The CLI's stream, the server's SSE and
+// blip2_generate_stream all stream through this class.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -16,7 +18,7 @@ class TextStream {
   // Appends a token; returns the new text that is final.
   std::string put(int32_t id) {
     ids_.push_back(id);
-    return emit(tok_.decode(ids_), false);
+    return emit(tok_.decode_stable(ids_), false);
   }
   // The rest of the text once the sequence is complete (`ids`: the whole sequence).
   std::string end(const std::vector<int32_t>& ids) { return emit(tok_.decode(ids), true); }

@@ -18,6 +18,7 @@ class OPTTokenizer final : public Tokenizer {
     return ids;
   }
   std::string decode(const std::vector<int32_t>& ids) const override { return bpe_.decode(ids, true); }
+  std::string decode_stable(const std::vector<int32_t>& ids) const override { return bpe_.decode_stable(ids, true); }
   int vocab_size() const override { return bpe_.vocab_size(); }
 
  private:

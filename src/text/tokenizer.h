@@ -17,6 +17,9 @@ class Tokenizer {
   virtual std::vector<int32_t> encode(const std::string& text) const = 0;
   // The text of generated ids, special tokens skipped.
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
+  // A prefix of decode(ids) that stays a prefix of decode(ids + more) whatever follows, for streaming (apart
+  // from an unfinished UTF-8 character at the end, which TextStream holds back itself).
+  virtual std::string decode_stable(const std::vector<int32_t>& ids) const { return decode(ids); }
   virtual int vocab_size() const = 0;
 };
 

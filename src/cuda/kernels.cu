@@ -142,9 +142,15 @@ __global__ void greedy_pick_kernel(const float* x, int64_t cols, ops::Pick* out)
   }
   const float mx = vals[0];
   double sum = 0.0;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) sum += exp(static_cast<double>(p[j] - mx));
+  int bad = 0;  // NaNs and infinities: the pick's log-probability is then NaN, as on the CPU
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    sum += exp(static_cast<double>(p[j] - mx));
+    bad += !isfinite(p[j]);
+  }
   sum = block_sum(sum);
-  if (threadIdx.x == 0) out[blockIdx.x] = {static_cast<int32_t>(idx[0] == cols ? 0 : idx[0]), static_cast<float>(-log(sum))};
+  bad = block_sum(bad);
+  if (threadIdx.x == 0)
+    out[blockIdx.x] = {static_cast<int32_t>(idx[0] == cols ? 0 : idx[0]), bad ? NAN : static_cast<float>(-log(sum))};
 }
 
 // Host ids uploaded for one call.

@@ -312,20 +312,20 @@ bool Generation::needs_logits() const {
 }
 
 // NaN or infinite logits (NaN weights, an overflow) would still pick tokens, and a normal-looking answer would
-// hide a broken model: refuse them.
+// hide a broken model: refuse them. `values` are a row's logits (n = V), or its greedy pick's log-probability
+// (n = 1), which ops::greedy_pick makes NaN when the row's logits hold a NaN or an infinity.
 void Generation::refuse_non_finite(int64_t row, const float* values, int64_t n) const {
   for (int64_t v = 0; v < n; ++v)
     if (!std::isfinite(values[v]))
-      fail(ErrorKind::Model, "the model's logits hold " + fmt(values[v]) + " (row " + std::to_string(row) +
-                                 (n > 1 ? ", token " + std::to_string(v) : std::string()) + ", step " +
-                                 std::to_string(step_) + "): its weights or computation produce non-finite "
-                                                         "values; no text would be meaningful");
+      fail(ErrorKind::Model, "the model's logits hold " + (n > 1 ? fmt(values[v]) : std::string("non-finite values")) +
+                                 " (" + (n > 1 ? "token " + std::to_string(v) : "row " + std::to_string(row)) +
+                                 ", step " + std::to_string(step_) +
+                                 "): its weights or computation produce non-finite values; no text would be meaningful");
 }
 
 void Generation::advance(const ops::Pick* picks) {
   if (needs_logits()) fail(ErrorKind::Internal, "generation: this step needs the logits, not greedy picks");
   if (!start_step()) return;
-  // A pick's log-probability is not finite exactly when its row's logits hold a NaN or +infinity.
   for (int r = 0; r < rows(); ++r)
     if (!row_done_[r]) refuse_non_finite(r, &picks[r].log_prob, 1);
   for (int r = 0; r < rows(); ++r) {

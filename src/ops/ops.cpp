@@ -310,8 +310,12 @@ std::vector<Pick> greedy_pick(const Tensor& x) {
     const float* p = x.data_ptr() + r * V;
     const int64_t id = std::max_element(p, p + V) - p;  // the first of equal maxima
     double sum = 0.0;
-    for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(p[i] - p[id]));
-    picks[r] = {static_cast<int32_t>(id), static_cast<float>(-std::log(sum))};
+    bool finite = true;
+    for (int64_t i = 0; i < V; ++i) {
+      sum += std::exp(static_cast<double>(p[i] - p[id]));
+      finite = finite && std::isfinite(p[i]);
+    }
+    picks[r] = {static_cast<int32_t>(id), finite ? static_cast<float>(-std::log(sum)) : NAN};
   }
   return picks;
 }

@@ -70,7 +70,8 @@ Tensor patchify(const Tensor& pixels, int64_t patch);
 Tensor relative_bias(const Weight& table, const std::vector<int32_t>& buckets, int64_t tq, int64_t tk);
 // Greedy decoding's pick for each row of logits [rows, V], made where the logits are: the index of the
 // largest logit (ties: the lowest index) and its log-probability (log_softmax at that index, the sum of
-// exponentials in double). Only these rows × 2 numbers reach the host.
+// exponentials in double; NaN when the row holds a NaN or an infinity, which generation refuses). Only these
+// rows × 2 numbers reach the host.
 struct Pick {
   int32_t id;
   float log_prob;

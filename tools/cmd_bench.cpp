@@ -169,7 +169,7 @@ void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string,
   const Device dev = model.device();
   t = clk::now();
   Encoded img;
-  img.vision_last_hidden_state = model.vision_model().forward(pixels.to(dev));
+  img.vision_last_hidden_state = model.vision_model().forward(pixels);
   synchronize(dev);
   times["vision"].push_back(since(t));
 

@@ -49,14 +49,6 @@ void log_softmax(float* s, int64_t V) {
   for (int64_t i = 0; i < V; ++i) s[i] = (s[i] - mx) - lse;
 }
 
-// log_softmax(logits)[index]
-float log_prob(const float* logits, int64_t V, int64_t index) {
-  const float mx = *std::max_element(logits, logits + V);
-  double sum = 0.0;
-  for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(logits[i] - mx));
-  return static_cast<float>(logits[index] - mx - std::log(sum));
-}
-
 // Uniform in [0, 1) from 53 random bits: the same numbers on every platform for a given seed.
 double uniform01(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
 
@@ -360,7 +352,7 @@ void Generation::advance(const float* logits) {
       } else {
         next = static_cast<int32_t>(std::max_element(buf.begin(), buf.end()) - buf.begin());  // first maximum
       }
-      choose(r, next, log_prob(raw, V, next));
+      choose(r, next, ops::log_softmax_at(raw, V, next));
     }
     finish_rows();
     return;

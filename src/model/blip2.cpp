@@ -109,7 +109,7 @@ Encoded Blip2Model::encode_image(const Tensor& pixels) const {
                                shape_str({std::max<int64_t>(B, 1), 3, S, S}));
   ++image_encodings_.n;
   Encoded e;
-  e.vision_last_hidden_state = vision_.forward(pixels.device == device_ ? pixels : pixels.to(device_));
+  e.vision_last_hidden_state = vision_.forward(pixels);
   e.qformer_last_hidden_state = qformer_.forward(e.vision_last_hidden_state);
   e.language_projection = ops::linear(e.qformer_last_hidden_state, proj_w_, proj_b_);
   return e;

@@ -60,10 +60,13 @@ VisionModel::VisionModel(Checkpoint& ck, const VisionConfig& cfg) : cfg_(cfg) {
 Tensor VisionModel::forward(const Tensor& pixels) const {
   const int64_t B = pixels.dim(0), G = cfg_.image_size / cfg_.patch_size;
   const int64_t d = cfg_.hidden_size, T = G * G + 1;
-  const Device dev = pixels.device;
+  // The pixels come from the host (preprocessing); they go where the weights are, copied only if elsewhere.
+  const Device dev = patch_w_.device;
+  const Tensor uploaded = pixels.device == dev ? Tensor() : pixels.to(dev);
+  const Tensor& px = pixels.device == dev ? pixels : uploaded;
 
   // Patch embedding as a product over the unrolled patches.
-  const Tensor emb = ops::linear(ops::patchify(pixels, cfg_.patch_size), patch_w_, patch_b_);
+  const Tensor emb = ops::linear(ops::patchify(px, cfg_.patch_size), patch_w_, patch_b_);
 
   // [CLS ; patches] + positions
   Tensor h({B, T, d}, dev);

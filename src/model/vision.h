@@ -11,7 +11,8 @@ namespace blip2 {
 class VisionModel {
  public:
   VisionModel(Checkpoint& ckpt, const VisionConfig& cfg);
-  // pixels [B, 3, S, S] -> last_hidden_state [B, 1 + (S/P)², hidden] (after post_layernorm)
+  // pixels [B, 3, S, S] (on any device; copied to the weights' if elsewhere) -> last_hidden_state
+  // [B, 1 + (S/P)², hidden] (after post_layernorm), on the weights' device
   Tensor forward(const Tensor& pixels) const;
 
  private:

@@ -309,15 +309,17 @@ std::vector<Pick> greedy_pick(const Tensor& x) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* p = x.data_ptr() + r * V;
     const int64_t id = std::max_element(p, p + V) - p;  // the first of equal maxima
-    double sum = 0.0;
-    bool finite = true;
-    for (int64_t i = 0; i < V; ++i) {
-      sum += std::exp(static_cast<double>(p[i] - p[id]));
-      finite = finite && std::isfinite(p[i]);
-    }
-    picks[r] = {static_cast<int32_t>(id), finite ? static_cast<float>(-std::log(sum)) : NAN};
+    const bool finite = std::all_of(p, p + V, [](float v) { return std::isfinite(v); });
+    picks[r] = {static_cast<int32_t>(id), finite ? log_softmax_at(p, V, id) : NAN};
   }
   return picks;
+}
+
+float log_softmax_at(const float* x, int64_t n, int64_t i) {
+  const float mx = *std::max_element(x, x + n);
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) sum += std::exp(static_cast<double>(x[j] - mx));
+  return static_cast<float>(x[i] - mx - std::log(sum));
 }
 
 void RowCache::append(const Tensor& src, int64_t row, int64_t n) {

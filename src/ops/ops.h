@@ -77,6 +77,8 @@ struct Pick {
   float log_prob;
 };
 std::vector<Pick> greedy_pick(const Tensor& logits);
+// log_softmax(x[0..n))[i] on the host, the sum of exponentials in double: the score of a chosen token.
+float log_softmax_at(const float* x, int64_t n, int64_t i);
 
 // A stack of rows that grows at the end (a key/value cache), on one device; capacity doubles as it grows.
 // Copies are deep.

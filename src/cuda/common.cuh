@@ -31,7 +31,6 @@ struct Context {
   cublasHandle_t blas = nullptr;
   void* workspace = nullptr;  // cuBLAS's (32 MiB: what it wants on Hopper)
   size_t workspace_bytes = 0;
-  bool allow_tf32 = false;
 };
 // The selected device's context (Error(Internal) before select_device).
 Context& context();

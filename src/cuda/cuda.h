@@ -46,8 +46,6 @@ double memory_bandwidth(size_t bytes);
 double bf16_gemm_flops(int n);
 
 // ---- kernels (see ops.h for the semantics of each; the same names) ----
-// TF32 for float32 products: off by default (float32 is for checking), on with set_allow_tf32(true).
-void set_allow_tf32(bool on);
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y);
 void layer_norm(float* x, int64_t rows, int64_t d, const Weight& gamma, const Weight& beta, float eps);
 void rms_norm(float* x, int64_t rows, int64_t d, const Weight& gamma, float eps);

@@ -2,7 +2,7 @@
 // cuBLAS sees as a column-major [in, out] matrix: y's column-major [out, rows] = wᵀ·x is one "TN" product.
 //   few rows (≤ ops::kGemvMaxRows, decoding): one warp per output channel reads its weight row once for all
 //     rows, widening any format in registers (int8: weight-only, the activations stay float32);
-//   F32 weights: cublasGemmEx in float32 (TF32 only when allowed: float32 is the checking format);
+//   F32 weights: cublasGemmEx in float32, TF32 off (float32 is the checking format);
 //   F16 / BF16 weights: the activations cast to the weight's type, then cublasGemmEx with float32
 //     accumulation and output. For F16 each row is first scaled by a power of two that keeps its largest
 //     value below 2^15 and the result rescaled (exact): T5's feed-forward output and residual stream exceed
@@ -115,7 +115,7 @@ void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, floa
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxGemvRows) gemv(x + r0 * in, std::min<int64_t>(kMaxGemvRows, rows - r0), y + r0 * out);
   } else if (w.dtype == DType::F32) {
     gemm_tn(w.data, in, x, in, y, out, rows, in, CUDA_R_32F, CUDA_R_32F,
-            context().allow_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, &one, &zero, "linear (f32)");
+            CUBLAS_COMPUTE_32F, &one, &zero, "linear (f32)");
   } else if (w.dtype == DType::F16) {
     Scratch xh(static_cast<size_t>(rows * in) * 2), scale(static_cast<size_t>(rows) * 4);
     to_half_scaled_kernel<<<static_cast<unsigned>(rows), 256, 0, stream()>>>(x, in, xh.as<__half>(), scale.as<float>());

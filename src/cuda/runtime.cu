@@ -103,8 +103,6 @@ void zero(void* dst, size_t bytes) { check(cudaMemsetAsync(dst, 0, bytes, stream
 
 void synchronize() { check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize (a kernel failed)"); }
 
-void set_allow_tf32(bool on) { context().allow_tf32 = on; }
-
 namespace {
 // Seconds per run of `work` on the stream: one warm-up, then the best of `runs`, timed with events.
 template <typename F>

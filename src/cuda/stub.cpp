@@ -21,7 +21,6 @@ void release(void*) {}
 void copy(void*, const void*, size_t, CopyKind) { no_cuda(); }
 void zero(void*, size_t) { no_cuda(); }
 void synchronize() {}
-void set_allow_tf32(bool) {}
 double memory_bandwidth(size_t) { no_cuda(); }
 double bf16_gemm_flops(int) { no_cuda(); }
 void linear(const float*, int64_t, const Weight&, const Weight&, float*) { no_cuda(); }

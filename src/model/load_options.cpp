@@ -4,7 +4,9 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "cuda/cuda.h"
 #include "ops/ops.h"
+#include "ops/parallel.h"
 
 namespace blip2 {
 
@@ -49,6 +51,8 @@ bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_h
       ".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight",
       ".self_attn.out_proj.weight", ".fc1.weight", ".fc2.weight", ".project_in.weight", ".project_out.weight"};
   if (name == "language_projection.weight" || name == "language_model.lm_head.weight") return true;
+  // Retrieval's heads over the Q-Former outputs
+  if (name == "vision_projection.weight" || name == "text_projection.weight" || name == "itm_head.weight") return true;
   if (name.rfind("vision_model.", 0) == 0 || name.rfind("qformer.", 0) == 0 || name.rfind("language_model.", 0) == 0)
     for (const char* s : kLinear)
       if (ends_with(name, s)) return true;
@@ -109,6 +113,15 @@ Checkpoint::Convert weight_converter(const LoadOptions& o, LanguageFamily family
     if (is_lookup_embedding(name)) return w;
     return copy_weight(w);
   };
+}
+
+std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOptions& options, LanguageFamily family,
+                                            const Checkpoint::Progress& progress) {
+  par::set_threads(options.threads);
+  if (options.device.kind == Device::CUDA) cuda::select_device(options.device.index);
+  auto ck = std::make_unique<Checkpoint>(dir, progress);
+  ck->set_convert(weight_converter(options, family, !ck->has("language_model.lm_head.weight")));
+  return ck;
 }
 
 }  // namespace blip2

@@ -4,10 +4,13 @@
 // with loose bounds, and the checkpoint-kind errors both ways.
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "core/error.h"
 #include "image/image.h"
+#include "io/make_random.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
 #include "model/retrieval.h"
@@ -180,6 +183,32 @@ TEST(RetrievalKinds, EachLoaderNamesWhatTheOtherCheckpointDoes) {
     EXPECT_EQ(e.kind(), ErrorKind::Model);
     EXPECT_NE(std::string(e.what()).find("captioning"), std::string::npos) << e.what();
   }
+}
+
+// make-random --like blip2-itm-vit-g: the hub's config, and tensors named as the fixture's (which has fewer
+// layers) with the real sizes: the hub's blip2-itm-vit-g-coco file is 4,690,593,960 bytes of f32 at 364 px,
+// i.e. 1,172,057,130 parameters at 224 px (less its header, under 0.01 %).
+TEST(RetrievalRandom, ThePlanHasTheRealShapesAndTheFixturesNames) {
+  const RandomCheckpointPlan plan = plan_random_checkpoint("Salesforce/blip2-itm-vit-g");
+  EXPECT_EQ(plan.name, "blip2-itm-vit-g");
+  EXPECT_EQ(plan.config.task, Blip2Task::Retrieval);
+  EXPECT_EQ(plan.config.image_text_hidden_size, 256);
+  EXPECT_EQ(plan.config.qformer.vocab_size, 30523);
+  EXPECT_EQ(plan.config.num_query_tokens, 32);
+  const double n = static_cast<double>(plan.total_elements());
+  std::printf("blip2-itm-vit-g: %.0f parameters\n", n);
+  EXPECT_NEAR(n, 1172057130.0, 1172057130.0 * 1e-4);
+  std::set<std::string> names;
+  for (const auto& t : plan.tensors) names.insert(t.name);
+  std::ifstream keys(kItm + "/KEYS.txt");
+  size_t checked = 0;
+  for (std::string line; std::getline(keys, line);) {
+    const std::string name = line.substr(0, line.find_first_of(" \t"));
+    if (name.empty()) continue;
+    EXPECT_TRUE(names.count(name)) << name;
+    ++checked;
+  }
+  EXPECT_GT(checked, 100u);
 }
 
 }  // namespace

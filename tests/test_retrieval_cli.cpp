@@ -143,4 +143,16 @@ TEST(RetrievalCli, EachKindOfCheckpointNamesWhatItDoes) {
   EXPECT_NE(bad.err.find("--output"), std::string::npos) << bad.err;
 }
 
+TEST(RetrievalCli, BenchTimesImageAndTextEmbeddings) {
+  const CliRun r = run_cli({"bench", "--model", kItm, "--batch", "2", "--sweep", "3", "--repeat", "1", "--warmup", "0",
+                            "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["task"], "retrieval");
+  ASSERT_EQ(j["image_embeddings"].size(), 3u);  // batches 1, 2, 3
+  EXPECT_GT(j["best_images_per_second"].get<double>(), 0);
+  ASSERT_EQ(j["text_embeddings"].size(), 2u);
+  EXPECT_GT(j["text_embeddings"][0]["texts_per_second"].get<double>(), 0);
+}
+
 }  // namespace

@@ -152,6 +152,16 @@ TEST_F(Retrieval, Int8AndBf16ErrorsAreReported) {
   }
 }
 
+// The device code path (host memory only ops may touch): the same numbers, so the retrieval model uses ops
+// only and runs on every device.
+TEST_F(Retrieval, TheEmulatedDeviceGivesTheReferenceToo) {
+  LoadOptions lo;
+  lo.device = parse_device("emulated");
+  const RetrievalModel m(kItm, lo);
+  for (const auto& [name, c] : cases_->items())
+    case_error(run_case(m, c), *ref_, name, c, m.config().num_query_tokens, kMaxRel, "emul");
+}
+
 TEST_F(Retrieval, TheImageCountsAndTextLimits) {
   const int64_t before = model_->image_encodings();
   model_->encode_vision(fixture_pixels(nlohmann::json::array({"chelsea.png"}), 224));

@@ -17,6 +17,7 @@
 #include "image/image.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
+#include "model/retrieval.h"
 #include "text/text_stream.h"
 #include "commands.h"
 
@@ -349,6 +350,8 @@ int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vec
   for (const auto& d : dec_ids)
     if (d.size() != dec_ids[0].size()) fail(ErrorKind::Usage, "--decoder-input-ids lists must have equal lengths");
 
+  if (load_config(model_dir).task == Blip2Task::Retrieval)
+    return run_retrieval_inspect(model_dir, global_load_options(), pairs.images, pairs.prompts, out_path);
   const auto model = load_model(model_dir);
   const bool opt = model->config().family == LanguageFamily::OPT;
   if (opt && !dec_ids_arg.empty())
@@ -492,11 +495,17 @@ int main(int argc, char** argv) {
   in->footer(
       "Tensors (float32): vision_last_hidden_state [B,T_img,Dv], qformer_last_hidden_state [B,Q,Dq],\n"
       "language_projection [B,Q,d], then for T5 encoder_last_hidden_state [B,Q+L,d] and logits\n"
-      "[B,len(ids),vocab] (teacher-forced decoder), for OPT logits [B,Q+L,vocab] (every prompt position).");
+      "[B,len(ids),vocab] (teacher-forced decoder), for OPT logits [B,Q+L,vocab] (every prompt position).\n"
+      "A retrieval checkpoint (--prompt is the text): vision_last_hidden_state, image_embeds over the distinct\n"
+      "images, text_embeds and qformer_text_hidden_state over the distinct texts, itm_logits, itm_probability and\n"
+      "qformer_itm_hidden_state per pair, itc_logits_per_image [images, texts].");
 
   add_make_random_command(app);  // runs its work inside parse(), hence one try block for both
   add_bench_command(app, global_load_options);        // likewise
-  add_serve_command(app, load_model, default_model_dir());
+  add_serve_command(
+      app, load_model, [](const std::string& dir) { return std::make_unique<RetrievalModel>(dir, global_load_options()); },
+      default_model_dir());
+  const auto run_retrieval = add_retrieval_commands(app, global_load_options, default_model_dir());
 
   try {
     reject_unknown_command(app, argc, argv);
@@ -508,6 +517,7 @@ int main(int argc, char** argv) {
     if (*a) return run_generate(ask, {{ask_image}, {"Question: " + question + " Answer:"}});
     if (*ch) return run_chat(chat, chat_image);
     if (*in) return run_inspect(ins_model, ins_pairs, ins_dec, ins_out);
+    if (const int rc = run_retrieval(); rc >= 0) return rc;
   } catch (const CLI::ParseError& e) {
     const int rc = app.exit(e);
     return rc == 0 ? 0 : static_cast<int>(ErrorKind::Usage);

@@ -20,6 +20,7 @@
 #include "cuda/cuda.h"
 #include "image/image.h"
 #include "model/blip2.h"
+#include "model/retrieval.h"
 #include "ops/kernels.h"
 #include "ops/machine.h"
 #include "ops/ops.h"
@@ -207,6 +208,77 @@ nlohmann::ordered_json stats_json(const Stats& s) {
   return {{"mean_s", s.mean}, {"median_s", s.median}, {"min_s", s.min}, {"max_s", s.max}, {"samples", s.n}};
 }
 
+// A retrieval checkpoint: image embeddings (ViT + Q-Former + projection) per image at batch 1, --batch and
+// each --sweep size, the best rate; text embeddings (text-only Q-Former pass) per text at batch 1 and --batch.
+void run_retrieval_bench(const BenchArgs& a, const LoadOptions& lo) {
+  const auto note = [&](const std::string& s) { std::fprintf(stderr, "bench: %s\n", s.c_str()); };
+  note("loading " + a.model + " (retrieval, weights " + std::string(weight_format_name(lo.weights)) + ", device " +
+       device_name(lo.device) + ")");
+  const auto t_load = clk::now();
+  const RetrievalModel model(a.model, lo);
+  const double load_s = since(t_load);
+  std::vector<int> batches = {1, a.batch};
+  batches.insert(batches.end(), a.sweep.begin(), a.sweep.end());
+  std::sort(batches.begin(), batches.end());
+  batches.erase(std::unique(batches.begin(), batches.end()), batches.end());
+  // The median over --repeat runs (after --warmup) of one call, in seconds.
+  const auto time = [&](const std::function<void()>& f) {
+    for (int i = 0; i < a.warmup; ++i) f();
+    std::vector<double> s;
+    for (int i = 0; i < a.repeat; ++i) {
+      const auto t = clk::now();
+      f();
+      s.push_back(since(t));
+    }
+    std::sort(s.begin(), s.end());
+    return s[s.size() / 2];
+  };
+  const RgbImage img = a.image.empty() ? synthetic_image() : load_image(a.image);
+  nlohmann::ordered_json j;
+  j["model"] = a.model;
+  j["task"] = "retrieval";
+  j["weights"] = weight_format_name(lo.weights);
+  j["threads"] = par::threads();
+  j["load_seconds"] = load_s;
+  j["image_embeddings"] = nlohmann::ordered_json::array();
+  double best = 0;
+  int best_batch = 1;
+  for (int b : batches) {
+    note("image embeddings, batch " + std::to_string(b));
+    const Tensor pixels = preprocess_images(std::vector<RgbImage>(static_cast<size_t>(b), img), model.config().vision.image_size);
+    const double s = time([&] { model.image_embeds(model.encode_vision(pixels)); });  // ends on the host
+    const double rate = b / s;
+    if (rate > best) best = rate, best_batch = b;
+    j["image_embeddings"].push_back({{"batch", b}, {"seconds", s}, {"seconds_per_image", s / b}, {"images_per_second", rate}});
+  }
+  j["best_images_per_second"] = best;
+  j["best_batch"] = best_batch;
+  const std::string text = a.prompt.empty() ? "a photo of a cat sitting on a blanket" : a.prompt;
+  j["text_embeddings"] = nlohmann::ordered_json::array();
+  for (int b : std::vector<int>{1, a.batch}) {
+    note("text embeddings, batch " + std::to_string(b));
+    const TokenBatch tokens = model.tokenize(std::vector<std::string>(static_cast<size_t>(b), text));
+    const double s = time([&] { model.text_embeds(tokens); });
+    j["text_embeddings"].push_back({{"batch", b}, {"tokens", tokens.length}, {"seconds", s}, {"seconds_per_text", s / b},
+                                    {"texts_per_second", b / s}});
+    if (a.batch == 1) break;
+  }
+  if (a.json) {
+    std::cout << j.dump() << "\n";
+    return;
+  }
+  std::printf("retrieval bench: %s, weights %s, %d threads (load %.1f s)\n", a.model.c_str(),
+              weight_format_name(lo.weights), par::threads(), load_s);
+  std::printf("%-18s %6s %12s %12s\n", "stage", "batch", "s/item", "items/s");
+  for (const auto& r : j["image_embeddings"])
+    std::printf("%-18s %6d %12.4f %12.2f\n", "image embedding", r["batch"].get<int>(),
+                r["seconds_per_image"].get<double>(), r["images_per_second"].get<double>());
+  for (const auto& r : j["text_embeddings"])
+    std::printf("%-18s %6d %12.4f %12.2f\n", "text embedding", r["batch"].get<int>(),
+                r["seconds_per_text"].get<double>(), r["texts_per_second"].get<double>());
+  std::printf("best: %.2f images/s at batch %d\n", best, best_batch);
+}
+
 void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   if (a.batch < 1 || a.batch > 4096) fail(ErrorKind::Usage, "--batch must be between 1 and 4096");
   if (a.new_tokens < 1 || a.new_tokens > 100000) fail(ErrorKind::Usage, "--new-tokens must be at least 1");
@@ -217,6 +289,7 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     if (b < 1 || b > 4096) fail(ErrorKind::Usage, "--sweep batch sizes must be between 1 and 4096");
   const std::string weights = weight_format_name(lo.weights);
   if (!a.image.empty()) load_image(a.image);  // a bad image fails now, before minutes of measuring and loading
+  if (load_config(a.model).task == Blip2Task::Retrieval) return run_retrieval_bench(a, lo);
 
   const auto note = [&](const std::string& s) { std::fprintf(stderr, "bench: %s\n", s.c_str()); };
   // Ceilings first, before the model takes the memory; the peak RSS is then reset so that their buffers
@@ -419,6 +492,8 @@ void add_bench_command(CLI::App& app, std::function<LoadOptions()> load_options)
       "Floors: decode step = bytes of every weight a step reads (decoder stack without cross-attention K/V, plus\n"
       "the LM head; in the loaded format, scales included) / read bandwidth; vision = the ViT's FLOPs from the\n"
       "config / the best sgemm rate of the run. Peak RSS counts from the model load (VmHWM).\n"
-      "Example: blip2 --weights int8 --threads 2 bench --model /tmp/blip2-xl-bf16 --image cat.png --json");
+      "Example: blip2 --weights int8 --threads 2 bench --model /tmp/blip2-xl-bf16 --image cat.png --json\n"
+      "A retrieval checkpoint (Blip2ForImageTextRetrieval): image embeddings per image at batch 1, --batch and\n"
+      "--sweep sizes (images/s, the best batch), text embeddings per text (--prompt is the text) at 1 and --batch.");
   sub->callback([args, load_options] { run_bench(*args, load_options()); });
 }

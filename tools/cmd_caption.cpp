@@ -1,11 +1,9 @@
 // blip2 caption over a dataset: inputs expanded (src/batch/inputs.h), what is already recorded skipped,
 // this process's shard taken, then src/batch/caption_run.h captions the rest into the chosen output while a
 // progress line and a final summary go to stderr.
-#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -20,21 +18,14 @@
 #include "core/error.h"
 #include "generate/generate.h"
 #include "model/blip2.h"
+#include "progress.h"
 
 using namespace blip2;
 using namespace blip2::batch;
+using blip2::tools::duration_text;
+using blip2::tools::ProgressPrinter;
 
 namespace {
-
-std::string duration_text(double s) {
-  if (!(s >= 0) || s > 1e8) return "?";
-  const long t = static_cast<long>(s + 0.5);
-  char buf[32];
-  if (t >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, t / 60 % 60);
-  else if (t >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
-  else std::snprintf(buf, sizeof buf, "%lds", t);
-  return buf;
-}
 
 // "done/total images, R captions/s, ETA T[, F failed]"
 std::string progress_text(const Progress& p) {
@@ -48,34 +39,6 @@ std::string progress_text(const Progress& p) {
   if (p.failed) s += ", " + std::to_string(p.failed) + " failed";
   return s;
 }
-
-// On a terminal: one line rewritten at most 5 times a second. Otherwise: a plain line every `interval` s.
-class ProgressPrinter {
- public:
-  explicit ProgressPrinter(double interval) : tty_(isatty(STDERR_FILENO)), interval_(interval) {}
-  void operator()(const Progress& p) {
-    const auto now = std::chrono::steady_clock::now();
-    const double since = std::chrono::duration<double>(now - last_).count();
-    if (p.done < p.total && since < (tty_ ? 0.2 : interval_)) return;
-    last_ = now;
-    if (tty_) {
-      std::fprintf(stderr, "\r\033[K%s", progress_text(p).c_str());
-      shown_ = true;
-    } else if (p.done < p.total) {
-      std::fprintf(stderr, "progress: %s\n", progress_text(p).c_str());
-    }
-    std::fflush(stderr);
-  }
-  ~ProgressPrinter() {
-    if (shown_) std::fprintf(stderr, "\n");
-  }
-
- private:
-  bool tty_;
-  double interval_;
-  bool shown_ = false;
-  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
-};
 
 }  // namespace
 
@@ -185,7 +148,7 @@ int run_caption_dataset(const CaptionDatasetArgs& a, const std::vector<std::stri
     ro.generation = options;
     ProgressPrinter printer(a.progress_interval);
     s = caption_images(*model, todo, ro, [&](const InputItem& it, const Record& r) { sink_of(it).write(it, r); },
-                       [&](const Progress& p) { printer(p); });
+                       [&](const Progress& p) { printer(p.done >= p.total, progress_text(p)); });
   }
   const Progress& p = s.progress;
   const double rate = p.seconds > 0 ? static_cast<double>(p.captions) / p.seconds : 0;

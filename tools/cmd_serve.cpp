@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "generate/generate.h"
 #include "model/blip2.h"
+#include "model/retrieval.h"
 #include "server/http_server.h"
 
 using namespace blip2;
@@ -41,7 +42,8 @@ struct ServeArgs {
   double max_body_mb = 16, max_image_mb = 8, image_cache_mb = 256;
 };
 
-void run_serve(const ServeArgs& a, const std::function<std::unique_ptr<Blip2Model>(const std::string&)>& load) {
+void run_serve(const ServeArgs& a, const std::function<std::unique_ptr<Blip2Model>(const std::string&)>& load,
+               const std::function<std::unique_ptr<RetrievalModel>(const std::string&)>& load_retrieval) {
   // SIGTERM and SIGINT write their number to a pipe (any thread may receive them: libraries start threads
   // before main); a waiter thread reads it and drains the server. A peer that closes its socket must not
   // kill the server (SIGPIPE).
@@ -66,11 +68,20 @@ void run_serve(const ServeArgs& a, const std::function<std::unique_ptr<Blip2Mode
     fail(ErrorKind::Usage, "--max-queue and --max-batch-rows must be at least 1");
   if (!(opt.scheduler.request_timeout_s > 0)) fail(ErrorKind::Usage, "--request-timeout must be positive");
 
-  GenerationOptions defaults = generation_defaults(a.model);
-  const auto model = load(a.model);
   if (opt.model_id.empty()) opt.model_id = "blip2";
-  HttpServer server(*model, defaults, opt);
-  const int port = server.bind();
+  // A retrieval checkpoint serves embeddings and match scores, a captioning one chat completions.
+  std::unique_ptr<Blip2Model> model;
+  std::unique_ptr<RetrievalModel> retrieval;
+  std::unique_ptr<HttpServer> server;
+  if (load_config(a.model).task == Blip2Task::Retrieval) {
+    retrieval = load_retrieval(a.model);
+    server = std::make_unique<HttpServer>(*retrieval, opt);
+  } else {
+    const GenerationOptions defaults = generation_defaults(a.model);
+    model = load(a.model);
+    server = std::make_unique<HttpServer>(*model, defaults, opt);
+  }
+  const int port = server->bind();
   std::fprintf(stderr, "blip2 serve: listening on http://%s:%d (model %s)\n", opt.host.c_str(), port, a.model.c_str());
   std::fflush(stderr);
 
@@ -79,9 +90,9 @@ void run_serve(const ServeArgs& a, const std::function<std::unique_ptr<Blip2Mode
     while (read(g_signal_pipe[0], &sig, 1) < 0 && errno == EINTR) {
     }
     std::fprintf(stderr, "blip2 serve: %s: finishing running requests\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-    server.shutdown();
+    server->shutdown();
   });
-  server.serve();
+  server->serve();
   waiter.join();
   std::fprintf(stderr, "blip2 serve: stopped\n");
 }
@@ -89,6 +100,7 @@ void run_serve(const ServeArgs& a, const std::function<std::unique_ptr<Blip2Mode
 }  // namespace
 
 void add_serve_command(CLI::App& app, std::function<std::unique_ptr<Blip2Model>(const std::string&)> load,
+                       std::function<std::unique_ptr<RetrievalModel>(const std::string&)> load_retrieval,
                        std::string default_model) {
   auto args = std::make_shared<ServeArgs>();
   args->model = std::move(default_model);
@@ -119,6 +131,8 @@ void add_serve_command(CLI::App& app, std::function<std::unique_ptr<Blip2Model>(
                   "Longest conversation prompt in tokens; older turns are dropped (0: the model's limit)")
       ->capture_default_str()->group(lim);
   sub->add_option("--max-n", o.limits.max_choices, "Largest n and num_beams")->capture_default_str()->group(lim);
+  sub->add_option("--max-inputs", o.limits.max_inputs, "Most inputs of one /v1/embeddings or /v1/match request")
+      ->check(CLI::Range(1, 4096))->capture_default_str()->group(lim);
   sub->add_option("--max-json-depth", o.limits.max_json_depth, "Deepest nesting of the request JSON")
       ->capture_default_str()->group(lim);
   sub->add_option("--allowed-local-media", o.limits.local_image_dir,
@@ -135,6 +149,8 @@ void add_serve_command(CLI::App& app, std::function<std::unique_ptr<Blip2Model>(
   sub->footer(
       "Endpoints: POST /v1/chat/completions (OpenAI's format; images as data:image/...;base64 URLs), GET /v1/models,\n"
       "GET /health, GET /metrics (Prometheus), GET / (a page to chat about an image). See docs/SERVER.md.\n"
+      "A retrieval checkpoint (Blip2ForImageTextRetrieval) serves POST /v1/embeddings and POST /v1/match instead\n"
+      "(docs/RETRIEVAL.md); --max-inputs bounds the inputs of one request.\n"
       "Example: blip2 serve --port 8080, then open http://127.0.0.1:8080/");
-  sub->callback([args, load] { run_serve(*args, load); });
+  sub->callback([args, load, load_retrieval] { run_serve(*args, load, load_retrieval); });
 }

@@ -14,6 +14,7 @@ class Option;
 
 namespace blip2 {
 class Blip2Model;
+class RetrievalModel;
 struct LoadOptions;
 struct GenerationOptions;
 }
@@ -27,7 +28,9 @@ void add_bench_command(CLI::App& app, std::function<blip2::LoadOptions()> load_o
 
 // `blip2 serve --model DIR [--host 127.0.0.1] [--port 8080] ...`: the OpenAI-compatible HTTP server.
 // `load` loads a model directory with the global options (--weights, --threads).
+// A retrieval checkpoint is loaded with `load_retrieval` and served with /v1/embeddings and /v1/match.
 void add_serve_command(CLI::App& app, std::function<std::unique_ptr<blip2::Blip2Model>(const std::string&)> load,
+                       std::function<std::unique_ptr<blip2::RetrievalModel>(const std::string&)> load_retrieval,
                        std::string default_model);
 
 // `blip2 caption INPUT...` over a dataset (tools/cmd_caption.cpp): the options it adds to the caption command
@@ -46,3 +49,14 @@ bool caption_dataset_mode(const CaptionDatasetArgs& a, const std::vector<std::st
 int run_caption_dataset(const CaptionDatasetArgs& a, const std::vector<std::string>& inputs, const std::string& prompt,
                         const blip2::GenerationOptions& options, bool json, const std::string& model_dir,
                         const std::function<std::unique_ptr<blip2::Blip2Model>(const std::string&)>& load);
+
+// `blip2 match IMAGE TEXT...` and `blip2 embed INPUT...` for retrieval checkpoints (tools/cmd_retrieval.cpp).
+// Returns the runner: after parsing, it runs whichever of the two was given and returns its exit status, or
+// -1 when neither was.
+std::function<int()> add_retrieval_commands(CLI::App& app, std::function<blip2::LoadOptions()> load_options,
+                                            std::string default_model);
+// `blip2 inspect` for a retrieval checkpoint: the pairs (image i with text i) give the ITM tensors; the
+// distinct images and texts, in order of appearance, the image-side, text-side and ITC tensors.
+int run_retrieval_inspect(const std::string& model_dir, const blip2::LoadOptions& options,
+                          const std::vector<std::string>& images, const std::vector<std::string>& texts,
+                          const std::string& out_path);

@@ -19,6 +19,14 @@ const char* activation_name(Activation a) {
   return "?";
 }
 
+std::string task_description(Blip2Task task) {
+  if (task == Blip2Task::Retrieval)
+    return "this is an image-text retrieval checkpoint (Blip2ForImageTextRetrieval, no language model): it "
+           "computes match scores and embeddings (blip2 match, blip2 embed, /v1/embeddings), not text";
+  return "this is a captioning checkpoint (Blip2ForConditionalGeneration): it generates text (blip2 caption, "
+         "generate, ask, chat, serve), it has no image-text matching head or embedding projections";
+}
+
 namespace {
 
 // Reads fields of one JSON object, with the object's path for messages ("config.json: text_config.d_model").
@@ -194,6 +202,12 @@ Blip2Config parse_config(const std::string& json_text, const std::string& source
   if (auto mt = top.text("model_type"); mt && *mt != "blip-2")
     top.bad("model_type", "= \"" + *mt + "\": this is not a BLIP-2 checkpoint");
   top.count("num_query_tokens", c.num_query_tokens, 4096);
+  if (top.has("architectures")) {
+    if (!j["architectures"].is_array()) top.bad("architectures", "must be a list of class names");
+    for (const json& a : j["architectures"])
+      if (a == "Blip2ForImageTextRetrieval") c.task = Blip2Task::Retrieval;
+  }
+  top.count("image_text_hidden_size", c.image_text_hidden_size);
   if (top.has("image_token_index")) {
     int v = 0;
     top.token_id("image_token_index", v);
@@ -224,11 +238,15 @@ Blip2Config parse_config(const std::string& json_text, const std::string& source
   q.count("cross_attention_frequency", qc.cross_attention_frequency, 1024);
   q.epsilon("layer_norm_eps", qc.layer_norm_eps);
   q.activation("hidden_act", qc.act);
+  q.count("vocab_size", qc.vocab_size, 1 << 24);
+  q.count("max_position_embeddings", qc.max_position_embeddings, 1 << 20);
   // Blip2Config forces the Q-Former's cross-attention width to the vision width.
   qc.encoder_hidden_size = vc.hidden_size;
   check_divisible(source + ": qformer_config", qc.hidden_size, "hidden_size", qc.num_heads,
                   "num_attention_heads");
 
+  // The retrieval model has no language model: a text_config it carries (the hub's has one) is not used.
+  if (c.task == Blip2Task::Retrieval) return c;
   if (!j.contains("text_config") || !j["text_config"].is_object())
     fail(ErrorKind::Model, source + ": text_config is missing");
   Fields t = top.sub("text_config");

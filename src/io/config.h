@@ -33,6 +33,9 @@ struct QFormerConfig {
   int encoder_hidden_size = 1408;
   float layer_norm_eps = 1e-12f;
   Activation act = Activation::GeluErf;
+  // The text input (InstructBLIP, image–text retrieval): the BERT vocabulary and the learned positions.
+  int vocab_size = 30522;
+  int max_position_embeddings = 512;
 };
 
 struct T5Config {
@@ -85,9 +88,19 @@ struct GenerationDefaults {
 // The language model behind the Q-Former: text_config.model_type "t5" or "opt".
 enum class LanguageFamily { T5, OPT };
 
+// What a checkpoint computes, from config.json's `architectures`: text for an image (captions, answers:
+// Blip2ForConditionalGeneration, the default) or image–text retrieval scores and embeddings
+// (Blip2ForImageTextRetrieval: no language model).
+enum class Blip2Task { Generation, Retrieval };
+// "a captioning checkpoint (...): it ...", for errors that tell a user what the checkpoint can do.
+std::string task_description(Blip2Task task);
+
 struct Blip2Config {
+  Blip2Task task = Blip2Task::Generation;
   VisionConfig vision;
   QFormerConfig qformer;
+  // Retrieval: the width of the image and text embeddings (vision_projection, text_projection).
+  int image_text_hidden_size = 256;
   LanguageFamily family = LanguageFamily::T5;
   T5Config text;  // when family is T5
   OPTConfig opt;  // when family is OPT

@@ -29,6 +29,7 @@ struct Dims {
   bool opt = false;
   int max_positions = 0;  // OPT
   int eos = 1;            // OPT: "\n" (50118) for the real models, as their configs have it
+  bool retrieval = false; // Blip2ForImageTextRetrieval: no language model (the fields above it unused)
 };
 
 // Spec §1.2: ViT-g 1408/6144/39/16, Q-Former 768/3072/12/12 every 2nd layer cross, 32 queries;
@@ -45,6 +46,9 @@ Dims dims_for(const std::string& canonical) {
     return {canonical, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, 2560, 0, 10240, 32, 32, 0, 50304, true, 2048, 50118};
   if (canonical == "blip2-opt-6.7b")
     return {canonical, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, 4096, 0, 16384, 32, 32, 0, 50272, true, 2048, 50118};
+  // Salesforce/blip2-itm-vit-g: the same ViT-g and Q-Former, a BERT vocabulary of 30522 + [DEC].
+  if (canonical == "blip2-itm-vit-g")
+    return {canonical, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, 0, 0, 0, 0, 0, 0, 30523, false, 0, 0, true};
   if (canonical == "tiny-blip2-opt")
     return {canonical, 64, 128, 3, 4, 64, 128, 4, 4, 2, 8, 64, 0, 128, 4, 3, 0, 1024, true, 128, 2};
   return {"tiny-blip2-t5", 64, 128, 3, 4, 64, 128, 4, 4, 2, 8, 64, 16, 128, 4, 3, 2, 1152};
@@ -79,6 +83,23 @@ std::string make_config_json(const Dims& D, DType dtype) {
       {"num_attention_heads", D.q_heads}, {"num_hidden_layers", D.q_layers},
       {"pad_token_id", 0},               {"position_embedding_type", "absolute"},
       {"use_qformer_text_input", false}, {"vocab_size", 30522}};
+  if (D.retrieval) {  // the hub's config (text_config is there, unused)
+    qformer["use_qformer_text_input"] = true;
+    qformer["vocab_size"] = D.vocab;
+    ordered_json c = {{"_name_or_path", "random/" + D.name},
+                      {"architectures", {"Blip2ForImageTextRetrieval"}},
+                      {"image_text_hidden_size", 256},
+                      {"initializer_factor", 1.0},
+                      {"initializer_range", 0.02},
+                      {"model_type", "blip-2"},
+                      {"num_query_tokens", D.num_query_tokens},
+                      {"qformer_config", qformer},
+                      {"text_config", {{"model_type", "opt"}}},
+                      {"torch_dtype", torch_dtype(dtype)},
+                      {"use_decoder_only_language_model", true},
+                      {"vision_config", vision}};
+    return c.dump(2) + "\n";
+  }
   ordered_json text;
   if (D.opt) {
     text = {{"activation_dropout", 0.0},
@@ -256,6 +277,28 @@ std::vector<PlannedTensor> plan_tensors(const Blip2Config& c) {
     add(l + "output_query.dense.bias", {dq}, bias);
     add(l + "output_query.LayerNorm.weight", {dq}, norm_w);
     add(l + "output_query.LayerNorm.bias", {dq}, norm_b);
+    if (c.task == Blip2Task::Retrieval) {  // the text tokens' feed-forward
+      add(l + "intermediate.dense.weight", {fq, dq}, lin(dq));
+      add(l + "intermediate.dense.bias", {fq}, bias);
+      add(l + "output.dense.weight", {dq, fq}, lin(fq));
+      add(l + "output.dense.bias", {dq}, bias);
+      add(l + "output.LayerNorm.weight", {dq}, norm_w);
+      add(l + "output.LayerNorm.bias", {dq}, norm_b);
+    }
+  }
+  if (c.task == Blip2Task::Retrieval) {
+    // Word embeddings of std 1 and positions 0.02 z (layer-normed with the queries); the heads over the
+    // Q-Former outputs.
+    const int64_t E = c.image_text_hidden_size;
+    add("embeddings.word_embeddings.weight", {q.vocab_size, dq}, {0.0f, 1.0f});
+    add("embeddings.position_embeddings.weight", {q.max_position_embeddings, dq}, {0.0f, 0.02f});
+    add("vision_projection.weight", {E, dq}, lin(dq));
+    add("vision_projection.bias", {E}, bias);
+    add("text_projection.weight", {E, dq}, lin(dq));
+    add("text_projection.bias", {E}, bias);
+    add("itm_head.weight", {2, dq}, lin(dq));
+    add("itm_head.bias", {2}, bias);
+    return out;
   }
   add("language_projection.weight", {c.lm_width(), dq}, lin(dq));
   add("language_projection.bias", {c.lm_width()}, bias);
@@ -332,7 +375,7 @@ void write_text(const fs::path& path, const std::string& text) {
 bool is_checkpoint_file(const std::string& f) {
   static const char* fixed[] = {"config.json", "generation_config.json", "tokenizer_config.json",
                                 "special_tokens_map.json", "tokenizer.json", "spiece.model", "vocab.json",
-                                "merges.txt", "README.txt",
+                                "merges.txt", "README.txt", "vocab.txt", "added_tokens.json",
                                 "model.safetensors", "model.safetensors.index.json"};
   for (const char* x : fixed)
     if (f == x) return true;
@@ -358,11 +401,12 @@ std::string canonical_model_like(const std::string& like) {
   if (s == "opt-6.7b" || s == "blip2-opt-6.7b") return "blip2-opt-6.7b";
   if (s == "tiny" || s == "tiny-blip2-t5") return "tiny-blip2-t5";
   if (s == "tiny-opt" || s == "tiny-blip2-opt") return "tiny-blip2-opt";
+  if (s == "itm" || s == "itm-vit-g" || s == "blip2-itm-vit-g") return "blip2-itm-vit-g";
   fail(ErrorKind::Usage, "--like '" + like +
                              "': unknown model shape; choose xxl (Salesforce/blip2-flan-t5-xxl), xl "
                              "(Salesforce/blip2-flan-t5-xl), opt-2.7b (Salesforce/blip2-opt-2.7b), opt-6.7b "
-                             "(Salesforce/blip2-opt-6.7b), tiny (models/tiny-blip2-t5) or tiny-opt "
-                             "(models/tiny-blip2-opt)");
+                             "(Salesforce/blip2-opt-6.7b), blip2-itm-vit-g (Salesforce/blip2-itm-vit-g, retrieval), tiny "
+                             "(models/tiny-blip2-t5) or tiny-opt (models/tiny-blip2-opt)");
 }
 
 DType parse_dtype_option(const std::string& dtype) {
@@ -411,12 +455,18 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
     fail(ErrorKind::Usage, std::string("make-random writes f32, bf16 or f16 weights, not ") + dtype_name(opt.dtype));
   const RandomCheckpointPlan plan = plan_random_checkpoint(like, opt.dtype);
   const fs::path dir(out_dir);
-  const bool is_opt = plan.config.family == LanguageFamily::OPT;
+  const bool retrieval = plan.config.task == Blip2Task::Retrieval;
+  const bool is_opt = !retrieval && plan.config.family == LanguageFamily::OPT;
   const fs::path tok_dir = !opt.tokenizer_dir.empty() ? fs::path(opt.tokenizer_dir)
+                           : retrieval               ? fs::path(BLIP2_BUNDLED_ITM_DIR)
                            : is_opt                  ? fs::path(BLIP2_BUNDLED_OPT_DIR)
                                                      : fs::path(BLIP2_BUNDLED_MODEL_DIR);
+  // Retrieval: the fixture's BERT files (375 pieces + [DEC], within the 30523-row embedding), copied whole.
   const std::vector<std::string> tok_files =
-      is_opt ? std::vector<std::string>{"vocab.json", "merges.txt"} : std::vector<std::string>{"spiece.model"};
+      retrieval ? std::vector<std::string>{"vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                                           "added_tokens.json"}
+      : is_opt  ? std::vector<std::string>{"vocab.json", "merges.txt"}
+                : std::vector<std::string>{"spiece.model"};
   for (const auto& f : tok_files)
     if (!fs::is_regular_file(tok_dir / f))
       fail(ErrorKind::Model, (tok_dir / f).string() + ": tokenizer to copy is missing (the bundled tiny model's)");
@@ -505,7 +555,9 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
     if (ec) fail(ErrorKind::Usage, (dir / f).string() + ": cannot copy the tokenizer: " + ec.message());
   }
   const OPTConfig& oc = plan.config.opt;
-  if (is_opt) {
+  if (retrieval) {
+    // nothing more: the tokenizer files are the ones copied, and there is nothing to generate
+  } else if (is_opt) {
     write_text(dir / "tokenizer_config.json", ordered_json({{"tokenizer_class", "GPT2Tokenizer"},
                                                              {"add_bos_token", true},
                                                              {"bos_token", "</s>"},
@@ -544,7 +596,9 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
                  (S == 1 ? " file" : " shards") + ").\n" +
                  "The values are random, scaled so that activations stay finite and O(1) through the whole model,\n"
                  "so it is good for load, memory, speed and numerical-stability tests, and its output is nonsense.\n\n" +
-                 std::string(is_opt ? "vocab.json + merges.txt are a STAND-IN: the bundled tiny model's 1024-token byte-level BPE,\n"
+                 std::string(retrieval ? "vocab.txt is a STAND-IN: the retrieval fixture's 375-piece BERT vocabulary + [DEC], not\n"
+                                         "BERT's 30522 pieces; the other rows of the word embedding are never looked up. "
+                           : is_opt ? "vocab.json + merges.txt are a STAND-IN: the bundled tiny model's 1024-token byte-level BPE,\n"
                            "not OPT's 50265-token one. Ids beyond them never come out of the tokenizer; the model still\n"
                            "generates them, and they decode to nothing. "
                          : "spiece.model is a STAND-IN: the bundled tiny model's 1000-piece SentencePiece model, not\n"

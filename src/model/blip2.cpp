@@ -9,9 +9,7 @@
 
 #include "core/error.h"
 #include "core/file.h"
-#include "cuda/cuda.h"
 #include "ops/ops.h"
-#include "ops/parallel.h"
 
 namespace blip2 {
 
@@ -35,15 +33,11 @@ int read_max_prompt_tokens(const std::string& dir, const Blip2Config& cfg) {
   return n;
 }
 
-// Sets the thread count, then opens the checkpoint with the options' weight conversion, so that every
-// tensor the parts take arrives in its final format.
-std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOptions& options, LanguageFamily family,
-                                            const Checkpoint::Progress& progress) {
-  par::set_threads(options.threads);
-  if (options.device.kind == Device::CUDA) cuda::select_device(options.device.index);
-  auto ck = std::make_unique<Checkpoint>(dir, progress);
-  ck->set_convert(weight_converter(options, family, !ck->has("language_model.lm_head.weight")));
-  return ck;
+// The config of a checkpoint that generates text; a retrieval one is refused with what it can do instead.
+Blip2Config generation_config(const std::string& dir) {
+  Blip2Config c = load_config(dir);
+  if (c.task != Blip2Task::Generation) fail(ErrorKind::Model, dir + ": " + task_description(c.task));
+  return c;
 }
 
 }  // namespace
@@ -52,7 +46,7 @@ std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOp
 Blip2Model::Blip2Model(const std::string& dir, const Progress& progress) : Blip2Model(dir, LoadOptions{}, progress) {}
 
 Blip2Model::Blip2Model(const std::string& dir, const LoadOptions& options, const Progress& progress)
-    : cfg_(load_config(dir)),
+    : cfg_(generation_config(dir)),
       device_(options.device.kind),
       ckpt_(open_checkpoint(dir, options, cfg_.family, progress)),
       vision_(*ckpt_, cfg_.vision),

@@ -4,7 +4,9 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "cuda/cuda.h"
 #include "ops/ops.h"
+#include "ops/parallel.h"
 
 namespace blip2 {
 
@@ -38,9 +40,9 @@ bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_h
   static const char* const kLinear[] = {
       // ViT
       ".self_attn.qkv.weight", ".self_attn.projection.weight", ".mlp.fc1.weight", ".mlp.fc2.weight",
-      // Q-Former (attention q/k/v and output dense, query FFN)
+      // Q-Former (attention q/k/v and output dense, query FFN, text FFN: its output is ".output.dense")
       ".attention.query.weight", ".attention.key.weight", ".attention.value.weight", ".output.dense.weight",
-      ".intermediate_query.dense.weight", ".output_query.dense.weight",
+      ".intermediate_query.dense.weight", ".output_query.dense.weight", ".intermediate.dense.weight",
       // T5 attention and feed-forward
       "Attention.q.weight", "Attention.k.weight", "Attention.v.weight", "Attention.o.weight",
       ".DenseReluDense.wi.weight", ".DenseReluDense.wi_0.weight", ".DenseReluDense.wi_1.weight",
@@ -49,6 +51,8 @@ bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_h
       ".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight",
       ".self_attn.out_proj.weight", ".fc1.weight", ".fc2.weight", ".project_in.weight", ".project_out.weight"};
   if (name == "language_projection.weight" || name == "language_model.lm_head.weight") return true;
+  // Retrieval's heads over the Q-Former outputs
+  if (name == "vision_projection.weight" || name == "text_projection.weight" || name == "itm_head.weight") return true;
   if (name.rfind("vision_model.", 0) == 0 || name.rfind("qformer.", 0) == 0 || name.rfind("language_model.", 0) == 0)
     for (const char* s : kLinear)
       if (ends_with(name, s)) return true;
@@ -109,6 +113,15 @@ Checkpoint::Convert weight_converter(const LoadOptions& o, LanguageFamily family
     if (is_lookup_embedding(name)) return w;
     return copy_weight(w);
   };
+}
+
+std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOptions& options, LanguageFamily family,
+                                            const Checkpoint::Progress& progress) {
+  par::set_threads(options.threads);
+  if (options.device.kind == Device::CUDA) cuda::select_device(options.device.index);
+  auto ck = std::make_unique<Checkpoint>(dir, progress);
+  ck->set_convert(weight_converter(options, family, !ck->has("language_model.lm_head.weight")));
+  return ck;
 }
 
 }  // namespace blip2

@@ -2,6 +2,7 @@
 // the device and the thread count. The one place that decides which tensors a format applies to is
 // weight_converter() (load_options.cpp).
 #pragma once
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -59,5 +60,10 @@ WeightFormat tower_format(const LoadOptions& options, Tower tower, LanguageFamil
 // so that no file page is needed after loading. On another device every tensor is copied there after its
 // conversion. Validates int4_group, and the formats the device has kernels for.
 Checkpoint::Convert weight_converter(const LoadOptions& options, LanguageFamily family, bool tied_lm_head);
+
+// Sets the thread count (and selects the GPU), then opens the checkpoint with the options' weight
+// conversion, so that every tensor the model's parts take arrives in its final format.
+std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOptions& options, LanguageFamily family,
+                                            const Checkpoint::Progress& progress);
 
 }  // namespace blip2

@@ -23,6 +23,7 @@ struct Limits {
   int max_prompt_tokens = 0;               // text tokens of the conversation prompt; 0: the model's limit
   int max_output_tokens = 512;             // max_tokens may not exceed this
   int max_choices = 8;                     // n and num_beams may not exceed this
+  int max_inputs = 64;                     // inputs of one /v1/embeddings request, texts of one /v1/match
   std::string local_image_dir;             // file:// image URLs allowed under this directory; empty: refused
   bool allow_remote_images = false;        // http(s):// image URLs fetched; off: refused
   bool allow_private_image_hosts = false;  // ... also from loopback, link-local and private addresses

@@ -103,7 +103,8 @@ int64_t count_prompt_tokens(const Tokenizer& tok, const std::string& text, int64
   return n;
 }
 
-const std::vector<std::string> kPaths = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions"};
+const std::vector<std::string> kPaths = {"/",          "/health",       "/metrics", "/v1/models", "/v1/chat/completions",
+                                         "/v1/embeddings", "/v1/match"};
 
 }  // namespace
 
@@ -113,9 +114,21 @@ struct HttpServer::Counters {
 };
 
 HttpServer::HttpServer(const Blip2Model& model, const GenerationOptions& defaults, const ServerOptions& options)
-    : model_(model), defaults_(defaults), opt_(options),
+    : model_(&model), defaults_(defaults), opt_(options),
       scheduler_(std::make_unique<Scheduler>(model, options.scheduler)),
       http_(std::make_unique<httplib::Server>()), counters_(std::make_unique<Counters>()) {
+  setup();
+}
+
+HttpServer::HttpServer(const RetrievalModel& model, const ServerOptions& options)
+    : retrieval_(&model),
+      retrieval_api_(std::make_unique<RetrievalApi>(model, options.limits, options.scheduler.image_cache_bytes,
+                                                    options.model_id)),
+      opt_(options), http_(std::make_unique<httplib::Server>()), counters_(std::make_unique<Counters>()) {
+  setup();
+}
+
+void HttpServer::setup() {
   const int threads = opt_.http_threads > 0 ? opt_.http_threads
                                             : opt_.scheduler.max_queue + opt_.scheduler.max_batch_rows + 8;
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
@@ -162,7 +175,7 @@ void HttpServer::wait_until_listening() const {
 
 void HttpServer::shutdown() {
   draining_ = true;
-  scheduler_->drain();
+  if (scheduler_) scheduler_->drain();
   const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                         std::chrono::duration<double>(opt_.drain_timeout_s));
   while (in_flight_ > 0 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -235,35 +248,70 @@ void HttpServer::routes() {
   s.Post("/v1/chat/completions",
          [this](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& read) {
            std::string body;
-           bool over = false;
-           const bool ok = read([&](const char* data, size_t n) {
-             if (body.size() + n > opt_.limits.max_body_bytes) {
-               over = true;
-               return false;
-             }
-             body.append(data, n);
-             return true;
-           });
-           // (a Content-Length over the limit: httplib refuses to read before any byte is counted)
-           const std::string length = req.get_header_value("Content-Length");
-           over = over || (!ok && !length.empty() && std::strtoull(length.c_str(), nullptr, 10) > opt_.limits.max_body_bytes);
-           if (!ok || over) {
-             res.set_header("Connection", "close");  // the rest of the body is not read
-             send_error(res, over ? ApiError(413, "request body too large (the limit is " +
-                                                      size_str(opt_.limits.max_body_bytes) + ", counted decompressed)",
-                                             "", "body_too_large")
-                                  : ApiError(400, "the request body could not be read (cut short, or a bad chunked, "
-                                                  "gzip or brotli encoding)", "", "invalid_body"));
-             return;
-           }
-           chat(req, body, res);
+           if (read_body(req, res, read, body)) chat(req, body, res);
          });
+  s.Post("/v1/embeddings", [this](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& read) {
+    std::string body;
+    if (read_body(req, res, read, body)) retrieval(req, body, res, &RetrievalApi::embeddings);
+  });
+  s.Post("/v1/match", [this](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& read) {
+    std::string body;
+    if (read_body(req, res, read, body)) retrieval(req, body, res, &RetrievalApi::match);
+  });
+}
+
+// The body is read here rather than by httplib, whose limit counts the bytes received: a gzip or brotli body
+// inflated past it, and a chunked one was not counted at all. These are counted after decoding, as they
+// arrive, so no more than the limit is ever held.
+bool HttpServer::read_body(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& read,
+                           std::string& body) const {
+  bool over = false;
+  const bool ok = read([&](const char* data, size_t n) {
+    if (body.size() + n > opt_.limits.max_body_bytes) {
+      over = true;
+      return false;
+    }
+    body.append(data, n);
+    return true;
+  });
+  // (a Content-Length over the limit: httplib refuses to read before any byte is counted)
+  const std::string length = req.get_header_value("Content-Length");
+  over = over || (!ok && !length.empty() && std::strtoull(length.c_str(), nullptr, 10) > opt_.limits.max_body_bytes);
+  if (ok && !over) return true;
+  res.set_header("Connection", "close");  // the rest of the body is not read
+  send_error(res, over ? ApiError(413, "request body too large (the limit is " + size_str(opt_.limits.max_body_bytes) +
+                                           ", counted decompressed)",
+                                  "", "body_too_large")
+                       : ApiError(400, "the request body could not be read (cut short, or a bad chunked, "
+                                       "gzip or brotli encoding)", "", "invalid_body"));
+  return false;
+}
+
+void HttpServer::retrieval(const httplib::Request& req, const std::string& body, httplib::Response& res,
+                           json (RetrievalApi::*answer)(const std::string&)) {
+  ++in_flight_;
+  struct Leave {
+    std::atomic<int>* n;
+    ~Leave() { --*n; }
+  } leave{&in_flight_};
+  try {
+    if (!retrieval_api_)
+      throw ApiError(400, task_description(Blip2Task::Generation) + ": use /v1/chat/completions", "",
+                     "unsupported_endpoint");
+    const std::string ct = req.get_header_value("Content-Type");
+    if (ct.rfind("application/json", 0) != 0)
+      throw ApiError(415, "Content-Type must be application/json (got '" + ct + "')", "", "unsupported_media_type");
+    if (draining_) throw ApiError(503, "the server is shutting down", "", "shutting_down", "server_error");
+    res.set_content(dump(((*retrieval_api_).*answer)(body)), kJson);
+  } catch (const ApiError& e) {
+    send_error(res, e);
+  }
 }
 
 // OPT's positions are a learned table: the image's query tokens, the prompt and every generated token but
 // the last take one each. A request that would run past it is refused here rather than failing mid-batch.
 void HttpServer::check_positions(const Job& job) const {
-  const Blip2Config& c = model_.config();
+  const Blip2Config& c = model_->config();
   if (c.family != LanguageFamily::OPT) return;  // T5's relative positions have no end
   const int64_t room = int64_t(c.opt.max_position_embeddings) + 1 - c.num_query_tokens - job.prompt_tokens;
   if (job.options.max_new_tokens > room)
@@ -286,6 +334,8 @@ void HttpServer::chat(const httplib::Request& req, const std::string& body, http
   std::shared_ptr<Job> job;
   ChatRequest cr;
   try {
+    if (!model_)
+      throw ApiError(400, task_description(Blip2Task::Retrieval), "", "unsupported_endpoint");
     const std::string ct = req.get_header_value("Content-Type");
     if (ct.rfind("application/json", 0) != 0)
       throw ApiError(415, "Content-Type must be application/json (got '" + ct + "')", "", "unsupported_media_type");
@@ -295,9 +345,9 @@ void HttpServer::chat(const httplib::Request& req, const std::string& body, http
     job->options = cr.options;
     // The prompt before the image: a question that is too long is refused before any image work.
     const int64_t max_prompt = opt_.limits.max_prompt_tokens > 0
-                                   ? std::min(opt_.limits.max_prompt_tokens, model_.max_prompt_tokens())
-                                   : model_.max_prompt_tokens();
-    const auto count = [&](const std::string& p) { return count_prompt_tokens(model_.tokenizer(), p, max_prompt); };
+                                   ? std::min(opt_.limits.max_prompt_tokens, model_->max_prompt_tokens())
+                                   : model_->max_prompt_tokens();
+    const auto count = [&](const std::string& p) { return count_prompt_tokens(model_->tokenizer(), p, max_prompt); };
     job->prompt = conversation_prompt(cr, max_prompt, count);
     job->prompt_tokens = count(job->prompt);
     check_positions(*job);
@@ -312,7 +362,7 @@ void HttpServer::chat(const httplib::Request& req, const std::string& body, http
       try {
         const RgbImage img = decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "image",
                                           opt_.limits.max_image_pixels);
-        job->pixels = preprocess_images({img}, model_.config().vision.image_size);
+        job->pixels = preprocess_images({img}, model_->config().vision.image_size);
       } catch (const Error& e) {
         throw ApiError(422, std::string("cannot use the image: ") + e.what(), "image_url", "invalid_image");
       }
@@ -412,7 +462,9 @@ void HttpServer::chat(const httplib::Request& req, const std::string& body, http
 }
 
 std::string HttpServer::metrics_text() const {
-  const SchedulerStats s = scheduler_->stats();
+  SchedulerStats s;
+  if (scheduler_) s = scheduler_->stats();
+  else s.cache = retrieval_api_->cache().stats();  // a retrieval server: its requests and its image cache
   std::ostringstream o;
   const auto metric = [&](const char* name, const char* type, const char* help, auto value) {
     o << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n" << name << " " << value << "\n";

@@ -1,6 +1,8 @@
 // `blip2 serve`: an OpenAI-compatible HTTP server over the scheduler. Thin: it checks and parses requests
 // (chat_request.h), hands them to the scheduler, and writes responses (JSON, or server-sent events).
 //   POST /v1/chat/completions   GET /v1/models   GET /health   GET /metrics   GET / (a chat page)
+// With a retrieval checkpoint instead: POST /v1/embeddings and POST /v1/match (server/retrieval_api.h); each
+// kind of checkpoint answers the other's endpoints with a 400 that says what it serves.
 #pragma once
 #include <atomic>
 #include <memory>
@@ -10,7 +12,9 @@
 
 #include "generate/generate.h"
 #include "model/blip2.h"
+#include "model/retrieval.h"
 #include "server/chat_request.h"
+#include "server/retrieval_api.h"
 #include "server/scheduler.h"
 
 
@@ -33,6 +37,8 @@ struct ServerOptions {
 class HttpServer {
  public:
   HttpServer(const Blip2Model& model, const GenerationOptions& defaults, const ServerOptions& options);
+  // Serves embeddings and match scores; the image cache takes options.scheduler.image_cache_bytes.
+  HttpServer(const RetrievalModel& model, const ServerOptions& options);
   ~HttpServer();
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
@@ -47,16 +53,26 @@ class HttpServer {
   // (up to drain_timeout_s), then serve() returns. Thread-safe; returns when done.
   void shutdown();
 
-  Scheduler& scheduler() { return *scheduler_; }
+  Scheduler& scheduler() { return *scheduler_; }  // a captioning model's server only
   std::string metrics_text() const;
 
  private:
   struct Counters;
+  void setup();  // the HTTP server's settings and routes, for either kind of model
   void routes();
+  // The request body, counted as it arrives (decompressed) against max_body_bytes; false after answering
+  // 413 or 400 itself.
+  bool read_body(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& read,
+                 std::string& body) const;
+  // A retrieval endpoint: checks, then `answer` (RetrievalApi) turns the body into the response JSON.
+  void retrieval(const httplib::Request& req, const std::string& body, httplib::Response& res,
+                 nlohmann::json (RetrievalApi::*answer)(const std::string&));
   void chat(const httplib::Request& req, const std::string& body, httplib::Response& res);
   void check_positions(const Job& job) const;  // throws ApiError(400)
 
-  const Blip2Model& model_;
+  const Blip2Model* model_ = nullptr;          // a captioning model, or
+  const RetrievalModel* retrieval_ = nullptr;  // a retrieval one
+  std::unique_ptr<RetrievalApi> retrieval_api_;
   const GenerationOptions defaults_;
   ServerOptions opt_;
   std::unique_ptr<Scheduler> scheduler_;

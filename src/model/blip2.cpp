@@ -23,13 +23,15 @@ int read_max_prompt_tokens(const std::string& dir, const Blip2Config& cfg) {
   int n = 512;  // T5's model_max_length
   if (cfg.family == LanguageFamily::OPT)
     n = std::max(1, cfg.opt.max_position_embeddings - cfg.num_query_tokens - 1);
+  if (cfg.family == LanguageFamily::Llama)  // rotary positions have no table, but the model knows this many
+    n = std::max(1, cfg.llama.max_position_embeddings - cfg.num_query_tokens - 1);
   const auto path = std::filesystem::path(dir) / "tokenizer_config.json";
   if (!std::filesystem::exists(path)) return n;
   const auto j =
       nlohmann::json::parse(read_file(path.string(), kMaxConfigFileBytes, ErrorKind::Model, "config file"), nullptr, false);
   if (j.is_object() && j.contains("model_max_length") && j["model_max_length"].is_number_integer()) {
     const int64_t m = j["model_max_length"].get<int64_t>();
-    if (m > 0 && m <= (1 << 20)) return cfg.family == LanguageFamily::OPT ? std::min<int>(n, static_cast<int>(m))
+    if (m > 0 && m <= (1 << 20)) return cfg.family != LanguageFamily::T5 ? std::min<int>(n, static_cast<int>(m))
                                                                           : static_cast<int>(m);
   }
   return n;
@@ -61,8 +63,15 @@ Blip2Model::Blip2Model(const std::string& dir, const LoadOptions& options, const
       proj_b_(ckpt_->take("language_projection.bias", {cfg_.lm_width()})),
       tokenizer_(load_tokenizer(dir, cfg_)),
       max_prompt_tokens_(read_max_prompt_tokens(dir, cfg_)) {
-  if (cfg_.family == LanguageFamily::T5) t5_ = std::make_unique<T5Model>(*ckpt_, cfg_.text);
-  else opt_ = std::make_unique<OPTModel>(*ckpt_, cfg_.opt);
+  if (cfg_.family == LanguageFamily::T5) {
+    t5_ = std::make_unique<T5Model>(*ckpt_, cfg_.text);
+  } else if (cfg_.family == LanguageFamily::OPT) {
+    opt_ = std::make_unique<OPTModel>(*ckpt_, cfg_.opt);
+    causal_ = opt_.get();
+  } else {
+    llama_ = std::make_unique<LlamaModel>(*ckpt_, cfg_.llama);
+    causal_ = llama_.get();
+  }
   ckpt_->check_all_used();
   if (tokenizer_->vocab_size() > cfg_.lm_vocab_size())
     fail(ErrorKind::Model, dir + ": tokenizer has " + std::to_string(tokenizer_->vocab_size()) +
@@ -82,11 +91,11 @@ PromptBatch Blip2Model::tokenize(const std::vector<std::string>& prompts) const 
                                  std::to_string(max_prompt_tokens_));
     p.length = std::max(p.length, n);
   }
-  p.ids.assign(static_cast<size_t>(p.batch * p.length), cfg_.pad_token_id());
+  p.ids.assign(static_cast<size_t>(p.batch * p.length), tokenizer_->pad_id().value_or(cfg_.pad_token_id()));
   p.mask.assign(p.ids.size(), 0);
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t n = static_cast<int64_t>(all[b].size());
-    const int64_t first = cfg_.family == LanguageFamily::OPT ? p.length - n : 0;  // OPT pads on the left
+    const int64_t first = causal_ ? p.length - n : 0;  // decoder-only models pad on the left
     for (int64_t i = 0; i < n; ++i) {
       p.ids[b * p.length + first + i] = all[b][i];
       p.mask[b * p.length + first + i] = 1;
@@ -142,7 +151,7 @@ Encoded Blip2Model::encode_prompts(const Encoded& image, const PromptBatch& prom
     ops::copy_rows(proj, b * Q, x, b * T, Q);
     float* prompt_rows = x.data_ptr() + (b * T + Q) * d;
     if (t5_) t5_->embed(ids, L, prompt_rows);
-    else opt_->embed(ids, L, prompt_rows);
+    else causal_->embed(ids, L, prompt_rows);
     std::memcpy(e.input_mask.data() + b * T + Q, prompts.mask.data() + b * L, static_cast<size_t>(L));
     std::copy(ids, ids + L, e.input_ids.begin() + b * T + Q);
   }
@@ -186,17 +195,21 @@ std::unique_ptr<Decoder> Blip2Model::start_decoder(const Encoded& enc, int expan
   if (t5_) return t5_->start_decoder(enc.encoder_last_hidden_state, enc.input_mask, expand);
   // OPT's logits processors see the ids it was given: the prompt with its padding, and the image tokens
   // when the config has them (Hugging Face passes input_ids to generate for decoder-only models).
+  // InstructBLIP (4.44) passes only inputs_embeds to the language model's generate(), whose input_ids are
+  // then empty: the processors see the generated tokens alone.
   const int64_t B = enc.inputs_embeds.dim(0), T = enc.inputs_embeds.dim(1), Q = cfg_.num_query_tokens;
   const int64_t from = cfg_.image_token_index ? 0 : Q;
   std::vector<std::vector<int32_t>> prefix(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b)
-    prefix[b].assign(enc.input_ids.begin() + b * T + from, enc.input_ids.begin() + (b + 1) * T);
-  return opt_->start_decoder(enc.inputs_embeds, enc.input_mask, std::move(prefix), expand);
+  if (!cfg_.instruct)
+    for (int64_t b = 0; b < B; ++b)
+      prefix[b].assign(enc.input_ids.begin() + b * T + from, enc.input_ids.begin() + (b + 1) * T);
+  return start_causal_decoder(*causal_, enc.inputs_embeds, enc.input_mask, std::move(prefix), expand);
 }
 
 Tensor Blip2Model::prompt_logits(const Encoded& enc) const {
-  if (!opt_) fail(ErrorKind::Usage, "prompt logits are for decoder-only language models (OPT); T5's come from its decoder");
-  return opt_->logits(enc.inputs_embeds, enc.input_mask);
+  if (!causal_)
+    fail(ErrorKind::Usage, "prompt logits are for decoder-only language models (OPT, LLaMA); T5's come from its decoder");
+  return causal_->logits(enc.inputs_embeds, enc.input_mask);
 }
 
 }  // namespace blip2

@@ -14,6 +14,7 @@
 #include "io/checkpoint.h"
 #include "io/config.h"
 #include "model/load_options.h"
+#include "model/llama.h"
 #include "model/opt.h"
 #include "model/qformer.h"
 #include "model/t5.h"
@@ -40,7 +41,7 @@ struct Encoded {
   std::vector<uint8_t> input_mask;
   std::vector<int32_t> input_ids;
   Tensor encoder_last_hidden_state;  // T5: the encoder over that input [B, Q + L, d_model]
-  Tensor inputs_embeds;              // OPT: the input itself [B, Q + L, d_lm], which the decoder runs first
+  Tensor inputs_embeds;              // OPT, LLaMA: the input itself [B, Q + L, d_lm], which the decoder runs first
   int64_t batch() const { return language_projection.shape.empty() ? 0 : language_projection.dim(0); }
 };
 
@@ -62,7 +63,9 @@ class Blip2Model {
   // logits come back to the host.
   Device device() const { return device_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
-  bool tied_lm_head() const { return t5_ ? t5_->tied_lm_head() : opt_->tied_lm_head(); }
+  bool tied_lm_head() const {
+    return t5_ ? t5_->tied_lm_head() : opt_ ? opt_->tied_lm_head() : llama_->tied_lm_head();
+  }
   int max_prompt_tokens() const { return max_prompt_tokens_; }
   SpecialTokens special_tokens() const { return {cfg_.eos_token_id(), cfg_.pad_token_id()}; }
 
@@ -80,7 +83,7 @@ class Blip2Model {
   int64_t image_encodings() const { return image_encodings_.n.load(); }
   // A decoder over the prompt stage's result, `expand` rows per batch item.
   std::unique_ptr<Decoder> start_decoder(const Encoded& enc, int expand = 1) const;
-  // OPT: the logits at every input position [B, Q + L, vocab] (Hugging Face's forward pass). Throws
+  // OPT, LLaMA: the logits at every input position [B, Q + L, vocab] (Hugging Face's forward pass). Throws
   // Error(Usage) for T5, whose logits come from the decoder.
   Tensor prompt_logits(const Encoded& enc) const;
 
@@ -100,8 +103,10 @@ class Blip2Model {
   VisionModel vision_;
   QFormer qformer_;
   Weight proj_w_, proj_b_;
-  std::unique_ptr<T5Model> t5_;    // one of these two, as config.json says
+  std::unique_ptr<T5Model> t5_;    // one of these three, as config.json says
   std::unique_ptr<OPTModel> opt_;
+  std::unique_ptr<LlamaModel> llama_;
+  const CausalLM* causal_ = nullptr;  // opt_ or llama_: the decoder-only language model
   std::unique_ptr<Tokenizer> tokenizer_;
   int max_prompt_tokens_ = 512;
   struct Counter {  // copyable, so the model stays copyable and movable

@@ -91,7 +91,7 @@ PromptBatch Blip2Model::tokenize(const std::vector<std::string>& prompts) const 
                                  std::to_string(max_prompt_tokens_));
     p.length = std::max(p.length, n);
   }
-  p.ids.assign(static_cast<size_t>(p.batch * p.length), tokenizer_->pad_id().value_or(cfg_.pad_token_id()));
+  p.ids.assign(static_cast<size_t>(p.batch * p.length), tokenizer_->prompt_pad_id().value_or(cfg_.pad_token_id()));
   p.mask.assign(p.ids.size(), 0);
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t n = static_cast<int64_t>(all[b].size());

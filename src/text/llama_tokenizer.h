@@ -28,7 +28,7 @@ class LlamaTokenizer final : public Tokenizer {
   std::vector<int32_t> encode(const std::string& text) const override;  // starts with the BOS id
   std::string decode(const std::vector<int32_t>& ids) const override;    // special tokens skipped
   int vocab_size() const override { return vocab_size_; }
-  std::optional<int32_t> pad_id() const override { return pad_; }
+  std::optional<int32_t> prompt_pad_id() const override { return pad_; }
 
  private:
   std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;

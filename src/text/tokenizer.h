@@ -24,7 +24,7 @@ class Tokenizer {
   virtual int vocab_size() const = 0;
   // The id prompts are padded with when the tokenizer names one that is not the language model's
   // (Vicuna: its [PAD], where text_config has none).
-  virtual std::optional<int32_t> pad_id() const { return std::nullopt; }
+  virtual std::optional<int32_t> prompt_pad_id() const { return std::nullopt; }
 };
 
 // The tokenizer of a model directory: SentencePiece (spiece.model) for Flan-T5, GPT-2 byte-level BPE

@@ -283,6 +283,8 @@ Blip2Config parse_config(const std::string& json_text, const std::string& source
   q.count("cross_attention_frequency", qc.cross_attention_frequency, 1024);
   q.epsilon("layer_norm_eps", qc.layer_norm_eps);
   q.activation("hidden_act", qc.act);
+  q.count("vocab_size", qc.vocab_size, 1 << 24);
+  q.count("max_position_embeddings", qc.max_position_embeddings, 1 << 20);
   // Blip2Config forces the Q-Former's cross-attention width to the vision width.
   qc.encoder_hidden_size = vc.hidden_size;
   check_divisible(source + ": qformer_config", qc.hidden_size, "hidden_size", qc.num_heads,

@@ -33,6 +33,9 @@ struct QFormerConfig {
   int encoder_hidden_size = 1408;
   float layer_norm_eps = 1e-12f;
   Activation act = Activation::GeluErf;
+  // The text input (InstructBLIP, image–text retrieval): the BERT vocabulary and the learned positions.
+  int vocab_size = 30522;
+  int max_position_embeddings = 512;
 };
 
 struct T5Config {

@@ -6,6 +6,7 @@ packages=(
   libopenblas-dev                         # matrix products
   libsentencepiece-dev                    # T5 tokenizer
   libpcre2-dev                            # Unicode regex for the OPT (GPT-2 BPE) tokenizer
+  libicu-dev                              # Unicode properties and normalisation for the BERT tokenizer
   libpng-dev libjpeg62-turbo-dev          # image decoding (libjpeg-turbo: the decoder Pillow uses)
   libwebp-dev                             # WebP images (libwebp: the decoder Pillow uses)
   nlohmann-json3-dev libcli11-dev         # JSON, command line

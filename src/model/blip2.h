@@ -19,17 +19,14 @@
 #include "model/qformer.h"
 #include "model/t5.h"
 #include "model/vision.h"
+#include "text/token_batch.h"
 #include "text/tokenizer.h"
 
 namespace blip2 {
 
 // Prompts of a batch, tokenized and padded with the pad id: on the right for T5, on the left for OPT (whose
 // positions come from the mask, so that every prompt ends where generation starts).
-struct PromptBatch {
-  int64_t batch = 0, length = 0;
-  std::vector<int32_t> ids;   // [batch, length]
-  std::vector<uint8_t> mask;  // [batch, length], 1 = token
-};
+using PromptBatch = TokenBatch;
 
 // Everything the pipeline computes before decoding, by the reference's stage names.
 struct Encoded {

@@ -39,9 +39,9 @@ bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_h
   static const char* const kLinear[] = {
       // ViT
       ".self_attn.qkv.weight", ".self_attn.projection.weight", ".mlp.fc1.weight", ".mlp.fc2.weight",
-      // Q-Former (attention q/k/v and output dense, query FFN)
+      // Q-Former (attention q/k/v and output dense, query FFN, text FFN: its output is ".output.dense")
       ".attention.query.weight", ".attention.key.weight", ".attention.value.weight", ".output.dense.weight",
-      ".intermediate_query.dense.weight", ".output_query.dense.weight",
+      ".intermediate_query.dense.weight", ".output_query.dense.weight", ".intermediate.dense.weight",
       // T5 attention and feed-forward
       "Attention.q.weight", "Attention.k.weight", "Attention.v.weight", "Attention.o.weight",
       ".DenseReluDense.wi.weight", ".DenseReluDense.wi_0.weight", ".DenseReluDense.wi_1.weight",

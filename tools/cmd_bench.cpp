@@ -174,8 +174,10 @@ void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string,
   times["vision"].push_back(since(t));
 
   t = clk::now();
-  img.qformer_last_hidden_state = model.qformer_model().forward(img.vision_last_hidden_state);
-  img.language_projection = ops::linear(img.qformer_last_hidden_state, model.projection_weight(), model.projection_bias());
+  if (!model.config().instruct) {  // InstructBLIP's Q-Former reads the prompt: it runs in the prompt stage
+    img.qformer_last_hidden_state = model.qformer_model().forward(img.vision_last_hidden_state);
+    img.language_projection = ops::linear(img.qformer_last_hidden_state, model.projection_weight(), model.projection_bias());
+  }
   synchronize(dev);
   times["qformer"].push_back(since(t));
 

@@ -58,7 +58,8 @@ Blip2Model::Blip2Model(const std::string& dir, const LoadOptions& options, const
       device_(options.device.kind),
       ckpt_(open_checkpoint(dir, options, cfg_.family, progress)),
       vision_(*ckpt_, cfg_.vision),
-      qformer_(*ckpt_, cfg_.qformer, cfg_.num_query_tokens),
+      qformer_(*ckpt_, cfg_.qformer, cfg_.num_query_tokens,
+               cfg_.instruct ? QFormerNames::instructblip() : QFormerNames::blip2()),
       proj_w_(ckpt_->take("language_projection.weight", {cfg_.lm_width(), cfg_.qformer.hidden_size})),
       proj_b_(ckpt_->take("language_projection.bias", {cfg_.lm_width()})),
       tokenizer_(load_tokenizer(dir, cfg_)),
@@ -73,6 +74,15 @@ Blip2Model::Blip2Model(const std::string& dir, const LoadOptions& options, const
     causal_ = llama_.get();
   }
   ckpt_->check_all_used();
+  if (cfg_.instruct) {
+    const std::string qdir = (std::filesystem::path(dir) / "qformer_tokenizer").string();
+    if (!std::filesystem::is_directory(qdir))
+      fail(ErrorKind::Model, qdir + ": missing (InstructBLIP's Q-Former tokenizer: vocab.txt and its configs)");
+    qformer_tokenizer_ = std::make_unique<BertTokenizer>(BertTokenizer::load(qdir));
+    if (qformer_tokenizer_->vocab_size() > cfg_.qformer.vocab_size)
+      fail(ErrorKind::Model, qdir + ": tokenizer has " + std::to_string(qformer_tokenizer_->vocab_size()) +
+                                 " ids but the Q-Former's vocabulary has only " + std::to_string(cfg_.qformer.vocab_size));
+  }
   if (tokenizer_->vocab_size() > cfg_.lm_vocab_size())
     fail(ErrorKind::Model, dir + ": tokenizer has " + std::to_string(tokenizer_->vocab_size()) +
                                " ids but the model's vocabulary has only " + std::to_string(cfg_.lm_vocab_size()));
@@ -101,6 +111,10 @@ PromptBatch Blip2Model::tokenize(const std::vector<std::string>& prompts) const 
       p.mask[b * p.length + first + i] = 1;
     }
   }
+  // The Q-Former's own tokenization of the same prompts. The processor does not truncate, but the Q-Former
+  // has max_position_embeddings positions: a longer prompt loses its start (the tokenizer's truncation side,
+  // left on the hub), where the language model still reads it all.
+  if (qformer_tokenizer_) p.qformer = qformer_tokenizer_->encode_batch(prompts, qformer_.max_text_tokens());
   return p;
 }
 
@@ -119,22 +133,37 @@ Encoded Blip2Model::encode_image(const Tensor& pixels) const {
   ++image_encodings_.n;
   Encoded e;
   e.vision_last_hidden_state = vision_.forward(pixels);
+  if (cfg_.instruct) return e;  // the Q-Former needs the prompt: encode_prompts runs it
   e.qformer_last_hidden_state = qformer_.forward(e.vision_last_hidden_state);
   e.language_projection = ops::linear(e.qformer_last_hidden_state, proj_w_, proj_b_);
   return e;
 }
 
 Encoded Blip2Model::encode_prompts(const Encoded& image, const PromptBatch& prompts) const {
-  const Tensor& proj = image.language_projection;
   const int64_t Q = cfg_.num_query_tokens, L = prompts.length, d = cfg_.lm_width(), T = Q + L;
-  const int64_t B = proj.shape.empty() ? 0 : proj.dim(0);
-  if (proj.shape != Shape{B, Q, d} || B < 1)
-    fail(ErrorKind::Internal, "encode_prompts: language projection has shape " + shape_str(proj.shape));
+  const int64_t B = image.batch();
   if (prompts.batch != B) fail(ErrorKind::Usage, "each image needs exactly one prompt");
   Encoded e;
   e.vision_last_hidden_state = image.vision_last_hidden_state;
-  e.qformer_last_hidden_state = image.qformer_last_hidden_state;
-  e.language_projection = proj;
+  if (cfg_.instruct) {
+    // The Q-Former over [queries ; the prompt's BERT ids]; only the query positions go on.
+    const Tensor& v = image.vision_last_hidden_state;
+    if (v.shape.size() != 3 || B < 1 || prompts.qformer.batch != B)
+      fail(ErrorKind::Internal, "encode_prompts: vision output " + shape_str(v.shape) + " with " +
+                                    std::to_string(prompts.qformer.batch) + " Q-Former prompts");
+    e.qformer_input = prompts.qformer;
+    const Tensor all = qformer_.forward(v, prompts.qformer);  // [B, Q + Lq, dq]
+    const int64_t per = all.dim(1);
+    e.qformer_last_hidden_state = Tensor({B, Q, all.dim(2)}, all.device);
+    for (int64_t b = 0; b < B; ++b) ops::copy_rows(all, b * per, e.qformer_last_hidden_state, b * Q, Q);
+    e.language_projection = ops::linear(e.qformer_last_hidden_state, proj_w_, proj_b_);
+  } else {
+    e.qformer_last_hidden_state = image.qformer_last_hidden_state;
+    e.language_projection = image.language_projection;
+  }
+  const Tensor& proj = e.language_projection;
+  if (proj.shape != Shape{B, Q, d} || B < 1)
+    fail(ErrorKind::Internal, "encode_prompts: language projection has shape " + shape_str(proj.shape));
 
   // Input: [projected queries ; prompt embeddings], mask [ones ; prompt mask]. The query slots' ids are the
   // image token where the config has one: Hugging Face's newer processors put them in input_ids, and the
@@ -182,6 +211,12 @@ Encoded select_items(const Encoded& e, int64_t begin, int64_t end) {
   };
   Encoded out;
   out.vision_last_hidden_state = rows(e.vision_last_hidden_state);
+  if (e.qformer_input.batch > 0) {
+    const int64_t L = e.qformer_input.length;
+    out.qformer_input = {end - begin, L,
+                         std::vector<int32_t>(e.qformer_input.ids.begin() + begin * L, e.qformer_input.ids.begin() + end * L),
+                         std::vector<uint8_t>(e.qformer_input.mask.begin() + begin * L, e.qformer_input.mask.begin() + end * L)};
+  }
   out.qformer_last_hidden_state = rows(e.qformer_last_hidden_state);
   out.language_projection = rows(e.language_projection);
   out.input_mask = part(e.input_mask);

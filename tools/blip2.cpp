@@ -353,7 +353,8 @@ int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vec
   const bool causal = model->config().family != LanguageFamily::T5;  // OPT, LLaMA
   if (causal && !dec_ids_arg.empty())
     fail(ErrorKind::Usage,
-         "--decoder-input-ids is for T5 models; a decoder-only model's logits are those of the prompt positions");
+         "--decoder-input-ids is for T5 models; a decoder-only model's (OPT, LLaMA) logits are those of the prompt "
+         "positions");
   const int64_t V = model->config().lm_vocab_size();
   for (const auto& d : dec_ids)
     for (int32_t id : d)

@@ -250,7 +250,7 @@ Blip2Config parse_config(const std::string& json_text, const std::string& source
   // with the same defaults (InstructBlipVisionConfig, InstructBlipQFormerConfig).
   const auto model_type = top.text("model_type");
   if (model_type && *model_type != "blip-2" && *model_type != "instructblip")
-    top.bad("model_type", "= \"" + *model_type + "\": this is not a BLIP-2 (or InstructBLIP) checkpoint");
+    top.bad("model_type", "= \"" + *model_type + "\": this is not a BLIP-2 checkpoint (nor an InstructBLIP one)");
   c.instruct = model_type == "instructblip";
   top.count("num_query_tokens", c.num_query_tokens, 4096);
   if (top.has("image_token_index")) {

@@ -106,7 +106,8 @@ struct Variant {
     fs::remove_all(dir);
     fs::create_directories(dir);
     for (const auto& e : fs::directory_iterator(source))
-      if (e.path().filename() != "model.safetensors") fs::copy_file(e.path(), dir / e.path().filename());
+      if (e.path().filename() != "model.safetensors")  // folders too (InstructBLIP's qformer_tokenizer/)
+        fs::copy(e.path(), dir / e.path().filename(), fs::copy_options::recursive);
     const SafetensorsFile f(source + "/model.safetensors");
     for (const auto& [n, entry] : f.entries()) tensors.emplace(n, f.tensor(n));
     config = read_json((dir / "config.json").string());

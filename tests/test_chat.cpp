@@ -138,6 +138,26 @@ TEST(Chat, PipeReusesTheImageEncoding) {
   }
 }
 
+// InstructBLIP's Q-Former reads the prompt, so what a conversation keeps is the vision encoder's output: it
+// still runs once, and every answer is still what a fresh run on that turn's prompt gives.
+TEST(Chat, InstructBlipKeepsTheVisionOutput) {
+  const std::string vicuna = kFixtures + "/tiny-instructblip-vicuna";
+  const CliRun r = run_cli({"chat", "--model", vicuna, kCat, "--max-new-tokens", "6", "--json"},
+                           "what is this?\nwhat color is it?\n");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto turns = json_lines(r.out);
+  ASSERT_EQ(turns.size(), 2u) << r.out;
+  const Blip2Model m(vicuna);
+  for (const json& t : turns) {
+    EXPECT_EQ(t["image_encodings"], 1);
+    const Encoded e = m.encode(pixels(kCat), m.tokenize({t["prompt"].get<std::string>()}));
+    GenerationOptions o;
+    o.max_new_tokens = 6;
+    const auto fresh = generate([&](int x) { return m.start_decoder(e, x); }, 1, o, m.special_tokens())[0][0].ids;
+    EXPECT_EQ(t["sequences"][0]["ids"].get<std::vector<int32_t>>(), fresh);
+  }
+}
+
 TEST(Chat, ResetImageAndQuitCommands) {
   const CliRun r = run_cli({"chat", "--model", kModel, kCat, "--max-new-tokens", "4", "--json"},
                         "q one\n/reset\nq two\n/image " + kRocket + "\nq three\nq four\n/quit\nnever asked\n");

@@ -437,6 +437,61 @@ TEST(Cli, OptInspectWritesPromptLogits) {
   EXPECT_NE(bad.err.find("OPT"), std::string::npos) << bad.err;
 }
 
+// InstructBLIP with Vicuna through the CLI, unchanged: generate --json's contract (new ids up to the first
+// eos, which is text_config's 1) and inspect's stages, qformer_input_ids among them.
+const std::string kVicuna = kFixtures + "/tiny-instructblip-vicuna";
+const json& vicuna_case(const std::string& name) {
+  static const json cases = [] {
+    std::ifstream in(kVicuna + "/reference.json");
+    return json::parse(in)["cases"];
+  }();
+  return cases[name];
+}
+
+TEST(Cli, VicunaGenerateLeftPaddedBatchMatchesTheReference) {
+  const json& c = vicuna_case("batch2_leftpad");
+  std::vector<std::string> args = {"generate", "--model", kVicuna, "--max-new-tokens", "12", "--json"};
+  for (size_t i = 0; i < 2; ++i)
+    for (const std::string flag : {"--image", "--prompt"})
+      args.push_back(flag), args.push_back(flag == "--image" ? kImages + c["images"][i].get<std::string>()
+                                                             : c["prompts"][i].get<std::string>());
+  const json j = json_output(run_cli(args));
+  ASSERT_EQ(j["results"].size(), 2u) << j.dump();
+  for (size_t i = 0; i < 2; ++i) {
+    std::vector<int32_t> want;  // the reference pads a finished row with -1 after its eos
+    for (int32_t id : c["generate"]["greedy"]["sequences"][i].get<std::vector<int32_t>>()) {
+      want.push_back(id);
+      if (id == 1) break;
+    }
+    EXPECT_EQ(j["results"][i]["sequences"][0]["ids"].get<std::vector<int32_t>>(), want) << i;
+    EXPECT_EQ(j["results"][i]["sequences"][0]["text"], c["generate"]["greedy"]["text"][i]) << i;
+  }
+}
+
+TEST(Cli, VicunaInspectWritesEveryStageAndTheQFormerIds) {
+  TempDir tmp;
+  const std::string out = tmp / "vicuna.safetensors";
+  const json& c = vicuna_case("vqa");
+  const CliRun r = run_cli({"inspect", "--model", kVicuna, "--image", kImages + c["images"][0].get<std::string>(),
+                            "--prompt", c["prompts"][0].get<std::string>(), "--out", out});
+  ASSERT_TRUE(r.exited() && r.status == 0) << r.describe();
+  const SafetensorsFile f(out);
+  const SafetensorsFile ref(kVicuna + "/reference.safetensors");
+  for (const auto& [stage, ref_name] : std::vector<std::pair<std::string, std::string>>{
+           {"vision_last_hidden_state", "vqa/vision_last_hidden_state"},
+           {"qformer_last_hidden_state", "vqa/qformer_last_hidden_state"},
+           {"language_projection", "vqa/language_projection"},
+           {"logits", "vqa/prompt_logits"}}) {
+    const Tensor got = f.tensor(stage), want = ref.tensor(ref_name);
+    ASSERT_EQ(got.shape, want.shape) << stage;
+    EXPECT_LE(rel_diff(got, want), 1e-5) << stage;
+  }
+  const Tensor ids = f.tensor("qformer_input_ids");
+  const auto want = c["qformer_input_ids"][0].get<std::vector<int32_t>>();
+  ASSERT_EQ(ids.shape, (Shape{1, static_cast<int64_t>(want.size())}));
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(ids.data[i], static_cast<float>(want[i])) << i;
+}
+
 TEST(Cli, InspectBatchWithDecoderIdsPerPair) {
   // Two pairs of different prompt lengths (the second padded) and one decoder id list per pair.
   TempDir tmp;

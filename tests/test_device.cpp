@@ -31,6 +31,8 @@ namespace {
 
 const std::string kT5 = BLIP2_TINY_T5_DIR, kOpt = BLIP2_BUNDLED_OPT_DIR;
 const std::string kT5Ref = kFixtures + "/tiny-blip2-t5", kOptRef = kFixtures + "/tiny-blip2-opt";
+// InstructBLIP: each fixture folder is the model directory and its references together.
+const std::string kInstructT5 = kFixtures + "/tiny-instructblip-t5", kVicuna = kFixtures + "/tiny-instructblip-vicuna";
 
 // Models loaded once per (directory, device, format).
 const Blip2Model& model(const std::string& dir, Device device, WeightFormat format = WeightFormat::AsStored) {
@@ -59,13 +61,15 @@ double stage_tolerance(Device d) { return d == Device::CUDA ? 1e-4 : kMaxRel; }
 // One fixture case: the model family's directory and reference, the case's name.
 struct Case {
   std::string dir, ref, name;
-  bool t5() const { return dir == kT5; }
+  bool t5() const { return dir == kT5 || dir == kInstructT5; }
   nlohmann::json json() const { return read_json(ref + "/reference.json")["cases"][name]; }
 };
 std::vector<Case> all_cases() {
   std::vector<Case> out;
   for (const char* n : {"caption", "vqa", "seed_question", "batch2"}) out.push_back({kT5, kT5Ref, n});
   for (const char* n : {"caption", "vqa", "batch2_leftpad"}) out.push_back({kOpt, kOptRef, n});
+  for (const char* n : {"caption", "vqa", "seed_question", "batch2"}) out.push_back({kInstructT5, kInstructT5, n});
+  for (const char* n : {"caption", "vqa", "batch2_leftpad"}) out.push_back({kVicuna, kVicuna, n});
   return out;
 }
 
@@ -89,18 +93,22 @@ std::map<std::string, Tensor> stages(const Blip2Model& m, const Case& k) {
   return s;
 }
 
-// Reference sequences: T5's start with the decoder start token and may continue past eos with padding.
+// Reference sequences: T5's start with the decoder start token and may continue past eos with padding;
+// Vicuna's continue past its eos (1) with -1.
 std::vector<int32_t> reference_ids(const Case& k, const std::vector<int32_t>& seq) {
-  if (!k.t5()) return seq;
+  if (!k.t5() && k.dir != kVicuna) return seq;
   std::vector<int32_t> out;
-  for (size_t i = 1; i < seq.size(); ++i) {
+  for (size_t i = k.t5() ? 1 : 0; i < seq.size(); ++i) {
     out.push_back(seq[i]);
     if (seq[i] == 1) break;
   }
   return out;
 }
 
-std::string case_name(const Case& k) { return std::string(k.t5() ? "T5_" : "OPT_") + k.name; }
+std::string case_name(const Case& k) {
+  const char* family = k.dir == kInstructT5 ? "InstructT5_" : k.dir == kVicuna ? "Vicuna_" : k.t5() ? "T5_" : "OPT_";
+  return family + k.name;
+}
 
 // ---- Fixture parity per device ------------------------------------------------------------------------
 

@@ -413,6 +413,48 @@ TEST(RandomPlan, TinyOptPlanIsTheBundledTinyOptCheckpointWithATiedHead) {
   EXPECT_EQ(got, want);
 }
 
+// A tensor name with its layer numbers replaced by '#', so that a full-size plan compares with a tiny
+// checkpoint of the same layout.
+std::string name_pattern(const std::string& name) {
+  std::string out;
+  for (size_t i = 0; i < name.size(); ++i) {
+    if (std::isdigit(static_cast<unsigned char>(name[i])) && i > 0 && name[i - 1] == '.') {
+      while (i < name.size() && std::isdigit(static_cast<unsigned char>(name[i]))) ++i;
+      out += '#';
+      --i;
+      continue;
+    }
+    out += name[i];
+  }
+  return out;
+}
+
+TEST(RandomPlan, InstructBlipPlansHaveTheHubLayoutAndLlamaCounts) {
+  // Names: those transformers 4.44 saved for the tiny InstructBLIP fixtures, layer for layer.
+  for (const auto& [like, fixture] : {std::pair{"instructblip-flan-t5-xl", "tiny-instructblip-t5"},
+                                      {"Salesforce/instructblip-flan-t5-xxl", "tiny-instructblip-t5"},
+                                      {"instructblip-vicuna-7b", "tiny-instructblip-vicuna"},
+                                      {"instructblip-vicuna-13b", "tiny-instructblip-vicuna"}}) {
+    const auto p = plan_random_checkpoint(like);
+    EXPECT_TRUE(p.config.instruct) << like;
+    const SafetensorsFile real(std::string(BLIP2_FIXTURES_DIR) + "/" + fixture + "/model.safetensors");
+    std::set<std::string> want, got;
+    for (const auto& [name, e] : real.entries()) want.insert(name_pattern(name));
+    for (const auto& t : p.tensors) got.insert(name_pattern(t.name));
+    EXPECT_EQ(got, want) << like;
+  }
+  // LLaMA-7B and -13B have 6,738,415,616 and 13,015,864,320 parameters with 32000 ids; Vicuna's [PAD] adds
+  // one row to the embedding and one to the head.
+  const auto v7 = plan_random_checkpoint("instructblip-vicuna-7b"), v13 = plan_random_checkpoint("instructblip-vicuna-13b");
+  EXPECT_EQ(sum_prefix(v7, "language_model."), 6'738'415'616 + 2 * 4096);
+  EXPECT_EQ(sum_prefix(v13, "language_model."), 13'015'864'320 + 2 * 5120);
+  EXPECT_EQ(v7.config.family, LanguageFamily::Llama);
+  EXPECT_EQ(v7.config.eos_token_id(), 1);  // the hub's text_config: bos 0, eos 1, pad -1
+  EXPECT_EQ(shape_of(v7, "qformer.embeddings.word_embeddings.weight"), (Shape{30523, 768}));  // BERT + [DEC]
+  EXPECT_EQ(shape_of(v13, "language_projection.weight"), (Shape{5120, 768}));
+  EXPECT_EQ(shape_of(v13, "language_model.model.layers.39.mlp.down_proj.weight"), (Shape{5120, 13824}));
+}
+
 TEST(MakeRandom, TinyOptLoadsAndDecodesFinite) {
   TempDir tmp;
   const std::string dir = tmp.path("opt");

@@ -647,6 +647,46 @@ TEST(ServerLoad, ConcurrentRequestsAllSucceedWithTheSequentialAnswers) {
       << "some decoder steps ran several requests' rows together\n" << m;
 }
 
+// InstructBLIP (both fixtures): the image cache keeps the vision output, so a follow-up question about the same
+// image hits it and still gets the engine's own answer for its prompt; concurrent requests (T5: their
+// prompt stages batched, the Q-Former's text padded) get the sequential answers.
+TEST(ServerLoad, InstructBlipAnswersAndCachesTheVisionOutput) {
+  for (const char* name : {"tiny-instructblip-t5", "tiny-instructblip-vicuna"}) {
+    SCOPED_TRACE(name);
+    const std::string dir = std::string(BLIP2_FIXTURES_DIR) + "/" + name;
+    const Blip2Model m(dir);
+    const auto direct = [&](const std::string& image, const std::string& q, int n) {
+      const Encoded e = m.encode(preprocess_images({load_image(image)}, 224), m.tokenize({"Question: " + q + " Answer:"}));
+      const auto out = generate([&](int x) { return m.start_decoder(e, x); }, 1, greedy(n), m.special_tokens());
+      return m.tokenizer().decode(out[0][0].ids);
+    };
+    TestServer s({}, m, dir);
+    auto cli = s.client();
+    const Reply first = post(cli, ask(kCoffee, "what is this?", {{"max_tokens", 5}}));
+    ASSERT_EQ(first.status, 200) << first.body;
+    EXPECT_EQ(first.headers.find("X-Image-Cache")->second, "miss");
+    EXPECT_EQ(choice_texts(first)[0], direct(kCoffee, "what is this?", 5));
+    const Reply second = post(cli, ask(kCoffee, "and the color, in a longer question?", {{"max_tokens", 5}}));
+    ASSERT_EQ(second.status, 200) << second.body;
+    EXPECT_EQ(second.headers.find("X-Image-Cache")->second, "hit");
+    EXPECT_EQ(choice_texts(second)[0], direct(kCoffee, "and the color, in a longer question?", 5));
+
+    const std::vector<std::string> images = {kCat, kRocket, kCoffee}, questions = {"a", "what is it doing there?", "b c"};
+    std::vector<std::string> want;
+    for (int i = 0; i < 3; ++i) want.push_back(direct(images[i], questions[i], 4));
+    std::atomic<int> errors{0};
+    std::vector<std::thread> clients;
+    for (int i = 0; i < 3; ++i)
+      clients.emplace_back([&, i] {
+        auto c = s.client();
+        const Reply r = post(c, ask(images[i], questions[i], {{"max_tokens", 4}}));
+        if (r.status != 200 || choice_texts(r).at(0) != want[i]) ++errors;
+      });
+    for (auto& t : clients) t.join();
+    EXPECT_EQ(errors, 0);
+  }
+}
+
 TEST(ServerLoad, ARequestThatFailsInTheEngineFailsAlone) {
   // Beam sampling that runs out of tokens with a non-zero probability passes every check up front and fails in
   // the engine: top_p 0.001 keeps 2 tokens of the one live beam where 4 are drawn (at its first choice, next to

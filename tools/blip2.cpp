@@ -353,16 +353,18 @@ int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vec
   if (load_config(model_dir).task == Blip2Task::Retrieval)
     return run_retrieval_inspect(model_dir, global_load_options(), pairs.images, pairs.prompts, out_path);
   const auto model = load_model(model_dir);
-  const bool opt = model->config().family == LanguageFamily::OPT;
-  if (opt && !dec_ids_arg.empty())
-    fail(ErrorKind::Usage, "--decoder-input-ids is for T5 models; OPT's logits are those of the prompt positions");
+  const bool causal = model->config().family != LanguageFamily::T5;  // OPT, LLaMA
+  if (causal && !dec_ids_arg.empty())
+    fail(ErrorKind::Usage,
+         "--decoder-input-ids is for T5 models; a decoder-only model's (OPT, LLaMA) logits are those of the prompt "
+         "positions");
   const int64_t V = model->config().lm_vocab_size();
   for (const auto& d : dec_ids)
     for (int32_t id : d)
       if (id >= V) fail(ErrorKind::Usage, "--decoder-input-ids: id " + std::to_string(id) + " is outside the vocabulary");
   const Encoded enc = model->encode(load_pixels(*model, pairs.images), model->tokenize(pairs.prompts));
   Tensor logits;
-  if (opt) {
+  if (causal) {
     logits = model->prompt_logits(enc);
   } else {
     auto dec = model->start_decoder(enc);
@@ -380,8 +382,15 @@ int run_inspect(const std::string& model_dir, const Pairs& pairs, const std::vec
                projection = on_host(enc.language_projection), encoder = on_host(enc.encoder_last_hidden_state);
   std::vector<NamedTensor> out = {
       {"vision_last_hidden_state", &vision}, {"qformer_last_hidden_state", &qformer}, {"language_projection", &projection}};
-  if (!opt) out.push_back({"encoder_last_hidden_state", &encoder});
+  if (!causal) out.push_back({"encoder_last_hidden_state", &encoder});
   out.push_back({"logits", &logits});
+  // InstructBLIP: the Q-Former's BERT ids of each prompt, as float32 [B, L] (right-padded with [PAD]).
+  Tensor qformer_ids;
+  if (enc.qformer_input.batch > 0) {
+    qformer_ids = Tensor({enc.qformer_input.batch, enc.qformer_input.length});
+    std::copy(enc.qformer_input.ids.begin(), enc.qformer_input.ids.end(), qformer_ids.data.begin());
+    out.push_back({"qformer_input_ids", &qformer_ids});
+  }
   write_safetensors(out_path, out);
   std::cerr << "wrote " << out_path << "\n";
   return 0;
@@ -495,7 +504,8 @@ int main(int argc, char** argv) {
   in->footer(
       "Tensors (float32): vision_last_hidden_state [B,T_img,Dv], qformer_last_hidden_state [B,Q,Dq],\n"
       "language_projection [B,Q,d], then for T5 encoder_last_hidden_state [B,Q+L,d] and logits\n"
-      "[B,len(ids),vocab] (teacher-forced decoder), for OPT logits [B,Q+L,vocab] (every prompt position).\n"
+      "[B,len(ids),vocab] (teacher-forced decoder), for OPT and LLaMA logits [B,Q+L,vocab] (every prompt\n"
+      "position); for InstructBLIP also qformer_input_ids [B,L] (the prompts' BERT ids, as float32).\n"
       "A retrieval checkpoint (--prompt is the text): vision_last_hidden_state, image_embeds over the distinct\n"
       "images, text_embeds and qformer_text_hidden_state over the distinct texts, itm_logits, itm_probability and\n"
       "qformer_itm_hidden_state per pair, itc_logits_per_image [images, texts].");

@@ -110,13 +110,13 @@ bool ends_with(const std::string& s, const std::string& tail) {
 
 // Bytes every decode step reads, counted over the loaded weights in their loaded format (scales included):
 // every tensor of the language model's decoder stack (T5: language_model.decoder.*, OPT:
-// language_model.model.decoder.*) except the embedding tables, of which a step reads one row, and T5's
+// language_model.model.decoder.*, LLaMA: language_model.model.layers.* and .norm) except the embedding tables, of which a step reads one row, and T5's
 // cross-attention keys and values (EncDecAttention.k / .v, applied once to the encoder output); plus the
 // LM head: lm_head, or the embedding table it is tied to.
 int64_t decode_step_bytes(const Checkpoint& ck) {
   int64_t bytes = 0, lm_head = -1, tied = 0;
   for (const auto& [name, n] : ck.taken_bytes()) {
-    const bool decoder = name.rfind("language_model.decoder.", 0) == 0 || name.rfind("language_model.model.decoder.", 0) == 0;
+    const bool decoder = name.rfind("language_model.decoder.", 0) == 0 || name.rfind("language_model.model.", 0) == 0;
     const bool table = name.find("embed_tokens") != std::string::npos || name.find("embed_positions") != std::string::npos;
     if (name == "language_model.lm_head.weight") lm_head = static_cast<int64_t>(n);
     if (table || name == "language_model.shared.weight") tied = std::max(tied, static_cast<int64_t>(n));
@@ -175,8 +175,10 @@ void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string,
   times["vision"].push_back(since(t));
 
   t = clk::now();
-  img.qformer_last_hidden_state = model.qformer_model().forward(img.vision_last_hidden_state);
-  img.language_projection = ops::linear(img.qformer_last_hidden_state, model.projection_weight(), model.projection_bias());
+  if (!model.config().instruct) {  // InstructBLIP's Q-Former reads the prompt: it runs in the prompt stage
+    img.qformer_last_hidden_state = model.qformer_model().forward(img.vision_last_hidden_state);
+    img.language_projection = ops::linear(img.qformer_last_hidden_state, model.projection_weight(), model.projection_bias());
+  }
   synchronize(dev);
   times["qformer"].push_back(since(t));
 

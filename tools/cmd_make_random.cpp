@@ -31,7 +31,9 @@ uint64_t parse_seed(const std::string& s) {
 }
 
 void run_make_random(const MakeRandomArgs& a) {
-  if (a.like.empty()) fail(ErrorKind::Usage, "make-random: --like is required (xxl, xl, opt-2.7b, opt-6.7b, blip2-itm-vit-g, tiny or tiny-opt)");
+  if (a.like.empty()) fail(ErrorKind::Usage, "make-random: --like is required (xxl, xl, opt-2.7b, opt-6.7b, instructblip-flan-t5-xl, "
+                                          "instructblip-flan-t5-xxl, instructblip-vicuna-7b, instructblip-vicuna-13b, "
+                                          "blip2-itm-vit-g, tiny or tiny-opt)");
   if (a.out.empty()) fail(ErrorKind::Usage, "make-random: --out is required (the directory to write)");
   MakeRandomOptions opt;
   opt.dtype = parse_dtype_option(a.dtype);
@@ -81,10 +83,12 @@ void add_make_random_command(CLI::App& app) {
   sub->add_option("--like", args->like,
                   "Model whose shapes to copy: xxl (Salesforce/blip2-flan-t5-xxl, 12.2 G parameters), xl "
                   "(Salesforce/blip2-flan-t5-xl, 3.9 G), opt-2.7b (Salesforce/blip2-opt-2.7b, 3.7 G), opt-6.7b "
-                  "(Salesforce/blip2-opt-6.7b, 7.8 G), blip2-itm-vit-g (Salesforce/blip2-itm-vit-g, image-text "
-                  "retrieval, 1.2 G), tiny or tiny-opt (the bundled models/tiny-blip2-t5 and "
-                  "models/tiny-blip2-opt); the full names are accepted too")
-      ->type_name("xxl|xl|opt-2.7b|opt-6.7b|blip2-itm-vit-g|tiny|tiny-opt");
+                  "(Salesforce/blip2-opt-6.7b, 7.8 G), instructblip-flan-t5-xl, instructblip-flan-t5-xxl, "
+                  "instructblip-vicuna-7b, instructblip-vicuna-13b (Salesforce/instructblip-*: the Q-Former reads "
+                  "the prompt), blip2-itm-vit-g (Salesforce/blip2-itm-vit-g, image-text retrieval, 1.2 G), tiny or "
+                  "tiny-opt (the bundled models/tiny-blip2-t5 and models/tiny-blip2-opt); the full names are "
+                  "accepted too")
+      ->type_name("xxl|xl|opt-2.7b|opt-6.7b|instructblip-...|blip2-itm-vit-g|tiny|tiny-opt");
   sub->add_option("--out", args->out, "Directory to write (created; must be empty unless --force)")->type_name("DIR");
   sub->add_option("--dtype", args->dtype, "Stored weight type: f32, bf16 or f16")
       ->type_name("f32|bf16|f16")

@@ -54,6 +54,8 @@ void add(float* x, const float* y, int64_t n);
 void mul(float* x, const float* y, int64_t n);
 void scale(float* x, int64_t n, float s);
 void add_broadcast(float* x, int64_t n, const float* y, int64_t period);
+// cos_sin: device memory [rows, head_dim/2, 2]
+void rotary(float* x, int64_t rows, int64_t heads, int64_t head_dim, const float* cos_sin);
 void embedding(const Weight& table, const int32_t* host_ids, int64_t n, float* out);
 void weight_f32(const Weight& w, float* out);
 void patchify(const float* pixels, int64_t batch, int64_t image_size, int64_t patch, float* out);

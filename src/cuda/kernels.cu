@@ -41,6 +41,7 @@ __global__ void activate_kernel(float* x, int64_t n, int act) {
         x[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
         break;
       case Activation::Relu: x[i] = fmaxf(v, 0.0f); break;
+      case Activation::Silu: x[i] = v / (1.0f + expf(-v)); break;
     }
   }
 }
@@ -49,6 +50,17 @@ __global__ void add_kernel(float* x, const float* y, int64_t n) { GRID_STRIDE(i,
 __global__ void mul_kernel(float* x, const float* y, int64_t n) { GRID_STRIDE(i, n) x[i] *= y[i]; }
 __global__ void scale_kernel(float* x, int64_t n, float s) { GRID_STRIDE(i, n) x[i] *= s; }
 __global__ void add_broadcast_kernel(float* x, int64_t n, const float* y, int64_t m) { GRID_STRIDE(i, n) x[i] += y[i % m]; }
+
+// Each thread turns one (row, head, i) pair: elements i and i + half of that head (the CPU's loop, ops.cpp).
+__global__ void rotary_kernel(float* x, int64_t rows, int64_t heads, int64_t half, const float* cs) {
+  GRID_STRIDE(j, rows * heads * half) {
+    const int64_t i = j % half, h = (j / half) % heads, r = j / (half * heads);
+    float* v = x + (r * heads + h) * 2 * half;
+    const float c = cs[(r * half + i) * 2], s = cs[(r * half + i) * 2 + 1], a = v[i], b = v[i + half];
+    v[i] = a * c - b * s;
+    v[i + half] = b * c + a * s;
+  }
+}
 
 __global__ void gather_rows_kernel(WeightView t, const int32_t* ids, int64_t n, float* out) {
   GRID_STRIDE(i, n * t.cols) out[i] = weight_at(t, ids[i / t.cols], i % t.cols);
@@ -189,6 +201,13 @@ void mul(float* x, const float* y, int64_t n) {
   if (n == 0) return;
   mul_kernel<<<blocks_for(n), 256, 0, stream()>>>(x, y, n);
   BLIP2_LAUNCHED("mul");
+}
+
+void rotary(float* x, int64_t rows, int64_t heads, int64_t head_dim, const float* cos_sin) {
+  const int64_t n = rows * heads * (head_dim / 2);
+  if (n == 0) return;
+  rotary_kernel<<<blocks_for(n), 256, 0, stream()>>>(x, rows, heads, head_dim / 2, cos_sin);
+  BLIP2_LAUNCHED("rotary");
 }
 
 void scale(float* x, int64_t n, float s) {

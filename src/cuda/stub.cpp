@@ -31,6 +31,7 @@ void add(float*, const float*, int64_t) { no_cuda(); }
 void mul(float*, const float*, int64_t) { no_cuda(); }
 void scale(float*, int64_t, float) { no_cuda(); }
 void add_broadcast(float*, int64_t, const float*, int64_t) { no_cuda(); }
+void rotary(float*, int64_t, int64_t, int64_t, const float*) { no_cuda(); }
 void embedding(const Weight&, const int32_t*, int64_t, float*) { no_cuda(); }
 void weight_f32(const Weight&, float*) { no_cuda(); }
 void patchify(const float*, int64_t, int64_t, int64_t, float*) { no_cuda(); }

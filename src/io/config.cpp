@@ -15,6 +15,7 @@ const char* activation_name(Activation a) {
     case Activation::GeluErf: return "gelu";
     case Activation::GeluTanh: return "gelu_new";
     case Activation::Relu: return "relu";
+    case Activation::Silu: return "silu";
   }
   return "?";
 }
@@ -60,10 +61,26 @@ class Fields {
     if (!(e > 0.0 && e < 1.0)) bad(key, "= " + v.dump() + " must lie in (0, 1)");
     out = static_cast<float>(e);
   }
+  // A positive finite number (rotary base, …).
+  void positive(const std::string& key, float& out) const {
+    if (!has(key)) return;
+    const json& v = obj_[key];
+    if (!v.is_number()) bad(key, "must be a number, got " + v.dump());
+    const double x = v.get<double>();
+    if (!(x > 0.0 && x < 1e30)) bad(key, "= " + v.dump() + " must be positive");
+    out = static_cast<float>(x);
+  }
   void flag(const std::string& key, bool& out) const {
     if (!has(key)) return;
     if (!obj_[key].is_boolean()) bad(key, "must be true or false, got " + obj_[key].dump());
     out = obj_[key].get<bool>();
+  }
+  // The first string of a list of strings (architectures).
+  std::optional<std::string> array_text(const std::string& key) const {
+    if (!has(key)) return std::nullopt;
+    const json& v = obj_[key];
+    if (!v.is_array() || v.empty() || !v[0].is_string()) bad(key, "must be a list of strings, got " + v.dump());
+    return v[0].get<std::string>();
   }
   std::optional<std::string> text(const std::string& key) const {
     if (!has(key)) return std::nullopt;
@@ -193,14 +210,56 @@ void parse_opt(const Fields& t, OPTConfig& oc, const std::string& where) {
   check_special_ids({oc.pad_token_id, oc.bos_token_id, oc.eos_token_id}, oc.vocab_size, where);
 }
 
+// LlamaConfig's fields (InstructBLIP's Vicuna). Variants the engine does not implement (biases, rope
+// scaling, another activation) are refused by name rather than run wrongly.
+void parse_llama(const Fields& t, LlamaConfig& lc, const std::string& where) {
+  t.count("vocab_size", lc.vocab_size, 1 << 24);
+  t.count("hidden_size", lc.hidden_size);
+  t.count("intermediate_size", lc.intermediate_size);
+  t.count("num_hidden_layers", lc.num_layers, 1024);
+  t.count("num_attention_heads", lc.num_heads, 4096);
+  lc.num_kv_heads = lc.num_heads;  // LlamaConfig: None means num_attention_heads
+  t.count("num_key_value_heads", lc.num_kv_heads, 4096);
+  t.count("max_position_embeddings", lc.max_position_embeddings, 1 << 24);
+  t.epsilon("rms_norm_eps", lc.rms_norm_eps);
+  t.positive("rope_theta", lc.rope_theta);
+  if (auto act = t.text("hidden_act"); act && *act != "silu")
+    t.bad("hidden_act", "= \"" + *act + "\" is not supported (LLaMA's feed-forward is SwiGLU: \"silu\")");
+  for (const char* key : {"attention_bias", "mlp_bias"}) {
+    bool on = false;
+    t.flag(key, on);
+    if (on) t.bad(key, "= true is not supported (no InstructBLIP checkpoint uses it)");
+  }
+  if (t.has("rope_scaling")) t.bad("rope_scaling", "is not supported (only plain rotary positions)");
+  t.token_id("bos_token_id", lc.bos_token_id);
+  t.token_id("eos_token_id", lc.eos_token_id);
+  // The hub's Vicuna config says pad -1: no pad token.
+  if (t.has("pad_token_id")) {
+    int pad = -1;
+    t.count("pad_token_id", pad, 1 << 30, -1);
+    if (pad >= 0) lc.pad_token_id = pad;
+  }
+  if (auto arch = t.array_text("architectures")) lc.architecture = *arch;
+  check_divisible(where, lc.hidden_size, "hidden_size", lc.num_heads, "num_attention_heads");
+  check_divisible(where, lc.num_heads, "num_attention_heads", lc.num_kv_heads, "num_key_value_heads");
+  if (lc.head_dim() % 2 != 0)
+    fail(ErrorKind::Model, where + ": the head width hidden_size / num_attention_heads (" +
+                               std::to_string(lc.head_dim()) + ") must be even for rotary positions");
+  check_special_ids({lc.bos_token_id, lc.eos_token_id, lc.pad_token_id.value_or(0)}, lc.vocab_size, where);
+}
+
 }  // namespace
 
 Blip2Config parse_config(const std::string& json_text, const std::string& source) {
   const json j = parse_json(json_text, source);
   Fields top(j, source + ": ");
   Blip2Config c;
-  if (auto mt = top.text("model_type"); mt && *mt != "blip-2")
-    top.bad("model_type", "= \"" + *mt + "\": this is not a BLIP-2 checkpoint");
+  // InstructBLIP is BLIP-2 whose Q-Former also reads the prompt; its config has the same sections, each
+  // with the same defaults (InstructBlipVisionConfig, InstructBlipQFormerConfig).
+  const auto model_type = top.text("model_type");
+  if (model_type && *model_type != "blip-2" && *model_type != "instructblip")
+    top.bad("model_type", "= \"" + *model_type + "\": this is not a BLIP-2 checkpoint (nor an InstructBLIP one)");
+  c.instruct = model_type == "instructblip";
   top.count("num_query_tokens", c.num_query_tokens, 4096);
   if (top.has("architectures")) {
     if (!j["architectures"].is_array()) top.bad("architectures", "must be a list of class names");
@@ -257,9 +316,12 @@ Blip2Config parse_config(const std::string& json_text, const std::string& source
   } else if (text_type == "opt") {
     c.family = LanguageFamily::OPT;
     parse_opt(t, c.opt, source + ": text_config");
+  } else if (text_type == "llama" && c.instruct) {
+    c.family = LanguageFamily::Llama;
+    parse_llama(t, c.llama, source + ": text_config");
   } else {
-    t.bad("model_type", "= \"" + text_type.value_or("") +
-                            "\": the language model must be Flan-T5 (\"t5\") or OPT (\"opt\")");
+    t.bad("model_type", "= \"" + text_type.value_or("") + "\": the language model must be Flan-T5 (\"t5\") or OPT (\"opt\")" +
+                            (c.instruct ? ", or Vicuna (\"llama\") for InstructBLIP" : ""));
   }
   // OPT's learned positions must hold the query slots, the BOS token and one generated token.
   if (c.family == LanguageFamily::OPT && c.opt.max_position_embeddings < c.num_query_tokens + 2)
@@ -286,7 +348,8 @@ Blip2Config load_config(const std::string& model_dir) {
     if (f.has("max_new_tokens")) { int v = 0; f.count("max_new_tokens", v, 1 << 20, 0); d.max_new_tokens = v; }
     if (f.has("max_length")) { int v = 0; f.count("max_length", v, 1 << 20, 0); d.max_length = v; }
     f.token_id("eos_token_id", d.eos_token_id);
-    f.token_id("pad_token_id", d.pad_token_id);
+    // pad -1 (the hub's Vicuna) means none: finished rows are then fed another id (Blip2Config::pad_token_id)
+    if (!(g.contains("pad_token_id") && g["pad_token_id"] == -1)) f.token_id("pad_token_id", d.pad_token_id);
     f.token_id("decoder_start_token_id", d.decoder_start_token_id);
     if (c.family == LanguageFamily::T5) {
       T5Config& tc = c.text;
@@ -295,6 +358,12 @@ Blip2Config load_config(const std::string& model_dir) {
       if (d.decoder_start_token_id) tc.decoder_start_token_id = *d.decoder_start_token_id;
       // the overrides must fit the embedding table too
       check_special_ids({tc.pad_token_id, tc.eos_token_id, tc.decoder_start_token_id}, tc.vocab_size, gpath + ":");
+    } else if (c.family == LanguageFamily::Llama) {
+      // generation_config.json's pad -1 (none) is read like text_config's
+      LlamaConfig& lc = c.llama;
+      if (d.eos_token_id) lc.eos_token_id = *d.eos_token_id;
+      if (d.pad_token_id) lc.pad_token_id = *d.pad_token_id;
+      check_special_ids({lc.eos_token_id, lc.pad_token_id.value_or(0)}, lc.vocab_size, gpath + ":");
     } else {
       OPTConfig& oc = c.opt;
       if (d.eos_token_id) oc.eos_token_id = *d.eos_token_id;

@@ -7,7 +7,7 @@
 
 namespace blip2 {
 
-enum class Activation { GeluErf, GeluTanh, Relu };
+enum class Activation { GeluErf, GeluTanh, Relu, Silu };  // Silu: LLaMA's SwiGLU gate
 const char* activation_name(Activation a);
 
 struct VisionConfig {
@@ -76,6 +76,28 @@ struct OPTConfig {
   bool has_final_layer_norm() const { return do_layer_norm_before && !remove_final_layer_norm; }
 };
 
+// LlamaConfig's fields (Vicuna behind InstructBLIP). Only the plain architecture: SiLU, no biases, no rope
+// scaling; anything else is refused by name at parse time.
+struct LlamaConfig {
+  int vocab_size = 32000;
+  int hidden_size = 4096;
+  int intermediate_size = 11008;
+  int num_layers = 32;
+  int num_heads = 32;
+  int num_kv_heads = 32;  // LlamaConfig: None means num_attention_heads (no grouping)
+  int max_position_embeddings = 2048;
+  float rms_norm_eps = 1e-6f;
+  float rope_theta = 10000.0f;
+  int bos_token_id = 1;
+  int eos_token_id = 2;
+  // The hub's Vicuna configs say pad -1 (none); then nothing is padded with it (see Blip2Config::pad_token_id).
+  std::optional<int> pad_token_id;
+  // text_config.architectures[0]: InstructBLIP's generate() prepends 2 when it is "LLaMAForCausalLM" (the
+  // hub's spelling), else bos_token_id. Kept for that documented behaviour.
+  std::string architecture;
+  int head_dim() const { return hidden_size / num_heads; }
+};
+
 // Defaults for generation, from generation_config.json where present (Hugging Face names).
 struct GenerationDefaults {
   std::optional<int> max_new_tokens;
@@ -85,8 +107,8 @@ struct GenerationDefaults {
   std::optional<int> decoder_start_token_id;
 };
 
-// The language model behind the Q-Former: text_config.model_type "t5" or "opt".
-enum class LanguageFamily { T5, OPT };
+// The language model behind the Q-Former: text_config.model_type "t5", "opt" or (InstructBLIP) "llama".
+enum class LanguageFamily { T5, OPT, Llama };
 
 // What a checkpoint computes, from config.json's `architectures`: text for an image (captions, answers:
 // Blip2ForConditionalGeneration, the default) or image–text retrieval scores and embeddings
@@ -104,6 +126,9 @@ struct Blip2Config {
   LanguageFamily family = LanguageFamily::T5;
   T5Config text;  // when family is T5
   OPTConfig opt;  // when family is OPT
+  LlamaConfig llama;  // when family is Llama
+  // model_type "instructblip": the Q-Former also reads the prompt (its BERT ids), so its output depends on it.
+  bool instruct = false;
   int num_query_tokens = 32;
   // Newer hub configs: prompts carry num_query_tokens copies of this id, whose embeddings the projected
   // queries replace.
@@ -113,10 +138,26 @@ struct Blip2Config {
   // What the rest of the pipeline needs to know of the language model, whichever it is. lm_width is the
   // width of its input embeddings, which the projected queries join (OPT: word_embed_proj_dim; Hugging
   // Face sizes the projection by hidden_size, the same number in every BLIP-2 checkpoint).
-  int lm_width() const { return family == LanguageFamily::T5 ? text.d_model : opt.word_embed_proj_dim; }
-  int lm_vocab_size() const { return family == LanguageFamily::T5 ? text.vocab_size : opt.vocab_size; }
-  int eos_token_id() const { return family == LanguageFamily::T5 ? text.eos_token_id : opt.eos_token_id; }
-  int pad_token_id() const { return family == LanguageFamily::T5 ? text.pad_token_id : opt.pad_token_id; }
+  int lm_width() const {
+    return family == LanguageFamily::T5 ? text.d_model : family == LanguageFamily::OPT ? opt.word_embed_proj_dim
+                                                                                         : llama.hidden_size;
+  }
+  int lm_vocab_size() const {
+    return family == LanguageFamily::T5 ? text.vocab_size : family == LanguageFamily::OPT ? opt.vocab_size
+                                                                                            : llama.vocab_size;
+  }
+  // Generation stops at this id: for Vicuna text_config's (1, `<s>`), not the tokenizer's `</s>`, as
+  // transformers does (the fixture README's quirks).
+  int eos_token_id() const {
+    return family == LanguageFamily::T5 ? text.eos_token_id : family == LanguageFamily::OPT ? opt.eos_token_id
+                                                                                              : llama.eos_token_id;
+  }
+  // The id finished rows are fed. LLaMA configs without one (pad -1) feed the eos id instead: those rows'
+  // logits are never used, and -1 is no row of the embedding (transformers #25426 crashes on it).
+  int pad_token_id() const {
+    return family == LanguageFamily::T5 ? text.pad_token_id : family == LanguageFamily::OPT ? opt.pad_token_id
+                                                        : llama.pad_token_id.value_or(llama.eos_token_id);
+  }
 };
 
 // Reads <dir>/config.json and, if present, <dir>/generation_config.json. Throws Error(Model).

@@ -27,10 +27,27 @@ struct Dims {
   int num_query_tokens;
   int d_model, d_kv, d_ff, t_heads, t_layers, t_dec_layers, vocab;
   bool opt = false;
-  int max_positions = 0;  // OPT
+  int max_positions = 0;  // OPT, LLaMA
   int eos = 1;            // OPT: "\n" (50118) for the real models, as their configs have it
   bool retrieval = false; // Blip2ForImageTextRetrieval: no language model (the fields above it unused)
+  bool instruct = false;  // InstructBLIP: the Q-Former reads the prompt (text embeddings, text feed-forward)
+  bool llama = false;     // Vicuna: d_model = hidden, d_ff = intermediate, t_heads, t_layers, vocab, max_positions
 };
+
+// InstructBLIP's members: BLIP-2's image side with the text-reading Q-Former (its BERT vocabulary 30522 +
+// [DEC]), and Flan-T5 as in BLIP-2 or Vicuna (LLaMA: 32000 pieces + [PAD], 2048 positions; the hub's
+// text_config is decapoda's llama config: bos 0, eos 1, pad -1).
+Dims instruct_t5(Dims d, const std::string& name) {
+  d.name = name;
+  d.instruct = true;
+  return d;
+}
+Dims instruct_vicuna(const std::string& name, int hidden, int inter, int heads, int layers) {
+  Dims d{name, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, hidden, 0, inter, heads, layers, 0, 32001};
+  d.max_positions = 2048;
+  d.instruct = d.llama = true;
+  return d;
+}
 
 // Spec §1.2: ViT-g 1408/6144/39/16, Q-Former 768/3072/12/12 every 2nd layer cross, 32 queries;
 // Flan-T5 XXL d 4096, F 10240, 64 heads of 64; XL d 2048, F 5120, 32 heads of 64; 24 + 24 layers,
@@ -49,6 +66,13 @@ Dims dims_for(const std::string& canonical) {
   // Salesforce/blip2-itm-vit-g: the same ViT-g and Q-Former, a BERT vocabulary of 30522 + [DEC].
   if (canonical == "blip2-itm-vit-g")
     return {canonical, 1408, 6144, 39, 16, 768, 3072, 12, 12, 2, 32, 0, 0, 0, 0, 0, 0, 30523, false, 0, 0, true};
+  // Salesforce/instructblip-*: flan-t5-xl/xxl as BLIP-2's; vicuna-7b 4096 wide, 32 layers, 32 heads, FFN
+  // 11008; vicuna-13b 5120 wide, 40 layers, 40 heads, FFN 13824 (no grouped-query attention in either).
+  if (canonical == "instructblip-flan-t5-xl" || canonical == "instructblip-flan-t5-xxl")
+    return instruct_t5(dims_for(canonical == "instructblip-flan-t5-xl" ? "blip2-flan-t5-xl" : "blip2-flan-t5-xxl"),
+                       canonical);
+  if (canonical == "instructblip-vicuna-7b") return instruct_vicuna(canonical, 4096, 11008, 32, 32);
+  if (canonical == "instructblip-vicuna-13b") return instruct_vicuna(canonical, 5120, 13824, 40, 40);
   if (canonical == "tiny-blip2-opt")
     return {canonical, 64, 128, 3, 4, 64, 128, 4, 4, 2, 8, 64, 0, 128, 4, 3, 0, 1024, true, 128, 2};
   return {"tiny-blip2-t5", 64, 128, 3, 4, 64, 128, 4, 4, 2, 8, 64, 16, 128, 4, 3, 2, 1152};
@@ -69,7 +93,7 @@ std::string make_config_json(const Dims& D, DType dtype) {
       {"hidden_act", "gelu"},          {"hidden_size", D.v_hidden},
       {"image_size", 224},             {"initializer_factor", 1.0},
       {"initializer_range", 1e-10},    {"intermediate_size", D.v_inter},
-      {"layer_norm_eps", 1e-6},        {"model_type", "blip_2_vision_model"},
+      {"layer_norm_eps", 1e-6},        {"model_type", D.instruct ? "instructblip_vision_model" : "blip_2_vision_model"},
       {"num_attention_heads", D.v_heads}, {"num_channels", 3},
       {"num_hidden_layers", D.v_layers},  {"patch_size", 14},
       {"qkv_bias", true}};
@@ -79,10 +103,10 @@ std::string make_config_json(const Dims& D, DType dtype) {
       {"hidden_act", "gelu"},            {"hidden_dropout_prob", 0.1},
       {"hidden_size", D.q_hidden},       {"initializer_range", 0.02},
       {"intermediate_size", D.q_inter},  {"layer_norm_eps", 1e-12},
-      {"max_position_embeddings", 512},  {"model_type", "blip_2_qformer"},
+      {"max_position_embeddings", 512},  {"model_type", D.instruct ? "instructblip_qformer" : "blip_2_qformer"},
       {"num_attention_heads", D.q_heads}, {"num_hidden_layers", D.q_layers},
       {"pad_token_id", 0},               {"position_embedding_type", "absolute"},
-      {"use_qformer_text_input", false}, {"vocab_size", 30522}};
+      {"use_qformer_text_input", D.instruct}, {"vocab_size", D.instruct ? 30523 : 30522}};
   if (D.retrieval) {  // the hub's config (text_config is there, unused)
     qformer["use_qformer_text_input"] = true;
     qformer["vocab_size"] = D.vocab;
@@ -101,7 +125,23 @@ std::string make_config_json(const Dims& D, DType dtype) {
     return c.dump(2) + "\n";
   }
   ordered_json text;
-  if (D.opt) {
+  if (D.llama) {
+    text = {{"architectures", {"LLaMAForCausalLM"}},  // the hub's spelling (InstructBLIP's generate reads it)
+            {"bos_token_id", 0},
+            {"eos_token_id", 1},
+            {"hidden_act", "silu"},
+            {"hidden_size", D.d_model},
+            {"initializer_range", 0.02},
+            {"intermediate_size", D.d_ff},
+            {"max_position_embeddings", D.max_positions},
+            {"model_type", "llama"},
+            {"num_attention_heads", D.t_heads},
+            {"num_hidden_layers", D.t_layers},
+            {"pad_token_id", -1},
+            {"rms_norm_eps", 1e-6},
+            {"tie_word_embeddings", false},
+            {"vocab_size", D.vocab}};
+  } else if (D.opt) {
     text = {{"activation_dropout", 0.0},
             {"activation_function", "relu"},
             {"architectures", {"OPTForCausalLM"}},
@@ -153,22 +193,24 @@ std::string make_config_json(const Dims& D, DType dtype) {
         {"tie_word_embeddings", false},
         {"vocab_size", D.vocab}};
   }
+  const bool decoder_only = D.opt || D.llama;
   ordered_json c = {
       {"_name_or_path", "random/" + D.name},
-      {"architectures", {"Blip2ForConditionalGeneration"}},
+      {"architectures", {D.instruct ? "InstructBlipForConditionalGeneration" : "Blip2ForConditionalGeneration"}},
       {"image_text_hidden_size", 256},
       {"image_token_index", nullptr},
       {"initializer_factor", 1.0},
       {"initializer_range", 0.02},
-      {"is_encoder_decoder", !D.opt},
-      {"model_type", "blip-2"},
+      {"is_encoder_decoder", !decoder_only},
+      {"model_type", D.instruct ? "instructblip" : "blip-2"},
       {"num_query_tokens", D.num_query_tokens},
       {"qformer_config", qformer},
       {"text_config", text},
       {"tie_word_embeddings", false},
       {"torch_dtype", torch_dtype(dtype)},
-      {"use_decoder_only_language_model", D.opt},
+      {"use_decoder_only_language_model", decoder_only},
       {"vision_config", vision}};
+  if (D.instruct) c.erase("image_text_hidden_size");  // BLIP-2's retrieval head; InstructBlipConfig has none
   return c.dump(2) + "\n";
 }
 
@@ -201,6 +243,31 @@ void plan_opt(const OPTConfig& o, const Add& add, const Lin& lin, RandomInit bia
   }
   add(p + "final_layer_norm.weight", {d}, norm_w);
   add(p + "final_layer_norm.bias", {d}, norm_b);
+}
+
+// LLaMA (Vicuna) as the hub stores it: untied lm_head; pre-norm residual stack, so o_proj and down_proj are
+// scaled by 1/sqrt(2 * layers); the embedding feeds an RMSNorm, so its scale is free: d^-0.5 as OPT's.
+template <class Add, class Lin>
+void plan_llama(const LlamaConfig& m, const Add& add, const Lin& lin, RandomInit norm_w) {
+  const int64_t d = m.hidden_size, F = m.intermediate_size, V = m.vocab_size,
+                kv = static_cast<int64_t>(m.num_kv_heads) * m.head_dim();
+  const double res = 1.0 / std::sqrt(2.0 * m.num_layers);
+  const std::string p = "language_model.model.";
+  add(p + "embed_tokens.weight", {V, d}, lin(d));
+  for (int i = 0; i < m.num_layers; ++i) {
+    const std::string l = p + "layers." + std::to_string(i) + ".";
+    add(l + "self_attn.q_proj.weight", {d, d}, lin(d));
+    add(l + "self_attn.k_proj.weight", {kv, d}, lin(d));
+    add(l + "self_attn.v_proj.weight", {kv, d}, lin(d));
+    add(l + "self_attn.o_proj.weight", {d, d}, lin(d, res));
+    add(l + "mlp.gate_proj.weight", {F, d}, lin(d));
+    add(l + "mlp.up_proj.weight", {F, d}, lin(d));
+    add(l + "mlp.down_proj.weight", {d, F}, lin(F, res));
+    add(l + "input_layernorm.weight", {d}, norm_w);
+    add(l + "post_attention_layernorm.weight", {d}, norm_w);
+  }
+  add(p + "norm.weight", {d}, norm_w);
+  add("language_model.lm_head.weight", {V, d}, lin(d));
 }
 
 // Tensors in the order of the model, with their initialisation. Scales keep activations O(1):
@@ -253,8 +320,15 @@ std::vector<PlannedTensor> plan_tensors(const Blip2Config& c) {
   const QFormerConfig& q = c.qformer;
   const int64_t dq = q.hidden_size, fq = q.intermediate_size;
   add("query_tokens", {1, c.num_query_tokens, dq}, {0.0f, 1.0f});
-  add("qformer.layernorm.weight", {dq}, norm_w);
-  add("qformer.layernorm.bias", {dq}, norm_b);
+  if (c.instruct) {  // the text input: word and position embeddings, under the one LayerNorm the queries share
+    add("qformer.embeddings.word_embeddings.weight", {q.vocab_size, dq}, {0.0f, 0.02f});
+    add("qformer.embeddings.position_embeddings.weight", {q.max_position_embeddings, dq}, {0.0f, 0.02f});
+    add("qformer.embeddings.layernorm.weight", {dq}, norm_w);
+    add("qformer.embeddings.layernorm.bias", {dq}, norm_b);
+  } else {
+    add("qformer.layernorm.weight", {dq}, norm_w);
+    add("qformer.layernorm.bias", {dq}, norm_b);
+  }
   const auto attention = [&](const std::string& pre, int64_t kv_in) {
     add(pre + "attention.query.weight", {dq, dq}, lin(dq));
     add(pre + "attention.query.bias", {dq}, bias);
@@ -277,7 +351,7 @@ std::vector<PlannedTensor> plan_tensors(const Blip2Config& c) {
     add(l + "output_query.dense.bias", {dq}, bias);
     add(l + "output_query.LayerNorm.weight", {dq}, norm_w);
     add(l + "output_query.LayerNorm.bias", {dq}, norm_b);
-    if (c.task == Blip2Task::Retrieval) {  // the text tokens' feed-forward
+    if (c.task == Blip2Task::Retrieval || c.instruct) {  // the text tokens' feed-forward
       add(l + "intermediate.dense.weight", {fq, dq}, lin(dq));
       add(l + "intermediate.dense.bias", {fq}, bias);
       add(l + "output.dense.weight", {dq, fq}, lin(fq));
@@ -304,6 +378,10 @@ std::vector<PlannedTensor> plan_tensors(const Blip2Config& c) {
   add("language_projection.bias", {c.lm_width()}, bias);
   if (c.family == LanguageFamily::OPT) {
     plan_opt(c.opt, add, lin, bias, norm_w, norm_b);
+    return out;
+  }
+  if (c.family == LanguageFamily::Llama) {
+    plan_llama(c.llama, add, lin, norm_w);
     return out;
   }
 
@@ -375,7 +453,7 @@ void write_text(const fs::path& path, const std::string& text) {
 bool is_checkpoint_file(const std::string& f) {
   static const char* fixed[] = {"config.json", "generation_config.json", "tokenizer_config.json",
                                 "special_tokens_map.json", "tokenizer.json", "spiece.model", "vocab.json",
-                                "merges.txt", "README.txt", "vocab.txt", "added_tokens.json",
+                                "merges.txt", "README.txt", "vocab.txt", "tokenizer.model", "added_tokens.json",
                                 "model.safetensors", "model.safetensors.index.json"};
   for (const char* x : fixed)
     if (f == x) return true;
@@ -399,13 +477,18 @@ std::string canonical_model_like(const std::string& like) {
   if (s == "xl" || s == "flan-t5-xl" || s == "blip2-flan-t5-xl") return "blip2-flan-t5-xl";
   if (s == "opt-2.7b" || s == "blip2-opt-2.7b") return "blip2-opt-2.7b";
   if (s == "opt-6.7b" || s == "blip2-opt-6.7b") return "blip2-opt-6.7b";
+  for (const char* name : {"instructblip-flan-t5-xl", "instructblip-flan-t5-xxl", "instructblip-vicuna-7b",
+                           "instructblip-vicuna-13b"})
+    if (s == name) return name;
   if (s == "tiny" || s == "tiny-blip2-t5") return "tiny-blip2-t5";
   if (s == "tiny-opt" || s == "tiny-blip2-opt") return "tiny-blip2-opt";
   if (s == "itm" || s == "itm-vit-g" || s == "blip2-itm-vit-g") return "blip2-itm-vit-g";
   fail(ErrorKind::Usage, "--like '" + like +
                              "': unknown model shape; choose xxl (Salesforce/blip2-flan-t5-xxl), xl "
                              "(Salesforce/blip2-flan-t5-xl), opt-2.7b (Salesforce/blip2-opt-2.7b), opt-6.7b "
-                             "(Salesforce/blip2-opt-6.7b), blip2-itm-vit-g (Salesforce/blip2-itm-vit-g, retrieval), tiny "
+                             "(Salesforce/blip2-opt-6.7b), instructblip-flan-t5-xl, instructblip-flan-t5-xxl, "
+                             "instructblip-vicuna-7b, instructblip-vicuna-13b (Salesforce/instructblip-*), "
+                             "blip2-itm-vit-g (Salesforce/blip2-itm-vit-g, retrieval), tiny "
                              "(models/tiny-blip2-t5) or tiny-opt (models/tiny-blip2-opt)");
 }
 
@@ -457,16 +540,24 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
   const fs::path dir(out_dir);
   const bool retrieval = plan.config.task == Blip2Task::Retrieval;
   const bool is_opt = !retrieval && plan.config.family == LanguageFamily::OPT;
+  const bool is_llama = !retrieval && plan.config.family == LanguageFamily::Llama, instruct = plan.config.instruct;
+  // The stand-in tokenizers are the bundled tiny models' (InstructBLIP's: the fixtures', with the Q-Former's
+  // BERT tokenizer in qformer_tokenizer/; retrieval: the fixture's BERT files, 375 pieces + [DEC], within the
+  // 30523-row embedding, copied whole).
   const fs::path tok_dir = !opt.tokenizer_dir.empty() ? fs::path(opt.tokenizer_dir)
                            : retrieval               ? fs::path(BLIP2_BUNDLED_ITM_DIR)
+                           : is_llama                ? fs::path(BLIP2_BUNDLED_INSTRUCT_VICUNA_DIR)
+                           : instruct                ? fs::path(BLIP2_BUNDLED_INSTRUCT_T5_DIR)
                            : is_opt                  ? fs::path(BLIP2_BUNDLED_OPT_DIR)
                                                      : fs::path(BLIP2_BUNDLED_MODEL_DIR);
-  // Retrieval: the fixture's BERT files (375 pieces + [DEC], within the 30523-row embedding), copied whole.
-  const std::vector<std::string> tok_files =
-      retrieval ? std::vector<std::string>{"vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-                                           "added_tokens.json"}
-      : is_opt  ? std::vector<std::string>{"vocab.json", "merges.txt"}
-                : std::vector<std::string>{"spiece.model"};
+  const std::vector<std::string> bert_files = {"vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                                               "added_tokens.json"};
+  std::vector<std::string> tok_files = retrieval  ? bert_files
+                                       : is_opt   ? std::vector<std::string>{"vocab.json", "merges.txt"}
+                                       : is_llama ? std::vector<std::string>{"tokenizer.model"}
+                                                  : std::vector<std::string>{"spiece.model"};
+  if (instruct)
+    for (const auto& f : bert_files) tok_files.push_back("qformer_tokenizer/" + f);
   for (const auto& f : tok_files)
     if (!fs::is_regular_file(tok_dir / f))
       fail(ErrorKind::Model, (tok_dir / f).string() + ": tokenizer to copy is missing (the bundled tiny model's)");
@@ -550,6 +641,7 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
     write_text(dir / "model.safetensors.index.json", index.dump(2) + "\n");
   }
 
+  if (instruct) fs::create_directories(dir / "qformer_tokenizer", ec);
   for (const auto& f : tok_files) {
     fs::copy_file(tok_dir / f, dir / f, fs::copy_options::overwrite_existing, ec);
     if (ec) fail(ErrorKind::Usage, (dir / f).string() + ": cannot copy the tokenizer: " + ec.message());
@@ -557,6 +649,27 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
   const OPTConfig& oc = plan.config.opt;
   if (retrieval) {
     // nothing more: the tokenizer files are the ones copied, and there is nothing to generate
+  } else if (is_llama) {
+    // The hub's Vicuna tokenizer files: BOS, EOS and UNK all </s>, [PAD] added after the pieces (here after
+    // the whole vocabulary but one row, as the real 32000 + 1), legacy mode, left padding and truncation.
+    const int pad = plan.config.llama.vocab_size - 1;
+    write_text(dir / "tokenizer_config.json", ordered_json({{"tokenizer_class", "LlamaTokenizer"},
+                                                             {"add_bos_token", true},
+                                                             {"add_eos_token", false},
+                                                             {"bos_token", "</s>"},
+                                                             {"eos_token", "</s>"},
+                                                             {"unk_token", "</s>"},
+                                                             {"pad_token", "[PAD]"},
+                                                             {"legacy", true},
+                                                             {"padding_side", "left"},
+                                                             {"truncation_side", "left"}})
+                                                    .dump(2) + "\n");
+    write_text(dir / "added_tokens.json", ordered_json({{"[PAD]", pad}}).dump(2) + "\n");
+    write_text(dir / "generation_config.json", ordered_json({{"_from_model_config", true},
+                                                              {"bos_token_id", 0},
+                                                              {"eos_token_id", 1},
+                                                              {"pad_token_id", -1}})
+                                                     .dump(2) + "\n");
   } else if (is_opt) {
     write_text(dir / "tokenizer_config.json", ordered_json({{"tokenizer_class", "GPT2Tokenizer"},
                                                              {"add_bos_token", true},
@@ -601,9 +714,14 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
                            : is_opt ? "vocab.json + merges.txt are a STAND-IN: the bundled tiny model's 1024-token byte-level BPE,\n"
                            "not OPT's 50265-token one. Ids beyond them never come out of the tokenizer; the model still\n"
                            "generates them, and they decode to nothing. "
+                         : is_llama ? "tokenizer.model is a STAND-IN: the tiny InstructBLIP fixture's 1000-piece LLaMA-style model,\n"
+                           "not Vicuna's 32000-piece one. Ids beyond its pieces never come out of the tokenizer; the model\n"
+                           "still generates them, and they decode to nothing. "
                          : "spiece.model is a STAND-IN: the bundled tiny model's 1000-piece SentencePiece model, not\n"
                            "Flan-T5's 32000-piece one. Ids beyond its 1000 pieces and 100 sentinels never come out of the\n"
                            "tokenizer; the model still generates them, and they decode to nothing. ") +
+                 (instruct ? "qformer_tokenizer/ is a STAND-IN too: the fixture's 375-entry WordPiece vocabulary, not BERT's.\n"
+                           : "") +
                  "config.json has image_token_index null\n(the legacy input convention: no <image> tokens in the prompt).\n");
   write_text(dir / "config.json", plan.config_json);  // last: until now the directory does not load
 }

@@ -26,7 +26,8 @@ Weight copy_weight(const Weight& w) {
 bool is_lookup_embedding(const std::string& name) {
   return name == "language_model.shared.weight" || name == "language_model.encoder.embed_tokens.weight" ||
          name == "language_model.decoder.embed_tokens.weight" ||
-         name == "language_model.model.decoder.embed_tokens.weight";  // OPT
+         name == "language_model.model.decoder.embed_tokens.weight" ||  // OPT
+         name == "language_model.model.embed_tokens.weight";            // LLaMA
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -49,7 +50,9 @@ bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_h
       ".DenseReluDense.wo.weight",
       // OPT attention, feed-forward and the projections around a narrower embedding
       ".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight",
-      ".self_attn.out_proj.weight", ".fc1.weight", ".fc2.weight", ".project_in.weight", ".project_out.weight"};
+      ".self_attn.out_proj.weight", ".fc1.weight", ".fc2.weight", ".project_in.weight", ".project_out.weight",
+      // LLaMA attention output and SwiGLU feed-forward (q/k/v_proj as OPT's)
+      ".self_attn.o_proj.weight", ".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight"};
   if (name == "language_projection.weight" || name == "language_model.lm_head.weight") return true;
   // Retrieval's heads over the Q-Former outputs
   if (name == "vision_projection.weight" || name == "text_projection.weight" || name == "itm_head.weight") return true;

@@ -8,44 +8,29 @@
 
 #include "generate/decoder.h"
 #include "io/checkpoint.h"
+#include "model/causal_lm.h"
 #include "io/config.h"
 #include "ops/ops.h"
 
 namespace blip2 {
 
-class OPTModel {
+class OPTModel final : public CausalLM {
  public:
   OPTModel(Checkpoint& ckpt, const OPTConfig& cfg);
   const OPTConfig& config() const { return cfg_; }
   bool tied_lm_head() const { return tied_; }
 
   // Embedding rows for ids (word_embed_proj_dim wide, not scaled); out is on the model's device.
-  void embed(const int32_t* ids, int64_t n, float* out) const;
-  Device device() const { return embed_tokens_.device; }
-  // Logits at every position of inputs_embeds x [B, T, word_embed_proj_dim] with mask [B*T] (1 = token,
-  // 0 = left padding) -> [B, T, vocab] on the host, as the reference's forward pass returns them.
-  Tensor logits(const Tensor& x, const std::vector<uint8_t>& mask) const;
-  // A decoder that continues each batch item's input x / mask, on `expand` rows per item. `prefix[b]` are
-  // item b's input ids (what the logits processors see as already there).
-  std::unique_ptr<Decoder> start_decoder(const Tensor& x, const std::vector<uint8_t>& mask,
-                                         std::vector<std::vector<int32_t>> prefix, int expand = 1) const;
+  void embed(const int32_t* ids, int64_t n, float* out) const override;
+  Device device() const override { return embed_tokens_.device; }
+  int64_t vocab_size() const override { return cfg_.vocab_size; }
+  int64_t embed_width() const override { return cfg_.word_embed_proj_dim; }
 
  private:
-  friend class OPTDecoder;
   struct Norm { Weight w, b; };
   struct Layer {
     Norm attn_ln, ffn_ln;
     Weight q, q_b, k, k_b, v, v_b, o, o_b, fc1, fc1_b, fc2, fc2_b;
-  };
-  // The key/value cache of a set of sequences: per sequence, per layer, keys and values [t, hidden], and
-  // which of its t positions are tokens (not padding).
-  struct Cache {
-    struct Seq {
-      std::vector<ops::RowCache> k, v;       // [layer] -> [t, hidden]
-      std::vector<uint8_t> mask;             // [t]
-      int64_t tokens = 0;                    // positions with mask 1: the next token's position
-    };
-    std::vector<Seq> seqs;
   };
 
   // Runs `n` new positions through the stack: x [n, hidden] (embeddings + positions, already projected),
@@ -55,9 +40,10 @@ class OPTModel {
   // embed(ids) or inputs_embeds, projected in when narrower, plus position embeddings: [n, hidden].
   Tensor input(const Tensor& embeds, const std::vector<int64_t>& positions) const;
   // lm_head over final hidden states [.., wd] -> logits [.., vocab].
-  Tensor head(const Tensor& h) const;
-  // Prefill: every item's input through the stack into a fresh cache; returns hidden states [B*T, wd].
-  Tensor prefill(const Tensor& x, const std::vector<uint8_t>& mask, Cache& cache) const;
+  Tensor head(const Tensor& h) const override;
+  // Positions from the mask (cumsum − 1, OPT's offset added in input); hidden states [B*T, wd].
+  Tensor prefill(const Tensor& x, const std::vector<uint8_t>& mask, Cache& cache) const override;
+  Tensor extend(const Tensor& e, Cache& cache) const override;
 
   OPTConfig cfg_;
   Weight embed_tokens_, embed_positions_, project_in_, project_out_, lm_head_;

@@ -181,6 +181,9 @@ void activate(Tensor& x, Activation act) {
       case Activation::Relu:
         for (int64_t i = b; i < e; ++i) p[i] = std::max(p[i], 0.0f);
         return;
+      case Activation::Silu:  // x·sigmoid(x), as torch computes it: x / (1 + e^-x)
+        for (int64_t i = b; i < e; ++i) p[i] = p[i] / (1.0f + std::exp(-p[i]));
+        return;
     }
   });
 }
@@ -215,6 +218,40 @@ void scale(Tensor& x, float s) {
   for_elements(x.size(), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) p[i] *= s;
   });
+}
+
+void rotary(Tensor& x, int64_t heads, int64_t head_dim, const std::vector<int64_t>& positions, float theta) {
+  const int64_t rows = x.rows(), half = head_dim / 2, w = heads * head_dim;
+  if (x.last() != w || head_dim % 2 != 0 || static_cast<int64_t>(positions.size()) != rows)
+    fail(ErrorKind::Internal, "rotary: " + shape_str(x.shape) + " for " + std::to_string(heads) + " heads of " +
+                                  std::to_string(head_dim) + " at " + std::to_string(positions.size()) + " positions");
+  // cos/sin [rows, half] on the host, in float32 like LlamaRotaryEmbedding: inv_freq = 1 / theta^(2i/d),
+  // angle = float(position) · inv_freq.
+  std::vector<float> inv(static_cast<size_t>(half)), cs(static_cast<size_t>(rows * half * 2));
+  for (int64_t i = 0; i < half; ++i)
+    inv[i] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = static_cast<float>(positions[r]) * inv[i];
+      cs[(r * half + i) * 2] = std::cos(a);
+      cs[(r * half + i) * 2 + 1] = std::sin(a);
+    }
+  if (on_gpu(x.device)) {
+    const Buffer table = Buffer::copy_of(cs.data(), cs.size(), x.device);
+    return cuda::rotary(x.data_ptr(), rows, heads, head_dim, static_cast<const float*>(table.data()));
+  }
+  float* p = x.data_ptr();
+  par::parallel_for(rows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = p + r * w + h * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float c = cs[(r * half + i) * 2], s = cs[(r * half + i) * 2 + 1], a = v[i], b = v[i + half];
+          v[i] = a * c - b * s;     // x·cos + rotate_half(x)·sin, rotate_half(x) = [−x2 ; x1]
+          v[i + half] = b * c + a * s;
+        }
+      }
+  }, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(w, 1)));
 }
 
 void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out) {

@@ -7,6 +7,7 @@
 // pointers take the device from their weight (linear, embedding) or their arguments (attention).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "core/tensor.h"
 #include "io/config.h"
@@ -54,6 +55,11 @@ void scale(Tensor& x, float s);
 
 // out[i, :] = table[ids[i], :] (widened to float32). ids are host memory; out is on the table's device.
 void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out);
+
+// Rotary positions (LLaMA's rotate_half form), in place: x [rows, heads·head_dim], row r at positions[r]
+// (host memory). In each head, element i < head_dim/2 and its partner i + head_dim/2 turn by the angle
+// positions[r]·theta^(−2i/head_dim), computed in float32 as transformers does (its inv_freq, then cos/sin).
+void rotary(Tensor& x, int64_t heads, int64_t head_dim, const std::vector<int64_t>& positions, float theta);
 
 // Moving rows. A tensor's rows are its elements in runs of last(): rows [src_row, src_row + n) of src go to
 // rows [dst_row, dst_row + n) of dst (same width, same device).

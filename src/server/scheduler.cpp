@@ -174,11 +174,11 @@ void Scheduler::encode_images(std::vector<std::shared_ptr<Job>> jobs) {
   const size_t per = static_cast<size_t>(pixels[0]->size());
   for (int64_t b = 0; b < B; ++b) std::memcpy(batch.ptr() + b * per, pixels[b]->ptr(), per * sizeof(float));
   const Encoded enc = model_.encode_image(batch);
-  const Tensor& proj = enc.language_projection;  // [B, Q, d]
-  const int64_t Q = proj.dim(1), d = proj.dim(2);
+  const Tensor& state = model_.image_state(enc);  // [B, rows, width]: what no prompt changes
+  const int64_t Q = state.dim(1), d = state.dim(2);
   for (int64_t b = 0; b < B; ++b) {
-    auto t = std::make_shared<Tensor>(Shape{1, Q, d}, proj.device);
-    ops::copy_rows(proj, b * Q, *t, 0, Q);
+    auto t = std::make_shared<Tensor>(Shape{1, Q, d}, state.device);
+    ops::copy_rows(state, b * Q, *t, 0, Q);
     cache_.put(keys[b], t);
     for (const auto& j : jobs)
       if (!j->image && j->image_key == keys[b]) {
@@ -270,9 +270,10 @@ void Scheduler::admit() {
       std::vector<std::string> prompts;
       Encoded img;
       const int64_t Q = jobs[0]->image->dim(1), d = jobs[0]->image->dim(2);
-      img.language_projection = Tensor({static_cast<int64_t>(jobs.size()), Q, d}, model_.device());
+      Tensor& state = model_.image_state(img);
+      state = Tensor({static_cast<int64_t>(jobs.size()), Q, d}, model_.device());
       for (size_t i = 0; i < jobs.size(); ++i) {
-        ops::copy_rows(*jobs[i]->image, 0, img.language_projection, static_cast<int64_t>(i) * Q, Q);
+        ops::copy_rows(*jobs[i]->image, 0, state, static_cast<int64_t>(i) * Q, Q);
         prompts.push_back(jobs[i]->prompt);
       }
       all = model_.encode_prompts(img, model_.tokenize(prompts));
@@ -295,7 +296,7 @@ void Scheduler::admit() {
         enc = select_items(all, static_cast<int64_t>(g0), static_cast<int64_t>(g1));
       } else {
         Encoded img;
-        img.language_projection = *jobs[g0]->image;
+        model_.image_state(img) = *jobs[g0]->image;
         enc = model_.encode_prompts(img, model_.tokenize({jobs[g0]->prompt}));
       }
       d = model_.start_decoder(enc, E);

@@ -41,7 +41,7 @@ struct SchedulerOptions {
 struct Job {
   // ---- inputs
   std::string image_key;                    // sha256 of the image bytes
-  std::shared_ptr<const Tensor> image;      // the cached image encoding [1, Q, d], or null: then `pixels`
+  std::shared_ptr<const Tensor> image;      // the cached image encoding (Blip2Model::image_state), or null: then `pixels`
   Tensor pixels;                            // [1, 3, S, S]
   std::string prompt;
   int64_t prompt_tokens = 0;

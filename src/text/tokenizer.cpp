@@ -1,6 +1,7 @@
 #include "text/tokenizer.h"
 
 #include "text/bpe_tokenizer.h"
+#include "text/llama_tokenizer.h"
 #include "text/t5_tokenizer.h"
 
 namespace blip2 {
@@ -29,6 +30,7 @@ class OPTTokenizer final : public Tokenizer {
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir, const Blip2Config& cfg) {
+  if (cfg.family == LanguageFamily::Llama) return std::make_unique<LlamaTokenizer>(dir);
   if (cfg.family == LanguageFamily::OPT) return std::make_unique<OPTTokenizer>(BpeTokenizer::load(dir), cfg.opt.bos_token_id);
   return std::make_unique<T5Tokenizer>(dir, cfg.text.eos_token_id);
 }

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,10 +22,13 @@ class Tokenizer {
   // from an unfinished UTF-8 character at the end, which TextStream holds back itself).
   virtual std::string decode_stable(const std::vector<int32_t>& ids) const { return decode(ids); }
   virtual int vocab_size() const = 0;
+  // The id prompts are padded with when the tokenizer names one that is not the language model's
+  // (Vicuna: its [PAD], where text_config has none).
+  virtual std::optional<int32_t> prompt_pad_id() const { return std::nullopt; }
 };
 
 // The tokenizer of a model directory: SentencePiece (spiece.model) for Flan-T5, GPT-2 byte-level BPE
-// (vocab.json + merges.txt, or tokenizer.json) for OPT. Throws Error(Model) naming a missing or bad file.
+// (vocab.json + merges.txt, or tokenizer.json) for OPT, LLaMA's SentencePiece (tokenizer.model) for Vicuna. Throws Error(Model) naming a missing or bad file.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir, const Blip2Config& cfg);
 
 }  // namespace blip2

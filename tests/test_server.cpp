@@ -438,6 +438,12 @@ TEST(ServerErrors, LimitsOnBodyImageDepthAndPrompt) {
   auto cli = s.client();
   expect_error(post(cli, std::string(1100000, ' ')), 413, "too large");
   expect_error(post(cli, ask(kCat, "q")), 413, "limit is 200000", "image_url");  // chelsea.png: 240 kB
+  // One byte over the limit is a 413 too, not a base64 error (found by the soak test).
+  for (const size_t n : {size_t(200001), size_t(200002), size_t(200003)}) {
+    json j = {{"max_tokens", 2}};
+    j["messages"] = json::array({{{"role", "user"}, {"content", json::array({image_part_bytes(std::string(n, 'x'))})}}});
+    expect_error(post(cli, j), 413, "limit is 200000", "image_url");
+  }
   expect_error(post(cli, ask(kImages + "exact224.png", "q")), 422, "too large", "image_url");  // 224 x 224 pixels, 151 kB
   std::string deep = "{\"messages\": " + std::string(20, '[') + std::string(20, ']') + "}";
   expect_error(post(cli, deep), 400, "deeper than 8");

@@ -355,9 +355,12 @@ std::string fetch_image(const std::string& url, const Limits& limits) {
                 "invalid_image_url");
     const std::string_view data(url.data() + comma + 1, url.size() - comma - 1);
     if (data.size() / 4 * 3 > limits.max_image_bytes + 2) too_large(data.size() / 4 * 3);
+    // Decoded with 3 bytes to spare: the check above leaves at most that much over the limit, which must be a
+    // 413 like the rest, not a base64 error.
     std::string why;
-    auto bytes = base64_decode(data, limits.max_image_bytes, &why);
+    auto bytes = base64_decode(data, limits.max_image_bytes + 3, &why);
     if (!bytes) bad_field("image_url", "image data is not valid base64: " + why, "invalid_base64");
+    if (bytes->size() > limits.max_image_bytes) too_large(bytes->size());
     return std::move(*bytes);
   }
   if (url.rfind("file://", 0) == 0) {

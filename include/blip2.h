@@ -92,7 +92,10 @@ blip2_status blip2_generate(blip2_model* model, const uint8_t* image, size_t ima
                             const blip2_generate_params* params, char** text, char** error);
 
 /* The same, calling `on_text` with each new piece of text as it is decided (greedy and sampling; beam search
- * calls it once, with the whole text, at the end). The pieces joined equal *text. */
+ * calls it once, with the whole text, at the end). The pieces joined equal *text.
+ * The callback runs on the calling thread, inside the call: it must not call back into the same model. A
+ * blip2_generate or blip2_generate_stream on that model from the callback returns BLIP2_ERROR_USAGE instead
+ * of waiting for itself; blip2_model_free on it is undefined behaviour. Other models may be used. */
 typedef void (*blip2_text_callback)(const char* piece, void* user_data);
 blip2_status blip2_generate_stream(blip2_model* model, const uint8_t* image, size_t image_size, const char* prompt,
                                    const blip2_generate_params* params, blip2_text_callback on_text, void* user_data,

@@ -14,6 +14,7 @@ packages=(
   libgtest-dev                            # tests
   curl chromium                           # server tests: the curl script, the page in headless Chromium
   iproute2                                # server tests: ss shows the listen backlog
+  clang libclang-rt-dev                   # fuzzing (scripts/fuzz.sh): clang 14 and its libFuzzer runtime
 )
 missing=()
 for p in "${packages[@]}"; do

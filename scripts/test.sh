@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs the whole test suite twice: a Release build, then a build with AddressSanitizer and
-# UndefinedBehaviorSanitizer. Exits non-zero if anything fails.
+# UndefinedBehaviorSanitizer; then, where clang is installed, a bounded run of every fuzz target
+# (BLIP2_FUZZ_SECONDS each, default 20). Exits non-zero if anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -28,3 +29,12 @@ cmake --build build-asan -j "$jobs"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_string_checks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd build-asan && ctest --output-on-failure -j "$jobs")
+
+# The fuzz targets (docs/FUZZING.md), each from its seeds for a bounded time: a crash, leak, UB, timeout or
+# runaway allocation fails the run. Needs clang (scripts/install-deps.sh installs it).
+if command -v clang++ >/dev/null; then
+  echo "== Fuzz targets, ${BLIP2_FUZZ_SECONDS:-20} s each"
+  JOBS=$jobs ./scripts/fuzz.sh "${BLIP2_FUZZ_SECONDS:-20}"
+else
+  echo "== Fuzzing skipped: no clang++ on this machine"
+fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # blip2 serve as a real process, driven with curl: health, a plain and a streamed completion (the same answer as
 # `blip2 ask`), errors in OpenAI's shape, an oversize body, a busy port refused, the listen backlog, SIGTERM
-# draining a running request before exit, and a second SIGTERM ending a drain that waits on a slow client.
+# draining a running request before exit, --drain-timeout bounding the drain, and a second SIGTERM ending a
+# drain that waits on a running request.
 # Usage: server_curl.sh BLIP2_CLI FIXTURES_DIR
 set -euo pipefail
 cli=$1
@@ -90,19 +91,28 @@ grep -q '"finish_reason":"length"' "$tmp/long" || fail "running request was cut 
 [ "$(grep '^data: ' "$tmp/long" | tail -1)" = "data: [DONE]" ] || fail "running request did not end with [DONE]"
 grep -q "finishing running requests" "$tmp/err" || fail "no drain message"
 
-# A drain held up by a client that sends half its headers (it waits up to the 30 s read timeout): a second
-# SIGTERM exits at once, with status 128 + 15.
-"$cli" serve --port 0 2> "$tmp/err" &
-pid=$!
-for _ in $(seq 1 400); do grep -q "listening on" "$tmp/err" && break; sleep 0.05; done
-port=$(grep -o '127\.0\.0\.1:[0-9]*' "$tmp/err" | head -1 | cut -d: -f2)
-[ -n "$port" ] || fail "second server did not start"
+start_server() {  # start_server ARGS...: blip2 serve on a free port; sets pid, port, url
+  "$cli" serve --port 0 --max-tokens 4000 "$@" 2> "$tmp/err" &
+  pid=$!
+  for _ in $(seq 1 400); do grep -q "listening on" "$tmp/err" && break; sleep 0.05; done
+  port=$(grep -o '127\.0\.0\.1:[0-9]*' "$tmp/err" | head -1 | cut -d: -f2)
+  [ -n "$port" ] || fail "server did not start"
+  url="http://127.0.0.1:$port"
+}
+start_long_request() {  # a streamed request of 4000 tokens over 8 beams, running when this returns
+  ask "tell me everything" 4000 ',"min_tokens":4000,"num_beams":8,"stream":true'
+  curl -sSN -H 'Content-Type: application/json' -d @"$tmp/req.json" "$url/v1/chat/completions" > "$tmp/long" &
+  curl_pid=$!
+  for _ in $(seq 1 400); do grep -q '^blip2_running_requests 1$' <<< "$(get /metrics)" && break; sleep 0.01; done
+}
+
+# --drain-timeout bounds the whole drain: a request still running at the deadline ends with a 503
+# (shutting_down) in its stream, and a client that sent half its headers does not hold the exit up (it did for
+# httplib's 30 s read timeout: --drain-timeout 1 took 14.8 s).
+start_server --drain-timeout 1
 exec 3<>"/dev/tcp/127.0.0.1/$port"
-printf 'GET /health HTTP/1.1\r\nHost: x\r\n' >&3
-sleep 0.2
-kill -TERM "$pid"
-sleep 1
-kill -0 "$pid" 2>/dev/null || fail "the drain did not wait for the slow client (nothing left to test)"
+printf 'GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n' >&3
+start_long_request
 start=$(date +%s%N)
 kill -TERM "$pid"
 status=0
@@ -110,6 +120,27 @@ wait "$pid" || status=$?
 pid=
 elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
 exec 3>&-
+wait "$curl_pid" || true
+[ "$status" = 0 ] || fail "server exit status $status after SIGTERM with --drain-timeout 1"
+echo "server_curl: SIGTERM with --drain-timeout 1 exited after $elapsed_ms ms"
+[ "$elapsed_ms" -ge 900 ] && [ "$elapsed_ms" -lt 2500 ] || fail "--drain-timeout 1 took $elapsed_ms ms"
+grep -q '"finish_reason":"length"' "$tmp/long" || grep -q '"shutting_down"' "$tmp/long" ||
+  fail "the request cut by the drain timeout did not say so: $(tail -c 300 "$tmp/long")"
+
+# A drain that waits on a running request (default --drain-timeout 60 s): a second SIGTERM exits at once,
+# with status 128 + 15.
+start_server
+start_long_request
+kill -TERM "$pid"
+sleep 1
+kill -0 "$pid" 2>/dev/null || fail "the drain did not wait for the running request (nothing left to test)"
+start=$(date +%s%N)
+kill -TERM "$pid"
+status=0
+wait "$pid" || status=$?
+pid=
+elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+wait "$curl_pid" || true
 [ "$status" = 143 ] || fail "exit status $status after a second SIGTERM, want 143"
 [ "$elapsed_ms" -lt 3000 ] || fail "a second SIGTERM took $elapsed_ms ms to exit"
 grep -q "second signal: exiting without draining" "$tmp/err" || fail "no message for the second signal"

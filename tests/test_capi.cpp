@@ -92,6 +92,40 @@ TEST(CApi, StreamedPiecesJoinToTheText) {
   }
 }
 
+// A text callback that calls back into the model that is calling it gets an error, instead of waiting for ever
+// on the model's lock; the outer call goes on and succeeds.
+TEST(CApi, CallbackCallingTheSameModelGetsAnError) {
+  Model model(BLIP2_TINY_T5_DIR);
+  const auto img = file_bytes(kFixtures + "/images/chelsea.png");
+  struct State {
+    blip2_model* m;
+    const std::vector<uint8_t>* img;
+    int calls = 0;
+    std::vector<blip2_status> statuses;
+    std::string error;
+  } st{model.m, &img, 0, {}, {}};
+  const auto callback = [](const char*, void* user) {
+    auto& s = *static_cast<State*>(user);
+    if (s.calls++ > 0) return;
+    char *text = nullptr, *err = nullptr;
+    s.statuses.push_back(blip2_generate(s.m, s.img->data(), s.img->size(), "", nullptr, &text, &err));
+    s.statuses.push_back(blip2_generate_stream(s.m, s.img->data(), s.img->size(), "", nullptr, nullptr, nullptr,
+                                               &text, nullptr));
+    if (err) s.error = err;
+    blip2_string_free(err);
+    blip2_string_free(text);
+  };
+  char *text = nullptr, *err = nullptr;
+  ASSERT_EQ(blip2_generate_stream(model.m, img.data(), img.size(), "", nullptr, callback, &st, &text, &err), BLIP2_OK)
+      << (err ? err : "");
+  EXPECT_EQ(st.statuses, (std::vector<blip2_status>{BLIP2_ERROR_USAGE, BLIP2_ERROR_USAGE}));
+  EXPECT_NE(st.error.find("callback"), std::string::npos) << st.error;
+  blip2_string_free(text);
+  // The model is usable again afterwards, from the same thread.
+  ASSERT_EQ(blip2_generate(model.m, img.data(), img.size(), "", nullptr, &text, &err), BLIP2_OK) << (err ? err : "");
+  blip2_string_free(text);
+}
+
 TEST(CApi, ErrorsAreStatusesWithMessages) {
   char* err = nullptr;
   blip2_model* m = reinterpret_cast<blip2_model*>(1);

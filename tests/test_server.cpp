@@ -1,13 +1,18 @@
 // The HTTP server over real loopback sockets: an in-process server on an ephemeral port, driven with
 // httplib's client. Answers match the engine's own generate(); streams, conversations, several choices and the
 // image cache; every kind of bad request gets a 4xx in OpenAI's error shape and the server keeps serving;
-// queue limits, disconnects, timeouts and draining.
+// queue limits, disconnects, timeouts and draining; slow headers, pipelining and the Host check.
 #include <gtest/gtest.h>
 #include <arpa/inet.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <random>
 #include <chrono>
 #include <thread>
@@ -433,6 +438,12 @@ TEST(ServerErrors, LimitsOnBodyImageDepthAndPrompt) {
   auto cli = s.client();
   expect_error(post(cli, std::string(1100000, ' ')), 413, "too large");
   expect_error(post(cli, ask(kCat, "q")), 413, "limit is 200000", "image_url");  // chelsea.png: 240 kB
+  // One byte over the limit is a 413 too, not a base64 error (found by the soak test).
+  for (const size_t n : {size_t(200001), size_t(200002), size_t(200003)}) {
+    json j = {{"max_tokens", 2}};
+    j["messages"] = json::array({{{"role", "user"}, {"content", json::array({image_part_bytes(std::string(n, 'x'))})}}});
+    expect_error(post(cli, j), 413, "limit is 200000", "image_url");
+  }
   expect_error(post(cli, ask(kImages + "exact224.png", "q")), 422, "too large", "image_url");  // 224 x 224 pixels, 151 kB
   std::string deep = "{\"messages\": " + std::string(20, '[') + std::string(20, ']') + "}";
   expect_error(post(cli, deep), 400, "deeper than 8");
@@ -774,14 +785,19 @@ TEST(ServerLoad, FullQueueAnswers503) {
   TestServer s(o);
   std::atomic<int> ok{0}, busy{0}, other{0};
   std::vector<std::thread> clients;
-  for (int c = 0; c < 12; ++c)
-    clients.emplace_back([&] {
-      auto cli = s.client();
-      const Reply r = post(cli, ask(kCat, "q", {{"max_tokens", 40}, {"min_tokens", 40}}));
-      if (r.status == 200) ++ok;
-      else if (r.status == 503 && r.body.find("busy") != std::string::npos) ++busy;
-      else ++other;
-    });
+  const auto send = [&] {
+    auto cli = s.client();
+    const Reply r = post(cli, ask(kCat, "q", {{"max_tokens", 40}, {"min_tokens", 40}}));
+    if (r.status == 200) ++ok;
+    else if (r.status == 503 && r.body.find("busy") != std::string::npos) ++busy;
+    else ++other;
+  };
+  // One request running first, then the rest at once: one of them takes the queue's place (held from before
+  // its image is decoded), the others are refused.
+  clients.emplace_back(send);
+  while (ok == 0 && metric(s.client().Get("/metrics")->body, "blip2_running_requests") < 1)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  for (int c = 1; c < 12; ++c) clients.emplace_back(send);
   for (auto& t : clients) t.join();
   EXPECT_EQ(other, 0);
   EXPECT_GE(ok, 2);
@@ -864,3 +880,271 @@ TEST(ServerLoad, ShutdownFinishesRunningRequestsAndRefusesNewOnes) {
 }
 
 }  // namespace
+
+namespace {
+
+// A raw TCP connection to the test server, for what httplib's client will not send (slow or pipelined
+// requests, any Host header).
+int connect_loopback(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (fd < 0 || connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ADD_FAILURE() << "cannot connect to 127.0.0.1:" << port << ": " << std::strerror(errno);
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+bool send_all(int fd, const std::string& s) {
+  for (size_t at = 0; at < s.size();) {
+    const ssize_t n = send(fd, s.data() + at, s.size() - at, MSG_NOSIGNAL);
+    if (n <= 0) return false;
+    at += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// Everything the server sends until it closes the connection (or `timeout_s` passes).
+std::string read_until_closed(int fd, double timeout_s) {
+  std::string out;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  char buf[4096];
+  while (std::chrono::steady_clock::now() < until) {
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, 50) <= 0) continue;
+    const ssize_t n = recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  return out;
+}
+
+// The status codes of the HTTP responses in `s`, in order.
+std::vector<int> statuses(const std::string& s) {
+  std::vector<int> out;
+  for (size_t at = s.find("HTTP/1.1 "); at != std::string::npos; at = s.find("HTTP/1.1 ", at + 1))
+    out.push_back(std::atoi(s.c_str() + at + 9));
+  return out;
+}
+
+}  // namespace
+
+// Slowloris: clients that send their headers a byte at a time must neither hold the server (/health and the API
+// answer at once) nor stay connected past the header deadline.
+TEST(ServerConnections, SlowHeadersAreCutAtTheDeadlineAndTheServerStaysReachable) {
+  struct rlimit fds {};
+  getrlimit(RLIMIT_NOFILE, &fds);
+  constexpr int kSlow = 150;  // more than the server's threads before the fix (queue + rows + 8 = 104)
+  if (fds.rlim_cur < 2 * kSlow + 64) GTEST_SKIP() << "needs " << 2 * kSlow + 64 << " file descriptors";
+  ServerOptions o;
+  o.header_timeout_s = 2;
+  TestServer s(o);
+  const auto start = std::chrono::steady_clock::now();
+  const auto since_start = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  std::vector<int> slow;
+  for (int i = 0; i < kSlow; ++i) {
+    slow.push_back(connect_loopback(s.port));
+    ASSERT_GE(slow.back(), 0);
+    send_all(slow.back(), "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+  }
+  // Each slow client sends one more header byte every 100 ms; the first time a send or a poll shows the server
+  // closed the connection is noted.
+  std::vector<double> closed_at(kSlow, -1);
+  std::atomic<bool> stop{false};
+  std::thread dribbler([&] {
+    while (!stop) {
+      for (int i = 0; i < kSlow; ++i) {
+        if (closed_at[i] >= 0) continue;
+        pollfd p{slow[i], POLLIN | POLLRDHUP, 0};
+        if ((poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLRDHUP | POLLHUP | POLLERR))) ||
+            send(slow[i], "x", 1, MSG_NOSIGNAL) != 1)
+          closed_at[i] = since_start();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (const char* path : {"/health", "/v1/models"}) {
+    auto cli = s.client();
+    cli.set_read_timeout(5, 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto r = cli.Get(path);
+    const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ASSERT_TRUE(r) << path << " unreachable while " << kSlow << " clients send headers slowly";
+    EXPECT_EQ(r->status, 200) << path;
+    EXPECT_LT(took, 1.5) << path;
+  }
+  while (since_start() < 6 && std::count(closed_at.begin(), closed_at.end(), -1.0) > 0)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  stop = true;
+  dribbler.join();
+  for (int i = 0; i < kSlow; ++i) {
+    EXPECT_GE(closed_at[i], 1.8) << "slow connection " << i << " closed before its header deadline";
+    EXPECT_GE(closed_at[i], 0) << "slow connection " << i << " still open after 6 s (deadline 2 s)";
+    close(slow[i]);
+  }
+  // (counted once the connection's thread is done with it, just after the client sees it closed)
+  int64_t counted = 0;
+  for (int i = 0; i < 200 && counted < kSlow; ++i) {
+    counted = metric(s.client().Get("/metrics")->body, "blip2_header_timeouts_total");
+    if (counted < kSlow) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(counted, kSlow);
+}
+
+// HTTP/1.1 pipelining: requests sent back to back on one connection, before any answer, are each answered, in
+// order (httplib's own per-request stream dropped the bytes it had read ahead).
+TEST(ServerConnections, PipelinedRequestsAreAnsweredInOrder) {
+  TestServer& s = shared_server();
+  const int fd = connect_loopback(s.port);
+  ASSERT_GE(fd, 0);
+  const std::string bad_json = "{\"messages\": [";
+  const std::string requests =
+      "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+      "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
+      std::to_string(bad_json.size()) + "\r\n\r\n" + bad_json +
+      "GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+      "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  ASSERT_TRUE(send_all(fd, requests));
+  const std::string answers = read_until_closed(fd, 10);
+  close(fd);
+  EXPECT_EQ(statuses(answers), (std::vector<int>{200, 400, 404, 200})) << answers;
+  const size_t health = answers.find("\"status\":\"ok\""), models = answers.find("\"object\":\"list\"");
+  EXPECT_NE(health, std::string::npos);
+  EXPECT_NE(models, std::string::npos);
+  EXPECT_LT(health, models);
+}
+
+TEST(ServerRequestParsing, HostHeaderPolicy) {
+  const std::vector<std::string> none, allowed = {"Blip2.Example.org"};
+  for (const char* ok : {"", "localhost", "LOCALHOST:8080", "localhost.", "app.localhost:80", "127.0.0.1",
+                         "127.0.0.1:8080", "127.9.8.7", "[::1]:8080", "[::1]", "[::ffff:127.0.0.1]:80"})
+    EXPECT_TRUE(host_allowed(ok, "127.0.0.1", none)) << ok;
+  for (const char* bad : {"evil.example", "evil.example:8080", "localhost.evil.example", "evillocalhost",
+                          "10.0.0.1", "[::2]:80", "192.168.1.5", "0.0.0.0", "127.0.0.1.evil.example", "[::1"})
+    EXPECT_FALSE(host_allowed(bad, "127.0.0.1", none)) << bad;
+  EXPECT_TRUE(host_allowed("blip2.example.org:8080", "127.0.0.1", allowed));
+  EXPECT_FALSE(host_allowed("other.example.org", "127.0.0.1", allowed));
+  EXPECT_TRUE(host_allowed("192.168.1.5:8080", "192.168.1.5", none));  // the address the server listens on
+  EXPECT_FALSE(host_allowed("0.0.0.0:8080", "0.0.0.0", none));        // the wildcard is not a name of it
+}
+
+// DNS rebinding: over loopback, a request whose Host names another site is refused when there is no API key;
+// /health stays open (probes send the pod's address), and a key makes the check unnecessary.
+TEST(ServerErrors, ForeignHostHeaderIsRefusedWithoutAnApiKey) {
+  const auto ask_with_host = [](int port, const std::string& path, const std::string& host) {
+    const int fd = connect_loopback(port);
+    send_all(fd, "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\nConnection: close\r\n\r\n");
+    const std::string r = read_until_closed(fd, 10);
+    close(fd);
+    return r;
+  };
+  TestServer& s = shared_server();
+  const std::string refused = ask_with_host(s.port, "/v1/models", "rebound.evil.example");
+  EXPECT_EQ(statuses(refused), std::vector<int>{403}) << refused;
+  EXPECT_NE(refused.find("host_not_allowed"), std::string::npos) << refused;
+  EXPECT_EQ(statuses(ask_with_host(s.port, "/", "rebound.evil.example")), std::vector<int>{403});
+  EXPECT_EQ(statuses(ask_with_host(s.port, "/health", "10.1.2.3:8080")), std::vector<int>{200});
+  EXPECT_EQ(statuses(ask_with_host(s.port, "/v1/models", "localhost:1234")), std::vector<int>{200});
+
+  ServerOptions o;
+  o.allowed_hosts = {"blip2.internal"};
+  TestServer named(o);
+  EXPECT_EQ(statuses(ask_with_host(named.port, "/v1/models", "blip2.internal:8080")), std::vector<int>{200});
+  EXPECT_EQ(statuses(ask_with_host(named.port, "/v1/models", "rebound.evil.example")), std::vector<int>{403});
+  o.api_key = "k";
+  TestServer keyed(o);
+  EXPECT_EQ(statuses(ask_with_host(keyed.port, "/v1/models", "rebound.evil.example")), std::vector<int>{401});
+}
+
+// --drain-timeout bounds the whole shutdown: a request still decoding at the deadline ends with a 503, and
+// connections in the middle of a body or of their headers, or idle between requests, do not hold it up for
+// their read timeouts (30 s; --drain-timeout 1 took 14.8 s before).
+TEST(ServerLoad, DrainTimeoutBoundsTheShutdown) {
+  ServerOptions o;
+  o.drain_timeout_s = 0.5;
+  auto s = std::make_unique<TestServer>(o);
+  Reply running;
+  std::atomic<bool> answered{false};
+  std::thread t([&] {
+    auto cli = s->client();
+    running = post(cli, ask(kCat, "q", {{"max_tokens", 512}, {"min_tokens", 512}, {"num_beams", 8}}));
+    answered = true;
+  });
+  const int body = connect_loopback(s->port), headers = connect_loopback(s->port), idle = connect_loopback(s->port);
+  send_all(body, "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 "Content-Length: 1000\r\n\r\n{\"messages\"");
+  send_all(headers, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+  send_all(idle, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+  while (!answered && metric(s->client().Get("/metrics")->body, "blip2_running_requests") < 1)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  const auto t0 = std::chrono::steady_clock::now();
+  s->srv->shutdown();
+  s->thread.join();
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  t.join();
+  EXPECT_LT(took, 0.5 + 1.0);
+  if (running.status != 200) {
+    EXPECT_EQ(running.status, 503) << running.body;
+    EXPECT_NE(running.body.find("shutting_down"), std::string::npos) << running.body;
+  }
+  for (int fd : {body, headers, idle}) close(fd);
+  s->thread = std::thread([] {});
+  s.reset();
+}
+
+// The remote image timeout is a total: a server that sends a byte every 100 ms (each read well within the
+// timeout) is cut off at it (77 s against a documented 10 s before). Loopback only.
+TEST(ServerErrors, RemoteImageFetchHasATotalDeadline) {
+  httplib::Server slow;
+  std::atomic<bool> stop{false};
+  slow.Get("/slow.png", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_chunked_content_provider("image/png", [&](size_t, httplib::DataSink& sink) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      return !stop && sink.write("\x89", 1);
+    });
+  });
+  const int port = slow.bind_to_any_port("127.0.0.1");
+  std::thread t([&] { slow.listen_after_bind(); });
+  while (!slow.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  Limits l;
+  l.allow_remote_images = l.allow_private_image_hosts = true;
+  l.remote_timeout_s = 1;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    fetch_image("http://127.0.0.1:" + std::to_string(port) + "/slow.png", l);
+    ADD_FAILURE() << "a fetch that never ends returned";
+  } catch (const ApiError& e) {
+    EXPECT_EQ(e.status, 400);
+    EXPECT_NE(std::string(e.what()).find("within 1 s"), std::string::npos) << e.what();
+  }
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GT(took, 0.9);
+  EXPECT_LT(took, 2.0);
+  stop = true;
+  slow.stop();
+  t.join();
+}
+
+// The queue limit applies before the image is decoded: with the one queue place held, a request is refused
+// with 503 even though its image is not one (422 would mean it was decoded first).
+TEST(ServerLoad, QueueLimitAppliesBeforeTheImageIsDecoded) {
+  ServerOptions o;
+  o.scheduler.max_queue = 1;
+  TestServer s(o);
+  auto cli = s.client();
+  json j = {{"max_tokens", 2}};
+  j["messages"] = json::array({{{"role", "user"}, {"content", json::array({image_part_bytes("not an image")})}}});
+  expect_error(post(cli, j), 422, "cannot use the image", "image_url");
+  {
+    const Scheduler::Place held = s.srv->scheduler().reserve();
+    const Reply r = post(cli, j);
+    EXPECT_EQ(r.status, 503) << r.body;
+    EXPECT_NE(r.body.find("queue_full"), std::string::npos) << r.body;
+  }
+  expect_error(post(cli, j), 422, "cannot use the image", "image_url");
+}

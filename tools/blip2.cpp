@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -212,22 +213,27 @@ int run_generate(const GenerateArgs& a, Pairs pairs, bool question_prompts = fal
   if (question_prompts)
     for (auto& p : pairs.prompts) p = preset_prompt(a.preset, p);
   const auto model = load_model(a.model);
-  const PromptBatch prompts = model->tokenize(pairs.prompts);
-  const Tensor pixels = load_pixels(*model, pairs.images);
-  const Encoded enc = model->encode(pixels, prompts);
-  const auto results = generate_and_print_text(*model, enc, a, o);
-  if (a.json) {
-    nlohmann::ordered_json out;
-    out["results"] = nlohmann::ordered_json::array();
+  // Pairs run kGenerateChunk at a time: images, activations and decoder state for the whole list at once took
+  // 2 GB for 1000 pairs. A pair's answer does not depend on the others in its batch (test_caption_batch).
+  constexpr size_t kGenerateChunk = 16;
+  nlohmann::ordered_json out;
+  out["results"] = nlohmann::ordered_json::array();
+  for (size_t begin = 0; begin < pairs.images.size(); begin += kGenerateChunk) {
+    const size_t end = std::min(pairs.images.size(), begin + kGenerateChunk);
+    const std::vector<std::string> images(pairs.images.begin() + begin, pairs.images.begin() + end),
+        texts(pairs.prompts.begin() + begin, pairs.prompts.begin() + end);
+    const Encoded enc = model->encode(load_pixels(*model, images), model->tokenize(texts));
+    const auto results = generate_and_print_text(*model, enc, a, o);
+    if (!a.json) continue;
     for (size_t i = 0; i < results.size(); ++i) {
       nlohmann::ordered_json r;
-      r["image"] = pairs.images[i];
-      r["prompt"] = pairs.prompts[i];
+      r["image"] = images[i];
+      r["prompt"] = texts[i];
       r["sequences"] = sequences_json(*model, results[i]);
       out["results"].push_back(r);
     }
-    print_json(out);
   }
+  if (a.json) print_json(out);
   return 0;
 }
 

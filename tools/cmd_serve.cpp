@@ -142,8 +142,15 @@ void add_serve_command(CLI::App& app, std::function<std::unique_ptr<Blip2Model>(
   sub->add_flag("--allow-private-image-hosts", o.limits.allow_private_image_hosts,
                 "With --allow-remote-images, also fetch from loopback, link-local (cloud metadata) and private "
                 "addresses (default: refused, checked on the resolved address)")->group(lim);
-  sub->add_option("--http-threads", o.http_threads, "Connections served at once (0: max-queue + max-batch-rows + 8)")
+  sub->add_option("--http-threads", o.http_threads,
+                  "Connections served at once (0: max-queue + max-batch-rows + " + std::to_string(server::kSpareConnections) + ")")
       ->capture_default_str()->group(lim);
+  sub->add_option("--header-timeout", o.header_timeout_s,
+                  "Seconds a request's line and headers may take to arrive; slower connections are closed")
+      ->capture_default_str()->check(CLI::PositiveNumber)->group(lim);
+  sub->add_option("--allowed-host", o.allowed_hosts,
+                  "Without --api-key, also answer requests whose Host header is NAME (repeatable; default: only "
+                  "loopback names and addresses, and the --host address)")->group(lim);
   sub->add_option("--drain-timeout", o.drain_timeout_s, "On SIGTERM, seconds to wait for running requests")
       ->capture_default_str()->group(lim);
   sub->footer(

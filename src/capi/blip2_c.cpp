@@ -5,8 +5,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <atomic>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "core/error.h"
 #include "generate/generate.h"
@@ -18,6 +20,9 @@ struct blip2_model {
   std::string dir;
   std::unique_ptr<blip2::Blip2Model> model;
   std::mutex busy;  // one call at a time per model
+  // The thread inside a call (holding `busy`): a text callback that calls back into the same model would wait
+  // on `busy` for ever; it gets an error instead.
+  std::atomic<std::thread::id> caller{};
 };
 
 namespace {
@@ -138,7 +143,15 @@ blip2_status blip2_generate_stream(blip2_model* model, const uint8_t* image, siz
     usage_unless(model != nullptr, "blip2_generate: model is NULL");
     usage_unless(image != nullptr || image_size == 0, "blip2_generate: image is NULL");
     usage_unless(text != nullptr, "blip2_generate: text is NULL");
+    usage_unless(model->caller != std::this_thread::get_id(),
+                 "blip2_generate: called from this model's own text callback (a callback must not call back into "
+                 "the model that is calling it)");
     std::lock_guard<std::mutex> lock(model->busy);
+    struct Caller {
+      std::atomic<std::thread::id>& id;
+      ~Caller() { id = std::thread::id(); }
+    } caller{model->caller};
+    model->caller = std::this_thread::get_id();
     const blip2::Blip2Model& m = *model->model;
     const blip2::GenerationOptions defaults = blip2::generation_defaults(model->dir);
     const blip2::GenerationOptions o = params ? from_c(*params, defaults) : defaults;

@@ -6,9 +6,13 @@
 #include <netinet/in.h>
 
 #include <cmath>
+#include <cstdio>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <mutex>
+#include <thread>
 
 #include "core/error.h"
 #include "server/base64.h"
@@ -328,6 +332,14 @@ void pin_public_address(httplib::Client& cli, const std::string& authority, cons
 
 }  // namespace
 
+namespace {
+std::string seconds_str(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g s", s);
+  return buf;
+}
+}  // namespace
+
 std::string fetch_image(const std::string& url, const Limits& limits) {
   const auto too_large = [&](size_t n) {
     throw ApiError(413, "image is " + std::to_string(n) + " bytes, the limit is " + std::to_string(limits.max_image_bytes),
@@ -343,9 +355,12 @@ std::string fetch_image(const std::string& url, const Limits& limits) {
                 "invalid_image_url");
     const std::string_view data(url.data() + comma + 1, url.size() - comma - 1);
     if (data.size() / 4 * 3 > limits.max_image_bytes + 2) too_large(data.size() / 4 * 3);
+    // Decoded with 3 bytes to spare: the check above leaves at most that much over the limit, which must be a
+    // 413 like the rest, not a base64 error.
     std::string why;
-    auto bytes = base64_decode(data, limits.max_image_bytes, &why);
+    auto bytes = base64_decode(data, limits.max_image_bytes + 3, &why);
     if (!bytes) bad_field("image_url", "image data is not valid base64: " + why, "invalid_base64");
+    if (bytes->size() > limits.max_image_bytes) too_large(bytes->size());
     return std::move(*bytes);
   }
   if (url.rfind("file://", 0) == 0) {
@@ -382,6 +397,18 @@ std::string fetch_image(const std::string& url, const Limits& limits) {
     const auto t = std::chrono::duration<double>(limits.remote_timeout_s);
     cli.set_connection_timeout(std::chrono::duration_cast<std::chrono::microseconds>(t));
     cli.set_read_timeout(std::chrono::duration_cast<std::chrono::microseconds>(t));
+    // httplib's timeouts bound each connect and each read: a server sending a byte now and then kept a fetch
+    // going for minutes. A watchdog stops the client at the total deadline.
+    std::mutex mu;
+    std::condition_variable cv;
+    bool finished = false, timed_out = false;
+    std::thread watchdog([&] {
+      std::unique_lock<std::mutex> lock(mu);
+      if (!cv.wait_for(lock, t, [&] { return finished; })) {
+        timed_out = true;
+        cli.stop();
+      }
+    });
     std::string bytes;
     bool over = false;
     const auto res = cli.Get(path, [&](const char* data, size_t n) {
@@ -392,7 +419,16 @@ std::string fetch_image(const std::string& url, const Limits& limits) {
       bytes.append(data, n);
       return true;
     });
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      finished = true;
+    }
+    cv.notify_all();
+    watchdog.join();
     if (over) too_large(bytes.size() + 1);
+    if (timed_out)
+      bad_field("image_url", "could not fetch the image within " + seconds_str(limits.remote_timeout_s),
+                "image_fetch_failed");
     if (!res) bad_field("image_url", "could not fetch the image: " + httplib::to_string(res.error()), "image_fetch_failed");
     if (res->status != 200)
       bad_field("image_url", "fetching the image returned HTTP " + std::to_string(res->status), "image_fetch_failed");

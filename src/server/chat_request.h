@@ -27,7 +27,7 @@ struct Limits {
   std::string local_image_dir;             // file:// image URLs allowed under this directory; empty: refused
   bool allow_remote_images = false;        // http(s):// image URLs fetched; off: refused
   bool allow_private_image_hosts = false;  // ... also from loopback, link-local and private addresses
-  double remote_timeout_s = 10;
+  double remote_timeout_s = 10;            // the whole fetch of a remote image (a total, not per read)
 };
 
 struct ChatRequest {

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <map>
@@ -106,7 +107,45 @@ int64_t count_prompt_tokens(const Tokenizer& tok, const std::string& text, int64
 const std::vector<std::string> kPaths = {"/",          "/health",       "/metrics", "/v1/models", "/v1/chat/completions",
                                          "/v1/embeddings", "/v1/match"};
 
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return s;
+}
+
+// The host part of a Host header or address: no port, no IPv6 brackets, no final dot, lower case.
+std::string host_part(const std::string& h) {
+  std::string host = h;
+  if (!host.empty() && host[0] == '[') {
+    const size_t close = host.find(']');
+    if (close == std::string::npos) return "";  // malformed: matches nothing
+    host = host.substr(1, close - 1);
+  } else if (std::count(host.begin(), host.end(), ':') == 1) {
+    host = host.substr(0, host.find(':'));
+  }
+  if (!host.empty() && host.back() == '.') host.pop_back();
+  return lower(host);
+}
+
 }  // namespace
+
+bool host_allowed(const std::string& host_header, const std::string& listen_host,
+                  const std::vector<std::string>& allowed) {
+  if (host_header.empty()) return true;
+  const std::string host = host_part(host_header);
+  const std::string suffix = ".localhost";
+  if (host == "localhost" ||
+      (host.size() > suffix.size() && host.compare(host.size() - suffix.size(), suffix.size(), suffix) == 0))
+    return true;
+  in_addr v4{};
+  in6_addr v6{};
+  if (inet_pton(AF_INET, host.c_str(), &v4) == 1 && (ntohl(v4.s_addr) >> 24) == 127) return true;
+  if (inet_pton(AF_INET6, host.c_str(), &v6) == 1 &&
+      (IN6_IS_ADDR_LOOPBACK(&v6) || (IN6_IS_ADDR_V4MAPPED(&v6) && v6.s6_addr[12] == 127)))
+    return true;
+  const std::string listen = host_part(listen_host);
+  if (!host.empty() && host == listen && listen != "0.0.0.0" && listen != "::") return true;
+  return std::any_of(allowed.begin(), allowed.end(), [&](const std::string& a) { return host_part(a) == host; });
+}
 
 struct HttpServer::Counters {
   std::mutex mu;
@@ -116,7 +155,7 @@ struct HttpServer::Counters {
 HttpServer::HttpServer(const Blip2Model& model, const GenerationOptions& defaults, const ServerOptions& options)
     : model_(&model), defaults_(defaults), opt_(options),
       scheduler_(std::make_unique<Scheduler>(model, options.scheduler)),
-      http_(std::make_unique<httplib::Server>()), counters_(std::make_unique<Counters>()) {
+      http_(std::make_unique<GuardedHttpServer>()), counters_(std::make_unique<Counters>()) {
   setup();
 }
 
@@ -124,17 +163,20 @@ HttpServer::HttpServer(const RetrievalModel& model, const ServerOptions& options
     : retrieval_(&model),
       retrieval_api_(std::make_unique<RetrievalApi>(model, options.limits, options.scheduler.image_cache_bytes,
                                                     options.model_id)),
-      opt_(options), http_(std::make_unique<httplib::Server>()), counters_(std::make_unique<Counters>()) {
+      opt_(options), http_(std::make_unique<GuardedHttpServer>()), counters_(std::make_unique<Counters>()) {
   setup();
 }
 
 void HttpServer::setup() {
   const int threads = opt_.http_threads > 0 ? opt_.http_threads
-                                            : opt_.scheduler.max_queue + opt_.scheduler.max_batch_rows + 8;
+                                            : opt_.scheduler.max_queue + opt_.scheduler.max_batch_rows + kSpareConnections;
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
   http_->set_payload_max_length(opt_.limits.max_body_bytes);
   http_->set_read_timeout(30, 0);
   http_->set_write_timeout(30, 0);
+  http_->set_header_timeout(opt_.header_timeout_s);
+  // httplib's 5 requests per connection would close a pipelining client's connection under its later requests.
+  http_->set_keep_alive_max_count(100);
   // httplib's default socket options set SO_REUSEPORT, with which a second server binds a busy port without
   // a word and the kernel splits the connections between the two. SO_REUSEADDR alone still allows a restart
   // over connections in TIME_WAIT. The socket is noted for bind(), which raises its listen backlog.
@@ -175,16 +217,31 @@ void HttpServer::wait_until_listening() const {
 
 void HttpServer::shutdown() {
   draining_ = true;
-  if (scheduler_) scheduler_->drain();
+  // One deadline for everything: running requests, then writing their responses. Requests still running at
+  // the deadline end with a 503, whose responses get a moment to be written.
   const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                         std::chrono::duration<double>(opt_.drain_timeout_s));
-  while (in_flight_ > 0 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (scheduler_) scheduler_->drain(until);
+  const auto written = std::max(until, Clock::now() + std::chrono::milliseconds(500));
+  while (in_flight_ > 0 && Clock::now() < written) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   http_->stop();
+  // Connections still open (a client sending a body or headers slowly, an answer not read) would hold the
+  // worker threads, which stopping joins, for up to their read and write timeouts.
+  http_->close_connections();
 }
 
 void HttpServer::routes() {
   httplib::Server& s = *http_;
   s.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    // /health stays open to probes, which send the pod's address as Host.
+    if (opt_.api_key.empty() && req.path != "/health" &&
+        !host_allowed(req.get_header_value("Host"), opt_.host, opt_.allowed_hosts)) {
+      send_error(res, ApiError(403, "Host '" + printable(req.get_header_value("Host")) +
+                                        "' is not allowed: a server without --api-key answers only loopback names "
+                                        "and addresses (DNS rebinding); add the name with --allowed-host",
+                               "", "host_not_allowed", "invalid_request_error"));
+      return httplib::Server::HandlerResponse::Handled;
+    }
     if (!opt_.api_key.empty() && req.path.rfind("/v1/", 0) == 0 &&
         req.get_header_value("Authorization") != "Bearer " + opt_.api_key) {
       send_error(res, ApiError(401, "missing or wrong API key: send \"Authorization: Bearer KEY\"", "",
@@ -352,6 +409,7 @@ void HttpServer::chat(const httplib::Request& req, const std::string& body, http
     job->prompt_tokens = count(job->prompt);
     check_positions(*job);
 
+    Scheduler::Place place = scheduler_->reserve();  // before the image's bytes and pixels take memory
     const std::string bytes = fetch_image(cr.image_url, opt_.limits);
     job->deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                        std::chrono::duration<double>(opt_.scheduler.request_timeout_s));
@@ -367,7 +425,7 @@ void HttpServer::chat(const httplib::Request& req, const std::string& body, http
         throw ApiError(422, std::string("cannot use the image: ") + e.what(), "image_url", "invalid_image");
       }
     }
-    scheduler_->submit(job);
+    scheduler_->submit(job, std::move(place));
   } catch (const ApiError& e) {
     send_error(res, e);
     return;
@@ -485,6 +543,8 @@ std::string HttpServer::metrics_text() const {
   metric("blip2_requests_cancelled_total", "counter", "Chat requests whose client went away.", s.cancelled);
   metric("blip2_requests_timed_out_total", "counter", "Chat requests that ran out of time.", s.timed_out);
   metric("blip2_requests_rejected_total", "counter", "Chat requests refused with 503 (queue full, draining).", s.rejected);
+  metric("blip2_header_timeouts_total", "counter", "Connections closed because a request's headers did not arrive in time.",
+         http_->header_timeouts());
   metric("blip2_generated_tokens_total", "counter", "Tokens generated, over all choices.", s.generated_tokens);
   metric("blip2_tokens_per_second", "gauge", "Tokens generated per second over the last 10 seconds.", s.tokens_per_second);
   metric("blip2_decoder_steps_total", "counter", "Decoder steps run (each over the whole running batch).", s.decoder_steps);

@@ -14,6 +14,7 @@
 #include "model/blip2.h"
 #include "model/retrieval.h"
 #include "server/chat_request.h"
+#include "server/http_connection.h"
 #include "server/retrieval_api.h"
 #include "server/scheduler.h"
 
@@ -23,16 +24,33 @@ namespace blip2::server {
 // Connections the kernel queues for accept() (the kernel caps it at net.core.somaxconn).
 constexpr int kListenBacklog = 1024;
 
+// Threads beyond those the queue and the running batch can use: for idle keep-alive connections and clients
+// still sending their headers (each holds a thread until its header deadline), so that ~100 slow ones leave
+// /health and the API reachable. An idle thread costs a stack's address space, hardly any memory.
+constexpr int kSpareConnections = 256;
+
 struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8080;               // 0: any free port (bind() returns it)
   std::string api_key;           // non-empty: /v1/* needs "Authorization: Bearer KEY"
   std::string model_id = "blip2";
-  int http_threads = 0;          // connections served at once; 0: max_queue + max_batch_rows + 8
+  int http_threads = 0;          // connections served at once; 0: max_queue + max_batch_rows + kSpareConnections
   double drain_timeout_s = 60;   // shutdown waits this long for running requests
+  double header_timeout_s = 10;  // a request's line and headers must arrive within this (slowloris)
+  // Host header values accepted besides loopback names and addresses and the listening address, when there is
+  // no API key (DNS rebinding: see host_allowed).
+  std::vector<std::string> allowed_hosts;
   Limits limits;
   SchedulerOptions scheduler;
 };
+
+// Whether a request's Host header may reach a server without an API key. A web page from another site can make
+// the browser send requests to this server by rebinding its own DNS name to 127.0.0.1 (DNS rebinding); the
+// browser then sends that name as Host. Accepted: no Host (not a browser), loopback names (localhost,
+// *.localhost) and addresses (127.0.0.0/8, ::1), the address the server listens on when it is one, and the
+// names in `allowed` (case-insensitive; a port in the header is ignored).
+bool host_allowed(const std::string& host_header, const std::string& listen_host,
+                  const std::vector<std::string>& allowed);
 
 class HttpServer {
  public:
@@ -76,7 +94,7 @@ class HttpServer {
   const GenerationOptions defaults_;
   ServerOptions opt_;
   std::unique_ptr<Scheduler> scheduler_;
-  std::unique_ptr<httplib::Server> http_;
+  std::unique_ptr<GuardedHttpServer> http_;
   std::unique_ptr<Counters> counters_;
   std::atomic<bool> draining_{false};
   std::atomic<int> in_flight_{0};  // chat requests whose response is not yet written

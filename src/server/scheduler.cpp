@@ -67,27 +67,67 @@ Scheduler::~Scheduler() {
   thread_.join();
 }
 
+void Scheduler::check_room(bool counting_reserved) {
+  if (draining_ || stopping_) {
+    ++counters_.rejected;
+    throw ApiError(503, "the server is shutting down", "", "shutting_down", "server_error");
+  }
+  const size_t waiting = queue_.size() + (counting_reserved ? static_cast<size_t>(reserved_) : 0);
+  if (static_cast<int>(waiting) >= opt_.max_queue) {
+    ++counters_.rejected;
+    throw ApiError(503, "the server is busy: " + std::to_string(waiting) + " requests are waiting; retry later", "",
+                   "queue_full", "server_error");
+  }
+}
+
+Scheduler::Place Scheduler::reserve() {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_room(true);
+  ++reserved_;
+  return Place(this);
+}
+
+Scheduler::Place::~Place() {
+  if (!s_) return;
+  std::lock_guard<std::mutex> lock(s_->mu_);
+  --s_->reserved_;
+}
+
 void Scheduler::submit(const std::shared_ptr<Job>& job) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    check_room(true);
+    queue_.push_back(job);
+  }
+  cv_.notify_all();
+}
+
+void Scheduler::submit(const std::shared_ptr<Job>& job, Place place) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --reserved_;
+    place.s_ = nullptr;
     if (draining_ || stopping_) {
       ++counters_.rejected;
       throw ApiError(503, "the server is shutting down", "", "shutting_down", "server_error");
-    }
-    if (static_cast<int>(queue_.size()) >= opt_.max_queue) {
-      ++counters_.rejected;
-      throw ApiError(503, "the server is busy: " + std::to_string(queue_.size()) +
-                              " requests are waiting; retry later", "", "queue_full", "server_error");
     }
     queue_.push_back(job);
   }
   cv_.notify_all();
 }
 
-void Scheduler::drain() {
+void Scheduler::drain(Clock::time_point until) {
   std::unique_lock<std::mutex> lock(mu_);
   draining_ = true;
-  idle_cv_.wait(lock, [&] { return queue_.empty() && running_requests_ == 0; });
+  const auto idle = [&] { return queue_.empty() && running_requests_ == 0; };
+  if (until == Clock::time_point::max()) {
+    idle_cv_.wait(lock, idle);
+    return;
+  }
+  if (idle_cv_.wait_until(lock, until, idle)) return;
+  cut_off_ = true;
+  cv_.notify_all();
+  idle_cv_.wait(lock, idle);
 }
 
 SchedulerStats Scheduler::stats() const {
@@ -120,7 +160,7 @@ std::vector<std::shared_ptr<Job>> Scheduler::take_admissible(int free_rows) {
     std::lock_guard<std::mutex> lock(mu_);
     while (!queue_.empty()) {
       const auto& job = queue_.front();
-      if (job->cancelled || Clock::now() > job->deadline) {
+      if (job->cancelled || expired(*job)) {
         dropped.push_back(job);
         queue_.pop_front();
         continue;
@@ -212,6 +252,9 @@ void Scheduler::finish(Job& job, bool ok) {
     if (job.on_end) job.on_end();
     return;
   }
+  if (!job.error && cut_off_ && !job.cancelled)
+    job.error = std::make_unique<ApiError>(503, "the server is shutting down (the request did not finish within "
+                                                "the drain timeout)", "", "shutting_down", "server_error");
   if (!job.error)
     job.error = std::make_unique<ApiError>(
         job.cancelled ? 499 : 503, job.cancelled ? "the client went away" : "the request ran out of time", "",
@@ -400,7 +443,7 @@ void Scheduler::retire() {
       complete(*r);
       changed = true;
       ++gone;
-    } else if (r->failed || job.cancelled || Clock::now() > job.deadline) {
+    } else if (r->failed || job.cancelled || expired(job)) {
       finish(job, false);
       changed = true;
       ++gone;

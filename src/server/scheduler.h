@@ -15,6 +15,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "core/tensor.h"
@@ -99,10 +100,30 @@ class Scheduler {
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
 
+  // A place in the queue, held while a request's image is fetched and decoded so that the queue limit applies
+  // before that memory is spent (8 concurrent near-limit images took 2.2 GB when they were decoded first).
+  // Given back when dropped unless submit() took it.
+  class Place {
+   public:
+    Place() = default;
+    Place(Place&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
+    Place& operator=(Place&&) = delete;
+    ~Place();
+
+   private:
+    friend class Scheduler;
+    explicit Place(Scheduler* s) : s_(s) {}
+    Scheduler* s_ = nullptr;
+  };
+  // Throws ApiError(503) when the queue, places held included, is full or the server is draining.
+  Place reserve();
   // Queues a job. Throws ApiError(503) when the queue is full or the server is draining.
   void submit(const std::shared_ptr<Job>& job);
-  // Stops taking jobs (submit answers 503) and returns once every queued and running job has ended.
-  void drain();
+  // Queues a job in a place reserved for it (never refused for a full queue).
+  void submit(const std::shared_ptr<Job>& job, Place place);
+  // Stops taking jobs (submit answers 503) and returns once every queued and running job has ended. Jobs
+  // still queued or running at `until` end there, at the next decoder step, with a 503 (shutting_down).
+  void drain(std::chrono::steady_clock::time_point until = std::chrono::steady_clock::time_point::max());
   ImageCache& cache() { return cache_; }
   SchedulerStats stats() const;
   const SchedulerOptions& options() const { return opt_; }
@@ -130,6 +151,10 @@ class Scheduler {
   std::condition_variable cv_, idle_cv_;
   std::deque<std::shared_ptr<Job>> queue_;
   bool stopping_ = false, draining_ = false;
+  int reserved_ = 0;  // places held by requests not yet submitted
+  void check_room(bool counting_reserved);  // throws ApiError(503); called with mu_ held
+  std::atomic<bool> cut_off_{false};  // the drain's deadline passed: every job ends now
+  bool expired(const Job& job) const { return cut_off_ || std::chrono::steady_clock::now() > job.deadline; }
   int64_t running_requests_ = 0, running_rows_ = 0;
   SchedulerStats counters_;
   std::deque<std::pair<std::chrono::steady_clock::time_point, int64_t>> recent_tokens_;

@@ -1,5 +1,5 @@
-// Encode and decode through the bundled models' tokenizers (T5's SentencePiece and OPT's byte-level BPE; built
-// twice, BLIP2_FUZZ_OPT selecting the model): the input as prompt text, and its bytes as token ids, which
+// Encode and decode through the language models' tokenizers (T5's SentencePiece, OPT's byte-level BPE and
+// Vicuna's legacy LLaMA SentencePiece; built three times, BLIP2_FUZZ_OPT / BLIP2_FUZZ_LLAMA selecting the model): the input as prompt text, and its bytes as token ids, which
 // must stream (TextStream, as the CLI, SSE and the C API do) to exactly their decoded text.
 #include <algorithm>
 #include <cstring>
@@ -11,8 +11,10 @@
 #include "text/text_stream.h"
 #include "text/tokenizer.h"
 
-#ifdef BLIP2_FUZZ_OPT
+#if defined(BLIP2_FUZZ_OPT)
 static const char* const kModelDir = BLIP2_BUNDLED_OPT_DIR;
+#elif defined(BLIP2_FUZZ_LLAMA)
+static const char* const kModelDir = BLIP2_BUNDLED_INSTRUCT_VICUNA_DIR;
 #else
 static const char* const kModelDir = BLIP2_BUNDLED_MODEL_DIR;
 #endif

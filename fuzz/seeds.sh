@@ -30,6 +30,7 @@ printf '{"metadata":{"total_size":32},"weight_map":{"a":"model-00001-of-00002.sa
 printf '{"weight_map":{"a":"model-00001-of-00002.safetensors"}}' | seed fuzz_checkpoint_index partial
 
 for m in t5 opt; do seed fuzz_config "$m" <"$root/models/tiny-blip2-$m/config.json"; done
+for m in instructblip-t5 instructblip-vicuna blip2-itm; do seed fuzz_config "$m" <"$fx/tiny-$m/config.json"; done
 
 for f in images/one_pixel.png images/palette_color.png images/truncated.jpg webp/gray_lossy.webp webp/chelsea_lossy.webp \
          webp/logo_lossless_alpha.webp; do
@@ -43,9 +44,10 @@ opt=$root/models/tiny-blip2-opt
 { cat "$opt/vocab.json"; printf '\n#FUZZ-SPLIT#\n'; cat "$opt/merges.txt"; printf '\n#FUZZ-SPLIT#\n'
   cat "$opt/tokenizer_config.json"; } | seed fuzz_opt_files opt
 
-for t in fuzz_t5_text fuzz_opt_text; do
+for t in fuzz_t5_text fuzz_opt_text fuzz_llama_text fuzz_bert_text; do
   printf 'Question: what is in the picture? Answer:' | seed $t question
   printf "a photo of a cat, isn't it? you're right ... don't  '  spaces\t\ttabs" | seed $t cleanup
+  printf 'a</s>b [SEP][MASK] [dec]\t[DEC]\nx' | seed $t llama_bert_specials
   printf '</s><pad><unk><extra_id_0> caf\xc3\xa9 \xe6\x97\xa5\xe6\x9c\xac \xf0\x9f\x98\x80 \xff\xfe bad utf-8' | seed $t specials
 done
 

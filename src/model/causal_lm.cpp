@@ -6,6 +6,38 @@
 
 namespace blip2 {
 
+void CausalLM::Cache::reset(int64_t B, size_t layers, int64_t width, Device device) {
+  seqs.assign(static_cast<size_t>(B), {});
+  for (auto& seq : seqs) {
+    seq.k.assign(layers, ops::RowCache(width, device));
+    seq.v = seq.k;
+  }
+}
+
+CausalLM::RowPositions CausalLM::prefill_positions(const std::vector<uint8_t>& mask, int64_t B, int64_t T,
+                                                   int64_t pad_position) {
+  RowPositions r{std::vector<int64_t>(static_cast<size_t>(B * T)), std::vector<int64_t>(static_cast<size_t>(B + 1))};
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t seen = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      seen += mask[b * T + t];
+      r.pos[b * T + t] = mask[b * T + t] ? seen - 1 : pad_position;
+    }
+    r.seq_start[b + 1] = (b + 1) * T;
+  }
+  return r;
+}
+
+CausalLM::RowPositions CausalLM::step_positions(const Cache& cache) {
+  const int64_t S = static_cast<int64_t>(cache.seqs.size());
+  RowPositions r{std::vector<int64_t>(static_cast<size_t>(S)), std::vector<int64_t>(static_cast<size_t>(S + 1))};
+  for (int64_t s = 0; s < S; ++s) {
+    r.pos[s] = cache.seqs[s].tokens;
+    r.seq_start[s + 1] = s + 1;
+  }
+  return r;
+}
+
 namespace {
 
 // The decoder's state: one cache sequence per row, seeded by the prefill of its batch item.

@@ -21,7 +21,20 @@ class CausalLM {
       int64_t tokens = 0;               // positions with mask 1: the next token's position
     };
     std::vector<Seq> seqs;
+    // B empty sequences, each with `layers` key and value caches of rows `width` wide on `device`.
+    void reset(int64_t B, size_t layers, int64_t width, Device device);
   };
+
+  // Where each input row sits: its position, and where each sequence's rows start (seq_start[s] ..
+  // seq_start[s + 1]).
+  struct RowPositions {
+    std::vector<int64_t> pos, seq_start;
+  };
+  // A prefill of B items of T rows (mask [B*T]): positions are the mask's cumsum − 1, as both OPT and
+  // LLaMA compute them; padding rows get `pad_position` (their keys are masked, so any valid index does).
+  static RowPositions prefill_positions(const std::vector<uint8_t>& mask, int64_t B, int64_t T, int64_t pad_position);
+  // One new row per cache sequence, at its next position (the cumsum continues: every generated token counts).
+  static RowPositions step_positions(const Cache& cache);
 
   virtual ~CausalLM() = default;
   virtual int64_t vocab_size() const = 0;

@@ -111,38 +111,21 @@ Tensor LlamaModel::prefill(const Tensor& x, const std::vector<uint8_t>& mask, Ca
     fail(ErrorKind::Internal, "LLaMA input has shape " + shape_str(x.shape) + " with " + std::to_string(mask.size()) +
                                   " mask entries");
   // Positions from the mask as LlamaForCausalLM.prepare_inputs_for_generation makes them: cumsum − 1, and 1
-  // at padding (whose keys are masked anyway).
-  std::vector<int64_t> pos(static_cast<size_t>(B * T)), seq_start(static_cast<size_t>(B + 1));
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t seen = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      seen += mask[b * T + t];
-      pos[b * T + t] = mask[b * T + t] ? seen - 1 : 1;
-    }
-    seq_start[b + 1] = (b + 1) * T;
-  }
+  // at padding.
+  const RowPositions rp = prefill_positions(mask, B, T, 1);
   Tensor h = x;
   h.shape = {B * T, d};
   const int64_t kv = static_cast<int64_t>(cfg_.num_kv_heads) * cfg_.head_dim();
-  cache.seqs.assign(static_cast<size_t>(B), {});
-  for (auto& seq : cache.seqs) {
-    seq.k.assign(layers_.size(), ops::RowCache(kv, x.device));
-    seq.v = seq.k;
-  }
-  forward(h, pos, seq_start, mask.data(), cache);
+  cache.reset(B, layers_.size(), kv, x.device);
+  forward(h, rp.pos, rp.seq_start, mask.data(), cache);
   return h;
 }
 
 Tensor LlamaModel::extend(const Tensor& e, Cache& cache) const {
-  const int64_t S = static_cast<int64_t>(cache.seqs.size());
-  std::vector<int64_t> pos(static_cast<size_t>(S)), seq_start(static_cast<size_t>(S + 1));
-  for (int64_t s = 0; s < S; ++s) {
-    pos[s] = cache.seqs[s].tokens;  // the cumsum continues: every generated token counts
-    seq_start[s + 1] = s + 1;
-  }
+  const RowPositions rp = step_positions(cache);
   Tensor h = e;
-  const std::vector<uint8_t> ones(static_cast<size_t>(S), 1);
-  forward(h, pos, seq_start, ones.data(), cache);
+  const std::vector<uint8_t> ones(cache.seqs.size(), 1);
+  forward(h, rp.pos, rp.seq_start, ones.data(), cache);
   return h;
 }
 

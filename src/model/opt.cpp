@@ -122,37 +122,20 @@ Tensor OPTModel::prefill(const Tensor& x, const std::vector<uint8_t>& mask, Cach
     fail(ErrorKind::Internal, "OPT input has shape " + shape_str(x.shape) + " with " + std::to_string(mask.size()) +
                                   " mask entries");
   // Positions from the mask, as OPT computes them: cumsum(mask) * mask - 1.
-  std::vector<int64_t> pos(static_cast<size_t>(B * T)), seq_start(static_cast<size_t>(B + 1));
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t seen = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      seen += mask[b * T + t];
-      pos[b * T + t] = mask[b * T + t] ? seen - 1 : -1;
-    }
-    seq_start[b + 1] = (b + 1) * T;
-  }
+  const RowPositions rp = prefill_positions(mask, B, T, -1);
   Tensor flat = x;
   flat.shape = {B * T, wd};
-  Tensor h = input(flat, pos);
-  cache.seqs.assign(static_cast<size_t>(B), {});
-  for (auto& seq : cache.seqs) {
-    seq.k.assign(layers_.size(), ops::RowCache(cfg_.hidden_size, x.device));
-    seq.v = seq.k;
-  }
-  forward(h, seq_start, mask.data(), cache);
+  Tensor h = input(flat, rp.pos);
+  cache.reset(B, layers_.size(), cfg_.hidden_size, x.device);
+  forward(h, rp.seq_start, mask.data(), cache);
   return h;
 }
 
 Tensor OPTModel::extend(const Tensor& e, Cache& cache) const {
-  const int64_t S = static_cast<int64_t>(cache.seqs.size());
-  std::vector<int64_t> pos(static_cast<size_t>(S)), seq_start(static_cast<size_t>(S + 1));
-  for (int64_t s = 0; s < S; ++s) {
-    pos[s] = cache.seqs[s].tokens;  // the cumsum continues: every generated token counts
-    seq_start[s + 1] = s + 1;
-  }
-  Tensor h = input(e, pos);
-  const std::vector<uint8_t> ones(static_cast<size_t>(S), 1);
-  forward(h, seq_start, ones.data(), cache);
+  const RowPositions rp = step_positions(cache);
+  Tensor h = input(e, rp.pos);
+  const std::vector<uint8_t> ones(cache.seqs.size(), 1);
+  forward(h, rp.seq_start, ones.data(), cache);
   return h;
 }
 

@@ -119,14 +119,9 @@ Encoded Blip2Model::encode(const Tensor& pixels, const PromptBatch& prompts) con
 }
 
 Encoded Blip2Model::encode_image(const Tensor& pixels) const {
-  const int S = cfg_.vision.image_size;
-  const int64_t B = pixels.shape.empty() ? 0 : pixels.dim(0);
-  if (pixels.shape != Shape{B, 3, S, S} || B < 1)
-    fail(ErrorKind::Input, "pixel tensor has shape " + shape_str(pixels.shape) + ", the model takes " +
-                               shape_str({std::max<int64_t>(B, 1), 3, S, S}));
-  ++image_encodings_.n;
   Encoded e;
   e.vision_last_hidden_state = vision_.forward(pixels);
+  ++image_encodings_.n;
   if (cfg_.instruct) return e;  // the Q-Former needs the prompt: encode_prompts runs it
   e.qformer_last_hidden_state = qformer_.forward(e.vision_last_hidden_state);
   e.language_projection = ops::linear(e.qformer_last_hidden_state, proj_w_, proj_b_);

@@ -76,13 +76,9 @@ TokenBatch RetrievalModel::tokenize(const std::vector<std::string>& texts) const
 }
 
 Tensor RetrievalModel::encode_vision(const Tensor& pixels) const {
-  const int S = cfg_.vision.image_size;
-  const int64_t B = pixels.shape.empty() ? 0 : pixels.dim(0);
-  if (pixels.shape != Shape{B, 3, S, S} || B < 1)
-    fail(ErrorKind::Input, "pixel tensor has shape " + shape_str(pixels.shape) + ", the model takes " +
-                               shape_str({std::max<int64_t>(B, 1), 3, S, S}));
+  Tensor v = vision_.forward(pixels);
   ++image_encodings_;
-  return vision_.forward(pixels);
+  return v;
 }
 
 MatchScores RetrievalModel::match(const Tensor& vision, const TokenBatch& texts) const {

@@ -5,6 +5,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/error.h"
 #include "ops/ops.h"
 
 namespace blip2 {
@@ -58,7 +59,12 @@ VisionModel::VisionModel(Checkpoint& ck, const VisionConfig& cfg) : cfg_(cfg) {
 }
 
 Tensor VisionModel::forward(const Tensor& pixels) const {
-  const int64_t B = pixels.dim(0), G = cfg_.image_size / cfg_.patch_size;
+  const int S = cfg_.image_size;
+  const int64_t B = pixels.shape.empty() ? 0 : pixels.dim(0);
+  if (pixels.shape != Shape{B, 3, S, S} || B < 1)
+    fail(ErrorKind::Input, "pixel tensor has shape " + shape_str(pixels.shape) + ", the model takes " +
+                               shape_str({std::max<int64_t>(B, 1), 3, S, S}));
+  const int64_t G = cfg_.image_size / cfg_.patch_size;
   const int64_t d = cfg_.hidden_size, T = G * G + 1;
   // The pixels come from the host (preprocessing); they go where the weights are, copied only if elsewhere.
   const Device dev = patch_w_.device;

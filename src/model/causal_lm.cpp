@@ -14,6 +14,20 @@ void CausalLM::Cache::reset(int64_t B, size_t layers, int64_t width, Device devi
   }
 }
 
+std::vector<Buffer> CausalLM::Cache::append_mask(const std::vector<int64_t>& seq_start, const uint8_t* mask,
+                                                 Device device) {
+  std::vector<Buffer> out(seqs.size());
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    auto& seq = seqs[s];
+    for (int64_t r = seq_start[s]; r < seq_start[s + 1]; ++r) {
+      seq.mask.push_back(mask[r]);
+      seq.tokens += mask[r];
+    }
+    out[s] = Buffer::copy_of(seq.mask.data(), seq.mask.size(), device);
+  }
+  return out;
+}
+
 CausalLM::RowPositions CausalLM::prefill_positions(const std::vector<uint8_t>& mask, int64_t B, int64_t T,
                                                    int64_t pad_position) {
   RowPositions r{std::vector<int64_t>(static_cast<size_t>(B * T)), std::vector<int64_t>(static_cast<size_t>(B + 1))};

@@ -23,6 +23,9 @@ class CausalLM {
     std::vector<Seq> seqs;
     // B empty sequences, each with `layers` key and value caches of rows `width` wide on `device`.
     void reset(int64_t B, size_t layers, int64_t width, Device device);
+    // Appends rows seq_start[s] .. seq_start[s + 1] of mask to sequence s (counting its tokens) and returns
+    // each sequence's whole mask on `device`, for its attention.
+    std::vector<Buffer> append_mask(const std::vector<int64_t>& seq_start, const uint8_t* mask, Device device);
   };
 
   // Where each input row sits: its position, and where each sequence's rows start (seq_start[s] ..

@@ -45,15 +45,8 @@ void LlamaModel::forward(Tensor& x, const std::vector<int64_t>& positions, const
   const size_t S = seq_start.size() - 1;
   const float eps = cfg_.rms_norm_eps, scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const Device dev = x.device;
-  std::vector<Buffer> seq_mask(S);  // each sequence's mask on the device, new positions included
-  for (size_t s = 0; s < S; ++s) {
-    auto& seq = cache.seqs[s];
-    for (int64_t r = seq_start[s]; r < seq_start[s + 1]; ++r) {
-      seq.mask.push_back(mask[r]);
-      seq.tokens += mask[r];
-    }
-    seq_mask[s] = Buffer::copy_of(seq.mask.data(), seq.mask.size(), dev);
-  }
+  // each sequence's mask on the device, new positions included
+  const std::vector<Buffer> seq_mask = cache.append_mask(seq_start, mask, dev);
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& L = layers_[l];
     // self-attention: causal over each sequence's cache, padding excluded; keys cached after rotation

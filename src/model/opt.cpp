@@ -71,15 +71,8 @@ void OPTModel::forward(Tensor& x, const std::vector<int64_t>& seq_start, const u
   const float eps = cfg_.layer_norm_eps;
   const bool pre = cfg_.do_layer_norm_before;
   const Device dev = x.device;
-  std::vector<Buffer> seq_mask(S);  // each sequence's mask on the device, new positions included
-  for (size_t s = 0; s < S; ++s) {  // the new positions join each sequence's mask
-    auto& seq = cache.seqs[s];
-    for (int64_t r = seq_start[s]; r < seq_start[s + 1]; ++r) {
-      seq.mask.push_back(mask[r]);
-      seq.tokens += mask[r];
-    }
-    seq_mask[s] = Buffer::copy_of(seq.mask.data(), seq.mask.size(), dev);
-  }
+  // each sequence's mask on the device, new positions included
+  const std::vector<Buffer> seq_mask = cache.append_mask(seq_start, mask, dev);
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& L = layers_[l];
     // self-attention: causal over each sequence's cache, padding excluded

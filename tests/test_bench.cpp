@@ -2,6 +2,7 @@
 // positive times, the ceilings and floors; bad options exit with status 2 before any work.
 #include <gtest/gtest.h>
 
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "cli_runner.h"
@@ -47,6 +48,40 @@ TEST(Bench, JsonHasEveryStageAndTheFloors) {
   EXPECT_GT(j["floors"]["vision_flops"].get<double>(), 0.0);
   EXPECT_GT(j["floors"]["vision_fraction_of_peak"].get<double>(), 0.0);
   EXPECT_NE(r.err.find("bench:"), std::string::npos) << "progress goes to stderr";
+}
+
+// Each compute-bound stage's operations are counted as issued; the vision encoder's must equal what its
+// config implies (2 per multiply-add: the patch product, every block's qkv, projection, fc1 and fc2, and
+// attention's two products over T = 257 tokens), and each stage is set against its format's ceiling.
+TEST(Bench, CountsEachStagesOperationsAgainstItsFormatsCeiling) {
+  const CliRun r = run_cli({"--weights", "int8", "--vision-weights", "f32", "bench", "--model", kModel, "--image",
+                            kImage, "--new-tokens", "2", "--repeat", "1", "--warmup", "0", "--batch", "2", "--quick",
+                            "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const json j = json::parse(r.out, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << r.out;
+  EXPECT_GT(j["machine"]["int8_dot_peak_gops"].get<double>(), 0.0);
+  // models/tiny-blip2-t5/config.json: vision hidden 64, intermediate 128, 3 layers, 224 px in 14 px patches.
+  const double d = 64, f = 128, L = 3, G = 224 / 14, T = G * G + 1, batch = 2;
+  const double vision_ops =
+      batch * (2 * G * G * 3 * 14 * 14 * d + 2 * T * L * (3 * d * d + d * d + 2 * d * f) + L * 4 * T * T * d);
+  std::map<std::string, json> by_stage;
+  for (const auto& s : j["compute_stages"]) by_stage[s["stage"].get<std::string>()] = s;
+  ASSERT_TRUE(by_stage.count("vision")) << j["compute_stages"].dump();
+  EXPECT_EQ(by_stage["vision"]["ops"].get<double>(), vision_ops);
+  EXPECT_EQ(j["floors"]["vision_flops"].get<double>(), vision_ops);
+  EXPECT_EQ(by_stage["vision"]["ceiling"], "sgemm");
+  EXPECT_EQ(j["floors"]["vision_ceiling"], "sgemm");
+  for (const char* stage : {"qformer", "prompt", "first_decode_step"}) {
+    ASSERT_TRUE(by_stage.count(stage)) << stage;
+    EXPECT_EQ(by_stage[stage]["ceiling"], "int8") << stage;
+    EXPECT_GT(by_stage[stage]["ops"].get<double>(), 0.0) << stage;
+  }
+  for (const auto& [stage, s] : by_stage) {
+    EXPECT_GT(s["fraction_of_ceiling"].get<double>(), 0.0) << stage;
+    EXPECT_DOUBLE_EQ(s["floor_s"].get<double>(), s["ops"].get<double>() / (s["ceiling_gops"].get<double>() * 1e9))
+        << stage;
+  }
 }
 
 TEST(Bench, DecodeBytesFollowTheWeightFormat) {

@@ -92,18 +92,6 @@ Stats stats(std::vector<double> v) {
 
 // ---- what the floors count ---------------------------------------------------------------------------------
 
-// FLOPs of the vision encoder for `batch` images, from the config: 2 · linear parameters · tokens for the
-// patch product and every block's qkv, projection, fc1 and fc2, plus attention's two products (4 · T² · d per
-// layer and image).
-double vision_flops(const VisionConfig& v, int64_t batch) {
-  const double d = v.hidden_size, f = v.intermediate_size, L = v.num_layers;
-  const double G = static_cast<double>(v.image_size / v.patch_size), T = G * G + 1;
-  const double patch = 2.0 * G * G * 3.0 * v.patch_size * v.patch_size * d;
-  const double linear = 2.0 * T * L * (3 * d * d + d * d + 2 * d * f);
-  const double attention = L * 4.0 * T * T * d;
-  return static_cast<double>(batch) * (patch + linear + attention);
-}
-
 bool ends_with(const std::string& s, const std::string& tail) {
   return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
@@ -157,8 +145,10 @@ RgbImage synthetic_image() {
 }
 
 // One caption batch, every stage timed; `times` gains one sample per stage (decode_per_token: one per step
-// after the first).
-void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string, std::vector<double>>& times) {
+// after the first), and `ops` each compute-bound stage's product operations (ops::product_ops; the same on
+// every run).
+void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string, std::vector<double>>& times,
+              std::map<std::string, double>& ops) {
   const auto start = clk::now();
   auto t = clk::now();
   std::vector<RgbImage> imgs;
@@ -168,24 +158,30 @@ void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string,
 
   // On a GPU the work is queued: each stage waits for its own end, so that its time is its own.
   const Device dev = model.device();
+  int64_t ops0 = ops::product_ops();
+  const auto stage_done = [&](const char* key) {
+    times[key].push_back(since(t));
+    ops[key] = static_cast<double>(ops::product_ops() - ops0);
+    ops0 = ops::product_ops();
+  };
   t = clk::now();
   Encoded img;
   img.vision_last_hidden_state = model.vision_model().forward(pixels);
   synchronize(dev);
-  times["vision"].push_back(since(t));
+  stage_done("vision");
 
   if (!model.config().instruct) {  // InstructBLIP's Q-Former reads the prompt: it runs in the prompt stage
     t = clk::now();
     img.qformer_last_hidden_state = model.qformer_model().forward(img.vision_last_hidden_state);
     img.language_projection = ops::linear(img.qformer_last_hidden_state, model.projection_weight(), model.projection_bias());
     synchronize(dev);
-    times["qformer"].push_back(since(t));
+    stage_done("qformer");
   }
 
   t = clk::now();
   const Encoded enc = model.encode_prompts(img, model.tokenize(std::vector<std::string>(a.batch, a.prompt)));
   synchronize(dev);
-  times["prompt"].push_back(since(t));
+  stage_done("prompt");
 
   // A fixed number of steps, end-of-sequence ignored: each step feeds every row its most likely token.
   t = clk::now();
@@ -197,7 +193,7 @@ void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string,
     return ids;
   };
   std::vector<int32_t> tokens = pick(dec->start());
-  times["first_decode_step"].push_back(since(t));
+  stage_done("first_decode_step");
   for (int s = 1; s < a.new_tokens; ++s) {
     t = clk::now();
     tokens = pick(dec->step(tokens));
@@ -304,6 +300,8 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   note("measuring sgemm on the ViT's shapes");
   const auto sgemm = a.quick ? machine::sgemm_survey(1, 0.02) : machine::sgemm_survey();
   const double peak = machine::best_flops(sgemm);
+  note("measuring the int8 dot-product peak (" + std::string(kern::isa_name()) + ")");
+  const double int8_peak = a.quick ? machine::int8_dot_peak(1, 0.02) : machine::int8_dot_peak();
   const bool peak_reset = reset_peak_rss();
 
   note("loading " + a.model + " (weights " + weights + ", device " + device_name(lo.device) + ")");
@@ -323,13 +321,14 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   }
 
   std::map<std::string, std::vector<double>> times, discard;
+  std::map<std::string, double> ops, sweep_ops;
   for (int i = 0; i < a.warmup; ++i) {
     note("warm-up run " + std::to_string(i + 1) + "/" + std::to_string(a.warmup));
-    run_once(model, a, discard);
+    run_once(model, a, discard, ops);
   }
   for (int i = 0; i < a.repeat; ++i) {
     note("run " + std::to_string(i + 1) + "/" + std::to_string(a.repeat));
-    run_once(model, a, times);
+    run_once(model, a, times, ops);
   }
   // Throughput sweep: per batch size, one warm-up and `repeat` timed runs; captions/s from the whole batch's
   // time, the vision encoder's time per image.
@@ -343,8 +342,8 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     BenchArgs ab = a;
     ab.batch = b;
     std::map<std::string, std::vector<double>> t;
-    run_once(model, ab, discard);
-    for (int i = 0; i < a.repeat; ++i) run_once(model, ab, t);
+    run_once(model, ab, discard, sweep_ops);
+    for (int i = 0; i < a.repeat; ++i) run_once(model, ab, t, sweep_ops);
     sweep.push_back({b, stats(t["total_per_caption"]).median, stats(t["vision"]).median / b});
   }
   const int64_t rss_end = status_bytes("VmRSS"), peak_end = peak_rss();
@@ -354,10 +353,32 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   const Blip2Config& cfg = model.config();
   const int64_t step_bytes = decode_step_bytes(model.checkpoint());
   const double decode_floor = static_cast<double>(step_bytes) / bw_floor;
-  const double vflops = vision_flops(cfg.vision, a.batch);
-  const double vision_floor = vflops / peak_floor;
   const double t_step = st["decode_per_token"].n ? st["decode_per_token"].median : st["first_decode_step"].median;
-  const double t_vision = st["vision"].median;
+  // The compute-bound stages, each against the ceiling of the format its products ran in: int8/int4 weights
+  // take the integer kernels at every row count (the int8 dot-product peak), float weights sgemm (its peak);
+  // on a GPU, the bf16 product rate. The operations are counted as issued (ops::product_ops), attention's
+  // included, which runs in sgemm whatever the weights.
+  struct ComputeStage {
+    std::string key, ceiling;
+    double ops, peak, seconds;
+    double floor() const { return ops / peak; }
+  };
+  const auto ceiling_of = [&](Tower t) -> std::pair<std::string, double> {
+    if (gpu) return {"bf16", peak_floor};
+    const WeightFormat f = tower_format(lo, t, cfg.family);
+    return f == WeightFormat::I8 || f == WeightFormat::I4 ? std::pair<std::string, double>{"int8", int8_peak}
+                                                          : std::pair<std::string, double>{"sgemm", peak};
+  };
+  std::vector<ComputeStage> compute;
+  for (const auto& [key, tower] : std::vector<std::pair<std::string, Tower>>{{"vision", Tower::Vision},
+                                                                             {"qformer", Tower::QFormer},
+                                                                             {"prompt", Tower::Language},
+                                                                             {"first_decode_step", Tower::Language}}) {
+    if (!st[key].n || ops[key] <= 0) continue;
+    const auto [name, p] = ceiling_of(tower);
+    compute.push_back({key, name, ops[key], p, st[key].median});
+  }
+  const ComputeStage& vision = compute.front();
   const std::string image = a.image.empty() ? "(synthetic 640x480)" : a.image;
 
   if (a.json) {
@@ -383,6 +404,7 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
                     {"threads", par::threads()},
                     {"read_bandwidth_gbs", bw / 1e9},
                     {"sgemm_peak_gflops", peak / 1e9},
+                    {"int8_dot_peak_gops", int8_peak / 1e9},
                     {"sgemm", sg}};
     if (gpu)
       j["gpu"] = {{"name", gpu_name},
@@ -402,11 +424,22 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
                    {"decode_step_s", t_step},
                    {"decode_fraction_of_floor", decode_floor / t_step},
                    {"decode_achieved_gbs", static_cast<double>(step_bytes) / t_step / 1e9},
-                   {"vision_flops", vflops},
-                   {"vision_floor_s", vision_floor},
-                   {"vision_s", t_vision},
-                   {"vision_fraction_of_peak", vision_floor / t_vision},
-                   {"vision_achieved_gflops", vflops / t_vision / 1e9}};
+                   {"vision_flops", vision.ops},
+                   {"vision_ceiling", vision.ceiling},
+                   {"vision_floor_s", vision.floor()},
+                   {"vision_s", vision.seconds},
+                   {"vision_fraction_of_peak", vision.floor() / vision.seconds},
+                   {"vision_achieved_gflops", vision.ops / vision.seconds / 1e9}};
+    nlohmann::ordered_json cs = nlohmann::ordered_json::array();
+    for (const auto& c : compute)
+      cs.push_back({{"stage", c.key},
+                    {"ops", c.ops},
+                    {"ceiling", c.ceiling},
+                    {"ceiling_gops", c.peak / 1e9},
+                    {"floor_s", c.floor()},
+                    {"seconds", c.seconds},
+                    {"fraction_of_ceiling", c.floor() / c.seconds}});
+    j["compute_stages"] = cs;
     if (!sweep.empty()) {
       nlohmann::ordered_json sw = nlohmann::ordered_json::array();
       for (const auto& r : sweep)
@@ -420,6 +453,13 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     return;
   }
 
+  const auto label_of = [&](const std::string& key) -> std::string {
+    // InstructBLIP's Q-Former reads the prompt, so it runs (and is timed) in the prompt stage.
+    if (key == "prompt" && cfg.instruct) return "Q-Former + prompt stage";
+    for (const auto& [k, label] : kStages)
+      if (k == key) return label;
+    return key;
+  };
   std::printf("blip2 bench: %s, weights %s%s (vision %s, qformer %s, lm %s), %d threads (%s kernels), batch %d, %d new tokens, %d runs (+%d warm-up)\n",
               a.model.c_str(), weights.c_str(),
               lo.weights == WeightFormat::I4 ? (" g" + std::to_string(lo.int4_group)).c_str() : "",
@@ -433,16 +473,14 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   for (size_t i = 0; i < sgemm.size(); ++i)
     std::printf("%s%ldx%ldx%ld %.0f", i ? ", " : "", static_cast<long>(sgemm[i].m), static_cast<long>(sgemm[i].n),
                 static_cast<long>(sgemm[i].k), sgemm[i].flops / 1e9);
-  std::printf(")\n");
+  std::printf("); int8 dot-product peak %.1f GOP/s\n", int8_peak / 1e9);
   std::printf("memory: load %.1f s, RSS after load %.2f GiB, peak RSS %.2f GiB (since %s)\n\n", load_s, gib(rss_load),
               gib(peak_end), peak_reset ? "model load" : "process start");
   std::printf("%-30s %11s %11s %11s %8s\n", "stage", "median ms", "mean ms", "min ms", "samples");
   for (const auto& [key, label] : kStages) {
     const Stats& s = st[key];
     if (!s.n) continue;
-    // InstructBLIP's Q-Former reads the prompt, so it runs (and is timed) in the prompt stage.
-    const std::string row = key == "prompt" && cfg.instruct ? "Q-Former + prompt stage" : label;
-    std::printf("%-30s %11.2f %11.2f %11.2f %8zu\n", row.c_str(), 1e3 * s.median, 1e3 * s.mean, 1e3 * s.min, s.n);
+    std::printf("%-30s %11.2f %11.2f %11.2f %8zu\n", label_of(key).c_str(), 1e3 * s.median, 1e3 * s.mean, 1e3 * s.min, s.n);
   }
   if (gpu)
     std::printf("\ngpu: %s; memory bandwidth %.0f GB/s; bf16 products %.0f TFLOP/s\n", gpu_name.c_str(), bw_floor / 1e9,
@@ -451,9 +489,11 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   std::printf("  decode step: %.3f GB of weights read per step / %.2f GB/s = %.2f ms; measured %.2f ms: %.0f%% of the floor (%.2f GB/s)\n",
               static_cast<double>(step_bytes) / 1e9, bw_floor / 1e9, 1e3 * decode_floor, 1e3 * t_step, 100.0 * decode_floor / t_step,
               static_cast<double>(step_bytes) / t_step / 1e9);
-  std::printf("  vision: %.1f GFLOP / %.1f GFLOP/s = %.3f s; measured %.3f s: %.0f%% of the %s peak (%.1f GFLOP/s)\n",
-              vflops / 1e9, peak_floor / 1e9, vision_floor, t_vision, 100.0 * vision_floor / t_vision, gpu ? "bf16" : "sgemm",
-              vflops / t_vision / 1e9);
+  for (const auto& c : compute) {
+    std::printf("  %s: %.1f G operations / %.1f G/s (%s peak) = %.3f s; measured %.3f s: %.0f%% of the %s peak (%.1f G/s)\n",
+                label_of(c.key).c_str(), c.ops / 1e9, c.peak / 1e9, c.ceiling.c_str(), c.floor(), c.seconds,
+                100.0 * c.floor() / c.seconds, c.ceiling.c_str(), c.ops / c.seconds / 1e9);
+  }
   if (!sweep.empty()) {
     std::printf("\nthroughput (%d new tokens per caption):\n%8s %14s %12s %22s\n", a.new_tokens, "batch",
                 "per caption ms", "captions/s", "vision per image ms");
@@ -494,8 +534,11 @@ void add_bench_command(CLI::App& app, std::function<LoadOptions()> load_options)
   sub->footer(
       "Global options (--weights, --int4-group, --threads, --device) go before 'bench'. Progress goes to stderr.\n"
       "Floors: decode step = bytes of every weight a step reads (decoder stack without cross-attention K/V, plus\n"
-      "the LM head; in the loaded format, scales included) / read bandwidth; vision = the ViT's FLOPs from the\n"
-      "config / the best sgemm rate of the run. Peak RSS counts from the model load (VmHWM).\n"
+      "the LM head; in the loaded format, scales included) / read bandwidth; vision, Q-Former, prompt stage and\n"
+      "first step = their product operations as issued (2 per multiply-add, attention included) / the ceiling\n"
+      "of the format their weights ran in: the int8 dot-product peak (a register-only loop of the integer\n"
+      "kernels' instructions) for int8/int4, the best sgemm rate for float weights, bf16 products on a GPU.\n"
+      "Peak RSS counts from the model load (VmHWM).\n"
       "Example: blip2 --weights int8 --threads 2 bench --model /tmp/blip2-xl-bf16 --image cat.png --json\n"
       "A retrieval checkpoint (Blip2ForImageTextRetrieval): image embeddings per image at batch 1, --batch and\n"
       "--sweep sizes (images/s, the best batch), text embeddings per text (--prompt is the text) at 1 and --batch.");

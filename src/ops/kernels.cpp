@@ -215,6 +215,17 @@ void axpy_scalar(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+int64_t int8_dot_loop_scalar(int64_t iters, int32_t* sink) {
+  int32_t acc[8] = {};
+  int32_t s = 3;
+  for (int64_t i = 0; i < iters; ++i) {
+    for (int k = 0; k < 8; ++k) acc[k] += static_cast<int8_t>(k + s) * static_cast<int8_t>(s - k);
+    __asm__ volatile("" : "+r"(s));
+  }
+  *sink = acc[0] + acc[7];
+  return iters * 8;
+}
+
 }  // namespace
 
 const Impl kScalar = {"scalar",
@@ -231,7 +242,8 @@ const Impl kScalar = {"scalar",
                       gelu_tanh_scalar,
                       exp_sum_scalar,
                       dot_scalar,
-                      axpy_scalar};
+                      axpy_scalar,
+                      int8_dot_loop_scalar};
 
 #ifndef BLIP2_HAVE_AVX2_KERNELS
 const Impl* avx2_impl() { return nullptr; }
@@ -356,6 +368,7 @@ void gelu_tanh(float* p, int64_t n) { impl().gelu_tanh(p, n); }
 float exp_sum(float* p, int64_t n, float mx) { return impl().exp_sum(p, n, mx); }
 float dot(const float* a, const float* b, int64_t n) { return impl().dot(a, b, n); }
 void axpy(float a, const float* x, float* y, int64_t n) { impl().axpy(a, x, y, n); }
+int64_t int8_dot_loop(int64_t iters, int32_t* sink) { return impl().int8_dot_loop(iters, sink); }
 
 // ---- conversion at load ---------------------------------------------------------------------------------
 

@@ -759,6 +759,49 @@ void axpy_avx2(float a, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// The int8 products' inner instructions (dot_u8s8: vpmaddubsw + vpmaddwd + vpaddd, or one vpdpbusd) with no
+// memory operands. Each accumulator has its own operand, so no product is shared between them, and enough
+// accumulators run side by side to cover the latency: 10 for vpdpbusd (5 cycles × 2 ports; the VNNI build
+// has 32 vector registers), 6 for the AVX2 chain, whose only dependency on the accumulator is the add. Named
+// variables, not arrays, keep everything in registers; the empty asm makes the operands opaque, so every
+// round does every product.
+int64_t int8_dot_loop_avx2(int64_t iters, int32_t* sink) {
+  __m256i u = _mm256_set1_epi8(3);
+  __m256i s0 = _mm256_set1_epi8(-5), s1 = _mm256_set1_epi8(-4), s2 = _mm256_set1_epi8(-3),
+          s3 = _mm256_set1_epi8(-2), s4 = _mm256_set1_epi8(-1), s5 = _mm256_set1_epi8(1);
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+#ifdef BLIP2_KERNELS_VNNI
+  constexpr int K = 10;
+  __m256i s6 = _mm256_set1_epi8(2), s7 = _mm256_set1_epi8(3), s8 = _mm256_set1_epi8(4), s9 = _mm256_set1_epi8(5);
+  __m256i a6 = a0, a7 = a0, a8 = a0, a9 = a0;
+#else
+  constexpr int K = 6;
+#endif
+  for (int64_t i = 0; i < iters; ++i) {
+    a0 = dot_u8s8(a0, u, s0);
+    a1 = dot_u8s8(a1, u, s1);
+    a2 = dot_u8s8(a2, u, s2);
+    a3 = dot_u8s8(a3, u, s3);
+    a4 = dot_u8s8(a4, u, s4);
+    a5 = dot_u8s8(a5, u, s5);
+    __asm__ volatile("" : "+x"(u), "+x"(s0), "+x"(s1), "+x"(s2), "+x"(s3), "+x"(s4), "+x"(s5));
+#ifdef BLIP2_KERNELS_VNNI
+    a6 = dot_u8s8(a6, u, s6);
+    a7 = dot_u8s8(a7, u, s7);
+    a8 = dot_u8s8(a8, u, s8);
+    a9 = dot_u8s8(a9, u, s9);
+    __asm__ volatile("" : "+x"(s6), "+x"(s7), "+x"(s8), "+x"(s9));
+#endif
+  }
+  __m256i t = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)),
+                               _mm256_add_epi32(a4, a5));
+#ifdef BLIP2_KERNELS_VNNI
+  t = _mm256_add_epi32(t, _mm256_add_epi32(_mm256_add_epi32(a6, a7), _mm256_add_epi32(a8, a9)));
+#endif
+  *sink = _mm256_extract_epi32(t, 0);
+  return iters * K * 32;
+}
+
 #ifdef BLIP2_KERNELS_VNNI
 const Impl kAvx2 = {"avx2+vnni",
 #else
@@ -777,7 +820,8 @@ const Impl kAvx2 = {"avx2",
                     gelu_tanh_avx2,
                     exp_sum_avx2,
                     dot_avx2,
-                    axpy_avx2};
+                    axpy_avx2,
+                    int8_dot_loop_avx2};
 
 }  // namespace
 

@@ -55,6 +55,9 @@ struct Impl {
   float (*exp_sum)(float* p, int64_t n, float mx);
   float (*dot)(const float* a, const float* b, int64_t n);
   void (*axpy)(float a, const float* x, float* y, int64_t n);
+  // The int8 dot-product ceiling: `iters` rounds of the integer products' instructions on registers only
+  // (no loads); returns the multiply-adds done. Its result is only there to keep the work from being removed.
+  int64_t (*int8_dot_loop)(int64_t iters, int32_t* sink);
 };
 
 extern const Impl kScalar;

@@ -138,6 +138,21 @@ double best_flops(const std::vector<SgemmShape>& shapes) {
   return best;
 }
 
+double int8_dot_peak(int trials, double min_s) {
+  constexpr int64_t kIters = 1 << 16;  // ~0.1–0.5 ms per call and thread: pool hand-offs do not count
+  const int n = par::threads();
+  std::vector<int32_t> sink(static_cast<size_t>(n));
+  int64_t macs = 0;
+  const double t = time_best([&](int) {
+    std::atomic<int64_t> done{0};
+    par::parallel_for(n, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) done += kern::int8_dot_loop(kIters, &sink[static_cast<size_t>(i)]);
+    });
+    macs = done.load();
+  }, trials, min_s);
+  return 2.0 * static_cast<double>(macs) / t;
+}
+
 std::string cpu_name() {
   std::ifstream in("/proc/cpuinfo");
   std::string line;

@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -86,9 +87,14 @@ void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
 
 }  // namespace
 
+std::atomic<int64_t> g_product_ops{0};
+
+int64_t product_ops() { return g_product_ops.load(std::memory_order_relaxed); }
+
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y) {
   const int64_t out = w.rows(), in = w.cols();
   if (rows == 0 || out == 0) return;
+  g_product_ops.fetch_add(2 * rows * in * out, std::memory_order_relaxed);
   check_weight("linear", w.device, b);
   if (on_gpu(w.device)) return cuda::linear(x, rows, w, b, y);
   if (w.quantized()) {
@@ -398,6 +404,7 @@ void softmax_row(float* p, int64_t tk, const float* bias, const uint8_t* key_mas
 void attention(const AttentionArgs& a) {
   const int64_t tq = a.tq, tk = a.tk, hd = a.head_dim;
   if (tq == 0) return;
+  g_product_ops.fetch_add(4 * a.heads * tq * tk * hd, std::memory_order_relaxed);  // q·kᵀ and scores·v
   if (on_gpu(a.device)) return cuda::attention(a);
   const auto visible = [&](int64_t i) { return a.causal ? std::min(tk, i + (tk - tq) + 1) : tk; };
   if (tq >= 8 && tk >= 8) {

@@ -28,6 +28,10 @@ bool cuda_available();
 //   F32/F16/BF16 weights, more rows: OpenBLAS's sgemm, F16/BF16 weights widened block by block into a
 //     scratch buffer first.
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y);
+// Operations (2 per multiply-add) of every product issued so far by linear() and attention(), on any device
+// and from any thread; attention counts both of its products over all tk keys (a causal one too). `bench`
+// reads it around each stage to set the stage's work against the ceiling of the format it ran in.
+int64_t product_ops();
 Tensor linear(const Tensor& x, const Weight& w, const Weight& b = {});
 
 constexpr int64_t kGemvMaxRows = 8;

@@ -16,7 +16,7 @@ namespace {
 
 struct MakeRandomArgs {
   std::string like, out, dtype = "bf16", seed = "0";
-  bool force = false;
+  bool force = false, outliers = false;
 };
 
 uint64_t parse_seed(const std::string& s) {
@@ -39,7 +39,8 @@ void run_make_random(const MakeRandomArgs& a) {
   opt.dtype = parse_dtype_option(a.dtype);
   opt.seed = parse_seed(a.seed);
   opt.overwrite = a.force;
-  const RandomCheckpointPlan plan = plan_random_checkpoint(a.like, opt.dtype);  // validates --like first
+  opt.outliers.enabled = a.outliers;
+  const RandomCheckpointPlan plan = plan_random_checkpoint(a.like, opt.dtype, opt.outliers, opt.seed);  // validates --like first
   const bool tty = isatty(STDERR_FILENO);
   const auto start = std::chrono::steady_clock::now();
   const auto seconds = [&] {
@@ -52,6 +53,7 @@ void run_make_random(const MakeRandomArgs& a) {
       std::fprintf(stderr, "make-random: %s, %zu tensors, %lld parameters, %s, %d file(s) -> %s\n",
                    plan.name.c_str(), plan.tensors.size(), static_cast<long long>(plan.total_elements()),
                    dtype_name(opt.dtype), p.shards, a.out.c_str());
+      for (const auto& n : plan.outlier_notes) std::fprintf(stderr, "make-random: outliers: %s\n", n.c_str());
       started = true;
     }
     const int percent = p.bytes_total ? static_cast<int>(100.0 * static_cast<double>(p.bytes_done) /
@@ -96,6 +98,17 @@ void add_make_random_command(CLI::App& app) {
   sub->add_option("--seed", args->seed, "Random seed; the same seed gives identical files")
       ->type_name("N")
       ->capture_default_str();
+  OutlierOptions defaults;
+  sub->add_flag("--outliers", args->outliers,
+                "Give the language model the activation outliers of real LLMs (LLM.int8(), SmoothQuant): in every "
+                "layer the norm weights feeding attention and the feed-forward get " +
+                    std::to_string(defaults.residual_channels) + " of d_model channels x" +
+                    std::to_string(static_cast<int>(defaults.residual_scale)) +
+                    ", and the feed-forward's linear branch (T5 wi_1, OPT fc1 + bias, LLaMA up_proj) " +
+                    std::to_string(defaults.ffn_channels) + " hidden channels x" +
+                    std::to_string(static_cast<int>(defaults.ffn_scale)) +
+                    " (so they enter wo / fc2 / down_proj that large). Channels are drawn from --seed, the same "
+                    "in every layer; README.txt lists them. Default: off");
   sub->add_flag("--force", args->force,
                 "Write into a non-empty directory, replacing the checkpoint files there (config, tokenizer, "
                 "weights, index, README.txt); other files are left alone");

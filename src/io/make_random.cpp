@@ -461,6 +461,84 @@ bool is_checkpoint_file(const std::string& f) {
   return f.rfind("model-", 0) == 0 && (ends(".safetensors") || ends(".safetensors.partial"));
 }
 
+// `k` distinct channels of [0, n), drawn from the seed and a label (the same seed gives the same channels),
+// sorted.
+std::vector<int64_t> draw_channels(uint64_t seed, const std::string& label, int k, int64_t n) {
+  std::vector<int64_t> out;
+  const uint64_t key = random_tensor_key(seed, label);
+  k = static_cast<int>(std::min<int64_t>(k, n));
+  for (uint64_t i = 1; static_cast<int>(out.size()) < k; ++i) {
+    const int64_t c = static_cast<int64_t>(mix64(key + i * kGolden) % static_cast<uint64_t>(n));
+    if (std::find(out.begin(), out.end(), c) == out.end()) out.push_back(c);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// --outliers (OutlierOptions): a pass over the language model's planned tensors, by name. Norm weights that
+// feed attention or the feed-forward, in every layer (not the stacks' final norms, which feed the head or
+// the decoder's cross-attention keys only): residual channels x residual_scale, so the input of q/k/v and of
+// the first feed-forward product has them that large. The feed-forward's linear branch (the one that is
+// not activated, so the scale passes through exactly): rows of the chosen hidden channels x ffn_scale.
+void apply_outliers(RandomCheckpointPlan& plan, const OutlierOptions& o, uint64_t seed) {
+  const Blip2Config& c = plan.config;
+  if (!o.enabled || c.task == Blip2Task::Retrieval) return;
+  const bool t5 = c.family == LanguageFamily::T5, opt = c.family == LanguageFamily::OPT;
+  const int64_t d = t5 ? c.text.d_model : opt ? c.opt.hidden_size : c.llama.hidden_size;
+  const int64_t F = t5 ? c.text.d_ff : opt ? c.opt.ffn_dim : c.llama.intermediate_size;
+  plan.outlier_residual_channels = draw_channels(seed, "outliers/residual", o.residual_channels, d);
+  plan.outlier_ffn_channels = draw_channels(seed, "outliers/ffn", o.ffn_channels, F);
+  const auto ends = [](const std::string& s, const std::string& tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  const auto boost = [&](RandomInit& init, bool residual, int64_t stride) {
+    init.boost_channels = residual ? plan.outlier_residual_channels : plan.outlier_ffn_channels;
+    init.boost_stride = stride;
+    init.boost = residual ? o.residual_scale : o.ffn_scale;
+  };
+  std::string norms, ffn;
+  if (t5) {
+    norms = "language_model.{encoder,decoder}.block.*.layer.*.layer_norm.weight";
+    ffn = std::string("language_model.{encoder,decoder}.block.*.layer.*.DenseReluDense.") +
+          (c.text.is_gated_act ? "wi_1" : "wi") + ".weight rows";
+  } else if (opt) {
+    norms = "language_model.model.decoder.layers.*.{self_attn_layer_norm,final_layer_norm}.weight";
+    ffn = "language_model.model.decoder.layers.*.fc1.weight rows and fc1.bias";
+  } else {
+    norms = "language_model.model.layers.*.{input_layernorm,post_attention_layernorm}.weight";
+    ffn = "language_model.model.layers.*.mlp.up_proj.weight rows";
+  }
+  for (PlannedTensor& t : plan.tensors) {
+    const std::string& n = t.name;
+    if (t5) {
+      if (n.rfind("language_model.encoder.block.", 0) != 0 && n.rfind("language_model.decoder.block.", 0) != 0) continue;
+      if (ends(n, ".layer_norm.weight")) boost(t.init, true, 1);
+      if (ends(n, c.text.is_gated_act ? ".DenseReluDense.wi_1.weight" : ".DenseReluDense.wi.weight")) boost(t.init, false, d);
+    } else if (opt) {
+      if (n.rfind("language_model.model.decoder.layers.", 0) != 0) continue;
+      if (ends(n, ".self_attn_layer_norm.weight") || ends(n, ".final_layer_norm.weight")) boost(t.init, true, 1);
+      if (ends(n, ".fc1.weight")) boost(t.init, false, d);
+      if (ends(n, ".fc1.bias")) boost(t.init, false, 1);  // relu(x W^T + b): both scaled, so the channel is exactly
+    } else {
+      if (n.rfind("language_model.model.layers.", 0) != 0) continue;
+      if (ends(n, ".input_layernorm.weight") || ends(n, ".post_attention_layernorm.weight")) boost(t.init, true, 1);
+      if (ends(n, ".mlp.up_proj.weight")) boost(t.init, false, d);
+    }
+  }
+  const auto list = [](const std::vector<int64_t>& v) {
+    std::string s;
+    for (int64_t x : v) s += (s.empty() ? "" : ", ") + std::to_string(x);
+    return s;
+  };
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%g", static_cast<double>(o.residual_scale));
+  plan.outlier_notes.push_back(norms + ": channels " + list(plan.outlier_residual_channels) + " of " +
+                               std::to_string(d) + " x" + buf);
+  std::snprintf(buf, sizeof buf, "%g", static_cast<double>(o.ffn_scale));
+  plan.outlier_notes.push_back(ffn + ": hidden channels " + list(plan.outlier_ffn_channels) + " of " +
+                               std::to_string(F) + " x" + buf);
+}
+
 }  // namespace
 
 int64_t RandomCheckpointPlan::total_elements() const {
@@ -500,7 +578,8 @@ DType parse_dtype_option(const std::string& dtype) {
   fail(ErrorKind::Usage, "--dtype '" + dtype + "': choose f32, bf16 or f16");
 }
 
-RandomCheckpointPlan plan_random_checkpoint(const std::string& like, DType dtype) {
+RandomCheckpointPlan plan_random_checkpoint(const std::string& like, DType dtype, const OutlierOptions& outliers,
+                                            uint64_t seed) {
   const Dims D = dims_for(canonical_model_like(like));
   RandomCheckpointPlan plan;
   plan.name = D.name;
@@ -508,6 +587,7 @@ RandomCheckpointPlan plan_random_checkpoint(const std::string& like, DType dtype
   // The shapes come from the config as the loader parses it, so config and weights cannot disagree.
   plan.config = parse_config(plan.config_json, D.name + "/config.json");
   plan.tensors = plan_tensors(plan.config);
+  apply_outliers(plan, outliers, seed);
   return plan;
 }
 
@@ -530,13 +610,16 @@ void fill_random(const RandomInit& init, uint64_t key, int64_t begin, int64_t n,
     const uint64_t u = mix64(key + static_cast<uint64_t>(idx + 1) * kGolden);
     const uint32_t sum = static_cast<uint32_t>((u & 0xffff) + ((u >> 16) & 0xffff) + ((u >> 32) & 0xffff) + (u >> 48));
     out[i] = init.mean + (static_cast<float>(sum) - kMean) * scale;
+    if (!init.boost_channels.empty() &&
+        std::binary_search(init.boost_channels.begin(), init.boost_channels.end(), idx / init.boost_stride))
+      out[i] *= init.boost;
   }
 }
 
 void make_random_checkpoint(const std::string& like, const std::string& out_dir, const MakeRandomOptions& opt) {
   if (opt.dtype != DType::F32 && opt.dtype != DType::F16 && opt.dtype != DType::BF16)
     fail(ErrorKind::Usage, std::string("make-random writes f32, bf16 or f16 weights, not ") + dtype_name(opt.dtype));
-  const RandomCheckpointPlan plan = plan_random_checkpoint(like, opt.dtype);
+  const RandomCheckpointPlan plan = plan_random_checkpoint(like, opt.dtype, opt.outliers, opt.seed);
   const fs::path dir(out_dir);
   const bool retrieval = plan.config.task == Blip2Task::Retrieval;
   const bool is_opt = !retrieval && plan.config.family == LanguageFamily::OPT;
@@ -699,9 +782,15 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
                                                      .dump(2) + "\n");
   }
   const char* dt = torch_dtype(opt.dtype);
+  std::string outlier_text;  // what --outliers scaled, so a reader of the numbers knows the model's shape
+  if (!plan.outlier_notes.empty()) {
+    outlier_text = "\nOUTLIERS (--outliers): activation outliers as in real LLMs, made by scaling these tensors'\n"
+                   "random values (the same channels in every layer; the weights reading them are not compensated):\n";
+    for (const auto& n : plan.outlier_notes) outlier_text += "  " + n + "\n";
+  }
   write_text(dir / "README.txt",
              "RANDOM WEIGHTS - not a trained model. Made by `blip2 make-random --like " + plan.name + " --dtype " +
-                 dt + " --seed " + std::to_string(opt.seed) + "`.\n\n" +
+                 dt + " --seed " + std::to_string(opt.seed) + (opt.outliers.enabled ? " --outliers" : "") + "`.\n\n" +
                  "Shapes, tensor names, config and file layout are those of " +
                  (plan.name.rfind("tiny-", 0) == 0 ? "the bundled models/" + plan.name : "Salesforce/" + plan.name) +
                  " on the Hugging Face hub (" + std::to_string(plan.tensors.size()) + " tensors, " +
@@ -722,7 +811,8 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
                            "tokenizer; the model still generates them, and they decode to nothing. ") +
                  (instruct ? "qformer_tokenizer/ is a STAND-IN too: the fixture's 375-entry WordPiece vocabulary, not BERT's.\n"
                            : "") +
-                 "config.json has image_token_index null\n(the legacy input convention: no <image> tokens in the prompt).\n");
+                 "config.json has image_token_index null\n(the legacy input convention: no <image> tokens in the prompt).\n" +
+                 outlier_text);
   write_text(dir / "config.json", plan.config_json);  // last: until now the directory does not load
 }
 

@@ -30,6 +30,29 @@ struct RandomInit {
   float mean = 0.0f;
   float std = 0.0f;
   int64_t zero_begin = 0, zero_end = 0;
+  // --outliers: the elements of the channels in `boost_channels` (sorted) are multiplied by `boost`; element
+  // idx belongs to channel idx / boost_stride (a vector: stride 1; the rows of a [rows, cols] matrix: cols).
+  std::vector<int64_t> boost_channels = {};
+  int64_t boost_stride = 1;
+  float boost = 1.0f;
+};
+
+// `make-random --outliers`: the activation shape of real LLMs (LLM.int8(), SmoothQuant), where a few hidden
+// channels are 20-100x the rest and Flan-T5's `wo` input is what breaks float16 and naive int8. Made through
+// the weights, in every language-model layer: the norm weights feeding attention and the feed-forward get
+// `residual_scale` in `residual_channels` channels of d_model, and the rows of the feed-forward's linear
+// branch that make `ffn_channels` of its hidden channels (T5 wi_1, or wi if not gated; OPT fc1 with its
+// bias; LLaMA up_proj) get `ffn_scale`, so those channels enter wo / fc2 / down_proj that much larger.
+// The consuming weights are not compensated. The channels are drawn from the seed, the same in every layer
+// (as real outlier dimensions are). ffn_scale is 50 rather than 30 because a gated feed-forward's hidden
+// channels already vary about 2x around the median by themselves (tiny T5: a chosen channel at 17x with 30),
+// and the point is that every chosen one enters wo at >= 20x the median.
+struct OutlierOptions {
+  bool enabled = false;
+  int residual_channels = 4;
+  float residual_scale = 40.0f;
+  int ffn_channels = 3;
+  float ffn_scale = 50.0f;
 };
 
 struct PlannedTensor {
@@ -44,6 +67,9 @@ struct RandomCheckpointPlan {
   std::string config_json;   // config.json as written
   Blip2Config config;        // parse_config(config_json): the shapes below derive from it
   std::vector<PlannedTensor> tensors;  // model order: vision, Q-Former, projection, language model
+  // --outliers (empty without it): the chosen channels, sorted, and one line per kind of tensor scaled.
+  std::vector<int64_t> outlier_residual_channels, outlier_ffn_channels;
+  std::vector<std::string> outlier_notes;
   int64_t total_elements() const;
 };
 
@@ -59,7 +85,10 @@ DType parse_dtype_option(const std::string& dtype);
 // T5 `language_model.shared.weight` and an untied `language_model.lm_head.weight` (the encoder/decoder
 // embed_tokens aliases are not planned); for OPT no lm_head (tied to embed_tokens). Totals: XXL
 // 12,229,596,672, XL 3,942,446,592, OPT-2.7b 3,744,761,856, OPT-6.7b 7,752,738,304 elements.
-RandomCheckpointPlan plan_random_checkpoint(const std::string& like, DType dtype = DType::F32);
+// With outliers.enabled the language model's tensors carry the outlier scaling (channels drawn from `seed`;
+// a retrieval checkpoint has no language model and is unchanged).
+RandomCheckpointPlan plan_random_checkpoint(const std::string& like, DType dtype = DType::F32,
+                                            const OutlierOptions& outliers = {}, uint64_t seed = 0);
 
 // The random stream: a tensor's values depend only on (seed, tensor name, element index), so any tensor
 // can be regenerated alone, in any order or chunking. Counter-based (splitmix64 finaliser).
@@ -86,6 +115,7 @@ struct MakeRandomOptions {
   // Allow a non-empty out_dir: files a checkpoint directory holds (config, tokenizer, weights, index,
   // README.txt) are replaced; anything else there is left alone. Without it a non-empty out_dir is refused.
   bool overwrite = false;
+  OutlierOptions outliers;  // --outliers
   uint64_t max_shard_bytes = kDefaultMaxShardBytes;  // one file when everything fits: model.safetensors
   // Where the stand-in tokenizer is copied from (spiece.model, or vocab.json + merges.txt); empty: the
   // bundled tiny model of the same family.

@@ -1,0 +1,400 @@
+// `blip2 make-random --outliers` (OutlierOptions): checkpoints whose language model has the activation
+// outliers of real LLMs. Checked where it matters, on the tiny T5 and OPT shapes loaded in float32 and run
+// over a fixture image: the input of the first layer's q/k/v (after its norm) has the chosen residual
+// channels 20-100x the median channel, and the input of wo / fc2 the chosen hidden channels >= 20x; the same
+// shapes without --outliers have no such channels. Then the measurement the outliers are for: every weight
+// format against float32, clean and with outliers (printed, no bound yet: docs/PERFORMANCE.md).
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "commands.h"
+#include "image/image.h"
+#include "io/make_random.h"
+#include "io/safetensors.h"
+#include "model/blip2.h"
+#include "model/load_options.h"
+
+using namespace blip2;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kFixtures = BLIP2_FIXTURES_DIR;
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "blip2-outliers-XXXXXX").string();
+    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  std::string path(const std::string& sub) const { return (fs::path(path_) / sub).string(); }
+
+ private:
+  std::string path_;
+};
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+MakeRandomOptions make_options(bool outliers, uint64_t seed) {
+  MakeRandomOptions o;
+  o.dtype = DType::F32;  // the reference: nothing rounded on the way to disk
+  o.seed = seed;
+  o.outliers.enabled = outliers;
+  return o;
+}
+
+// A batch of fixture images, one prompt each.
+Encoded encode_fixture(const Blip2Model& m) {
+  std::vector<RgbImage> imgs;
+  for (const char* n : {"chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg"})
+    imgs.push_back(load_image(kFixtures + "/images/" + n));
+  return m.encode(preprocess_images(imgs, 224),
+                  m.tokenize({"a photo of", "Question: what is in the picture? Answer:", "the colour of the cup is",
+                              "Question: where is it going? Answer:"}));
+}
+
+// rows [n, d] (row-major) times w [out, d]^T (+ b) -> [n, out]
+std::vector<float> matmul(const std::vector<float>& x, int64_t n, int64_t d, const Tensor& w, const Tensor* b) {
+  const int64_t out = w.dim(0);
+  std::vector<float> y(n * out);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = b ? b->data[o] : 0.0;
+      for (int64_t k = 0; k < d; ++k) s += static_cast<double>(x[r * d + k]) * w.data[o * d + k];
+      y[r * out + o] = static_cast<float>(s);
+    }
+  return y;
+}
+
+// T5's RMSNorm (no mean, no bias) or OPT's LayerNorm, row by row.
+std::vector<float> norm(const std::vector<float>& x, int64_t n, int64_t d, const Tensor& w, const Tensor* b) {
+  std::vector<float> y(x.size());
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = &x[r * d];
+    double mean = 0, var = 0;
+    if (b)
+      for (int64_t k = 0; k < d; ++k) mean += row[k] / static_cast<double>(d);
+    for (int64_t k = 0; k < d; ++k) var += (row[k] - mean) * (row[k] - mean) / static_cast<double>(d);
+    const double inv = 1.0 / std::sqrt(var + (b ? 1e-5 : 1e-6));
+    for (int64_t k = 0; k < d; ++k) y[r * d + k] = static_cast<float>((row[k] - mean) * inv * w.data[k] + (b ? b->data[k] : 0.0f));
+  }
+  return y;
+}
+
+// Each channel's root mean square over the rows, divided by the median channel's.
+std::vector<double> channel_ratios(const std::vector<float>& x, int64_t n, int64_t d) {
+  std::vector<double> r(d, 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) r[k] += static_cast<double>(x[i * d + k]) * x[i * d + k] / static_cast<double>(n);
+  for (double& v : r) v = std::sqrt(v);
+  std::vector<double> sorted = r;
+  std::nth_element(sorted.begin(), sorted.begin() + d / 2, sorted.end());
+  const double median = sorted[d / 2];
+  for (double& v : r) v /= median;
+  return r;
+}
+
+struct Observed {
+  std::vector<double> qkv_input, ffn_output_input;  // per channel / median: first layer's q/k/v input, wo/fc2 input
+};
+
+// The first language-model layer's activations, from the input the model exposes (T5: the projected queries
+// and the prompt's embeddings, the encoder's input; OPT: inputs_embeds) through that layer's weights as the
+// model uses them. The feed-forward is applied to the same input rather than to the attention's output: its
+// outlier shape comes from the weights (norm, then the scaled rows), which this exercises as well, and the
+// computation stays a few lines.
+Observed observe_first_layer(const std::string& dir) {
+  const Blip2Model m(dir);
+  const Encoded e = encode_fixture(m);
+  const SafetensorsFile st(dir + "/model.safetensors");
+  const bool t5 = m.config().family == LanguageFamily::T5;
+  const Tensor& lp = e.language_projection;
+  const int64_t B = lp.dim(0), Q = lp.dim(1), d = lp.dim(2);
+  const int64_t S = static_cast<int64_t>(e.input_mask.size()) / B;
+  std::vector<float> x;
+  int64_t n = 0;
+  const Tensor shared = t5 ? st.tensor("language_model.shared.weight") : Tensor();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < S; ++i) {
+      if (!e.input_mask[b * S + i]) continue;  // padding
+      const float* row = nullptr;
+      if (!t5) {
+        row = e.inputs_embeds.ptr() + (b * S + i) * d;
+      } else if (i < Q) {
+        row = lp.ptr() + (b * Q + i) * d;
+      } else {
+        row = shared.ptr() + static_cast<int64_t>(e.input_ids[b * S + i]) * d;
+      }
+      x.insert(x.end(), row, row + d);
+      ++n;
+    }
+  Observed o;
+  if (t5) {
+    const std::string l = "language_model.encoder.block.0.layer.";
+    o.qkv_input = channel_ratios(norm(x, n, d, st.tensor(l + "0.layer_norm.weight"), nullptr), n, d);
+    const std::vector<float> h = norm(x, n, d, st.tensor(l + "1.layer_norm.weight"), nullptr);
+    const Tensor wi0 = st.tensor(l + "1.DenseReluDense.wi_0.weight"), wi1 = st.tensor(l + "1.DenseReluDense.wi_1.weight");
+    std::vector<float> g = matmul(h, n, d, wi0, nullptr);
+    const std::vector<float> lin = matmul(h, n, d, wi1, nullptr);
+    for (size_t k = 0; k < g.size(); ++k) {  // gelu_new (tanh), times the linear branch
+      const double v = g[k];
+      g[k] = static_cast<float>(0.5 * v * (1 + std::tanh(0.7978845608 * (v + 0.044715 * v * v * v))) * lin[k]);
+    }
+    o.ffn_output_input = channel_ratios(g, n, wi0.dim(0));
+  } else {
+    const std::string l = "language_model.model.decoder.layers.0.";
+    const Tensor nb = st.tensor(l + "self_attn_layer_norm.bias"), fb = st.tensor(l + "final_layer_norm.bias");
+    o.qkv_input = channel_ratios(norm(x, n, d, st.tensor(l + "self_attn_layer_norm.weight"), &nb), n, d);
+    const std::vector<float> h = norm(x, n, d, st.tensor(l + "final_layer_norm.weight"), &fb);
+    const Tensor fc1 = st.tensor(l + "fc1.weight"), fc1b = st.tensor(l + "fc1.bias");
+    std::vector<float> a = matmul(h, n, d, fc1, &fc1b);
+    for (float& v : a) v = std::max(v, 0.0f);  // relu
+    o.ffn_output_input = channel_ratios(a, n, fc1.dim(0));
+  }
+  return o;
+}
+
+bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+
+void print_ratios(const char* what, const std::vector<double>& r, const std::vector<int64_t>& chosen) {
+  double others = 0;
+  std::printf("  %s: chosen", what);
+  for (int64_t c : chosen) std::printf(" [%lld] %.1fx", static_cast<long long>(c), r[c]);
+  for (size_t k = 0; k < r.size(); ++k)
+    if (!contains(chosen, static_cast<int64_t>(k))) others = std::max(others, r[k]);
+  std::printf(", largest other %.2fx the median\n", others);
+}
+
+class OutlierShape : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(OutlierShape, ChosenChannelsAreOutliersOnlyWithTheOption) {
+  const std::string like = GetParam();
+  const uint64_t seed = 7;
+  TempDir tmp;
+  make_random_checkpoint(like, tmp.path("clean"), make_options(false, seed));
+  make_random_checkpoint(like, tmp.path("outliers"), make_options(true, seed));
+  const RandomCheckpointPlan plan = plan_random_checkpoint(like, DType::F32, make_options(true, seed).outliers, seed);
+  const auto& res = plan.outlier_residual_channels;
+  const auto& ffn = plan.outlier_ffn_channels;
+  ASSERT_EQ(res.size(), 4u);
+  ASSERT_EQ(ffn.size(), 3u);
+
+  const Observed out = observe_first_layer(tmp.path("outliers"));
+  std::printf("%s --outliers\n", like.c_str());
+  print_ratios("q/k/v input", out.qkv_input, res);
+  print_ratios("wo/fc2 input", out.ffn_output_input, ffn);
+  for (size_t k = 0; k < out.qkv_input.size(); ++k) {
+    if (contains(res, static_cast<int64_t>(k))) {
+      EXPECT_GE(out.qkv_input[k], 20.0) << like << " residual channel " << k;
+      EXPECT_LE(out.qkv_input[k], 100.0) << like << " residual channel " << k;
+    } else {
+      EXPECT_LT(out.qkv_input[k], 5.0) << like << " channel " << k << " is not one of the chosen";
+    }
+  }
+  for (int64_t c : ffn) EXPECT_GE(out.ffn_output_input[c], 20.0) << like << " hidden channel " << c;
+
+  // Without --outliers no channel stands out: the checks above would fail on this model.
+  const Observed clean = observe_first_layer(tmp.path("clean"));
+  std::printf("%s (clean)\n", like.c_str());
+  print_ratios("q/k/v input", clean.qkv_input, res);
+  print_ratios("wo/fc2 input", clean.ffn_output_input, ffn);
+  EXPECT_LT(*std::max_element(clean.qkv_input.begin(), clean.qkv_input.end()), 5.0) << like;
+  EXPECT_LT(*std::max_element(clean.ffn_output_input.begin(), clean.ffn_output_input.end()), 10.0) << like;
+}
+
+INSTANTIATE_TEST_SUITE_P(Tiny, OutlierShape, ::testing::Values("tiny", "tiny-opt"),
+                         [](const auto& info) { return std::string(info.param) == "tiny" ? "T5" : "OPT"; });
+
+// Which tensors are scaled, on every language-model family and the real shapes (planning only), and that
+// the channels follow the seed.
+TEST(OutlierPlan, ScalesNormsAndTheFeedForwardOfEveryFamily) {
+  OutlierOptions on;
+  on.enabled = true;
+  struct Want {
+    const char* like;
+    const char* norm;   // a residual-scaled tensor
+    const char* ffn;    // a row-scaled tensor
+    const char* plain;  // one left alone
+  };
+  for (const Want& w : {Want{"xxl", "language_model.decoder.block.23.layer.1.layer_norm.weight",
+                             "language_model.encoder.block.5.layer.1.DenseReluDense.wi_1.weight",
+                             "language_model.encoder.final_layer_norm.weight"},
+                        Want{"opt-6.7b", "language_model.model.decoder.layers.31.final_layer_norm.weight",
+                             "language_model.model.decoder.layers.0.fc1.bias",
+                             "language_model.model.decoder.final_layer_norm.weight"},
+                        Want{"instructblip-vicuna-7b", "language_model.model.layers.3.post_attention_layernorm.weight",
+                             "language_model.model.layers.3.mlp.up_proj.weight", "language_model.model.norm.weight"}}) {
+    const RandomCheckpointPlan p = plan_random_checkpoint(w.like, DType::BF16, on, 1);
+    const auto init = [&](const std::string& name) {
+      for (const auto& t : p.tensors)
+        if (t.name == name) return t.init;
+      ADD_FAILURE() << name;
+      return RandomInit{};
+    };
+    EXPECT_EQ(init(w.norm).boost, 40.0f) << w.like;
+    EXPECT_EQ(init(w.norm).boost_channels, p.outlier_residual_channels) << w.like;
+    EXPECT_EQ(init(w.ffn).boost, 50.0f) << w.like;
+    EXPECT_EQ(init(w.ffn).boost_channels, p.outlier_ffn_channels) << w.like;
+    EXPECT_EQ(init(w.plain).boost, 1.0f) << w.like;
+    EXPECT_EQ(init("vision_model.post_layernorm.weight").boost, 1.0f) << w.like;
+    EXPECT_EQ(p.outlier_notes.size(), 2u);
+    // The same tensors, parameters and config as without the option.
+    const RandomCheckpointPlan plain = plan_random_checkpoint(w.like, DType::BF16);
+    EXPECT_EQ(plain.total_elements(), p.total_elements());
+    EXPECT_EQ(plain.config_json, p.config_json);
+    EXPECT_TRUE(plain.outlier_residual_channels.empty());
+  }
+  const auto a = plan_random_checkpoint("xl", DType::BF16, on, 1), b = plan_random_checkpoint("xl", DType::BF16, on, 2);
+  EXPECT_EQ(a.outlier_residual_channels, plan_random_checkpoint("xl", DType::BF16, on, 1).outlier_residual_channels);
+  EXPECT_NE(a.outlier_residual_channels, b.outlier_residual_channels);
+  EXPECT_TRUE(plan_random_checkpoint("blip2-itm-vit-g", DType::BF16, on, 1).outlier_notes.empty());  // no language model
+}
+
+// fill_random's scaling: exactly the chosen rows' elements, times the factor, the rest unchanged.
+TEST(OutlierPlan, BoostMultipliesExactlyTheChosenRows) {
+  RandomInit plain{0.0f, 1.0f};
+  RandomInit boosted = plain;
+  boosted.boost_channels = {1, 4};
+  boosted.boost_stride = 10;
+  boosted.boost = 30.0f;
+  std::vector<float> a(60), b(60);
+  fill_random(plain, 99, 0, 60, a.data());
+  fill_random(boosted, 99, 0, 60, b.data());
+  for (int i = 0; i < 60; ++i) EXPECT_EQ(b[i], (i / 10 == 1 || i / 10 == 4) ? a[i] * 30.0f : a[i]) << i;
+}
+
+// The CLI flag: documented, same seed -> same bytes, README lists what was scaled.
+TEST(OutlierCommand, FlagWritesTheSameFilesForTheSameSeedAndSaysWhatWasScaled) {
+  TempDir tmp;
+  const auto run = [](std::vector<std::string> args) {
+    CLI::App app{"blip2"};
+    add_make_random_command(app);
+    args.insert(args.begin(), "blip2");
+    std::vector<const char*> argv;
+    for (const auto& s : args) argv.push_back(s.c_str());
+    app.parse(static_cast<int>(argv.size()), argv.data());
+    return app.get_subcommand("make-random")->help();
+  };
+  const std::string help = run({"make-random", "--like", "tiny-opt", "--out", tmp.path("a"), "--outliers", "--seed", "4"});
+  EXPECT_NE(help.find("--outliers"), std::string::npos);
+  EXPECT_NE(help.find("x40"), std::string::npos) << help;
+  run({"make-random", "--like", "tiny-opt", "--out", tmp.path("b"), "--outliers", "--seed", "4"});
+  run({"make-random", "--like", "tiny-opt", "--out", tmp.path("c"), "--seed", "4"});
+  EXPECT_EQ(read_bytes(tmp.path("a/model.safetensors")), read_bytes(tmp.path("b/model.safetensors")));
+  EXPECT_NE(read_bytes(tmp.path("a/model.safetensors")), read_bytes(tmp.path("c/model.safetensors")));
+  const std::string readme = read_bytes(tmp.path("a/README.txt"));
+  EXPECT_NE(readme.find("--outliers"), std::string::npos) << readme;
+  EXPECT_NE(readme.find("fc1.weight rows"), std::string::npos) << readme;
+  EXPECT_EQ(read_bytes(tmp.path("c/README.txt")).find("OUTLIERS"), std::string::npos);
+}
+
+// ---- measurement: every weight format against float32, clean and with outliers ----------------------------
+
+struct Accuracy {
+  double logits_rel = 0;  // ‖logits − float32's‖ / ‖float32's‖ over every teacher-forced step
+  int top1_agree = 0, positions = 0;
+};
+
+// Greedy ids of the float32 model (10 steps per row), then every model teacher-forced on them.
+Accuracy measure(const Blip2Model& ref, const Blip2Model& m) {
+  constexpr int kSteps = 10;
+  const auto run = [&](const Blip2Model& model, std::vector<std::vector<int32_t>>* ids) {
+    const Encoded e = encode_fixture(model);
+    auto dec = model.start_decoder(e);
+    std::vector<Tensor> out{on_host(dec->start())};
+    const int64_t R = out[0].dim(0), V = out[0].dim(1);
+    if (ids->empty()) {
+      for (int s = 0; s < kSteps; ++s) {
+        std::vector<int32_t> pick;
+        for (int64_t r = 0; r < R; ++r) {
+          const float* row = out.back().ptr() + r * V;
+          pick.push_back(static_cast<int32_t>(std::max_element(row, row + V) - row));
+        }
+        ids->push_back(pick);
+        out.push_back(on_host(dec->step(pick)));
+      }
+    } else {
+      for (const auto& pick : *ids) out.push_back(on_host(dec->step(pick)));
+    }
+    return out;
+  };
+  std::vector<std::vector<int32_t>> ids;
+  const std::vector<Tensor> want = run(ref, &ids), got = run(m, &ids);
+  Accuracy a;
+  double num = 0, den = 0;
+  for (size_t s = 0; s < want.size(); ++s) {
+    const int64_t R = want[s].dim(0), V = want[s].dim(1);
+    for (int64_t i = 0; i < R * V; ++i) {
+      const double dlt = static_cast<double>(got[s].data[i]) - want[s].data[i];
+      num += dlt * dlt;
+      den += static_cast<double>(want[s].data[i]) * want[s].data[i];
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const float *w = want[s].ptr() + r * V, *g = got[s].ptr() + r * V;
+      a.top1_agree += (std::max_element(w, w + V) - w) == (std::max_element(g, g + V) - g);
+      ++a.positions;
+    }
+  }
+  a.logits_rel = std::sqrt(num / std::max(den, 1e-30));
+  return a;
+}
+
+// No bound on the quantized formats yet (their products are not outlier-proof; a later change): the numbers
+// are printed for docs/PERFORMANCE.md. Only float32 against itself, finiteness and the clean model's bf16
+// are checked, so a broken measurement still fails.
+TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
+  TempDir tmp;
+  struct Fmt {
+    const char* name;
+    WeightFormat format;
+  };
+  // int4 keeps the ViT in int8 (--weights int4's default); lm-*: only the language model converted, so that
+  // its outliers are what the number measures.
+  const std::vector<Fmt> formats = {{"f32", WeightFormat::F32},   {"bf16", WeightFormat::BF16},
+                                    {"int8", WeightFormat::I8},   {"int4", WeightFormat::I4},
+                                    {"lm-int8", WeightFormat::AsStored}, {"lm-int4", WeightFormat::AsStored}};
+  std::printf("  %-9s %-9s %-8s %14s %14s\n", "model", "outliers", "format", "logits rel", "top-1 agree");
+  for (const char* like : {"tiny", "tiny-opt"})
+    for (bool outliers : {false, true}) {
+      const std::string dir = tmp.path(std::string(like) + (outliers ? "-outliers" : "-clean"));
+      make_random_checkpoint(like, dir, make_options(outliers, 0));
+      const Blip2Model ref(dir);
+      for (const Fmt& f : formats) {
+        LoadOptions o;
+        o.weights = f.format;
+        if (std::string(f.name) == "lm-int8") o.lm_weights = WeightFormat::I8;
+        if (std::string(f.name) == "lm-int4") o.lm_weights = WeightFormat::I4;
+        const Blip2Model m(dir, o);
+        const Accuracy a = measure(ref, m);
+        std::printf("  %-9s %-9s %-8s %14.2e %9d/%d\n", like, outliers ? "yes" : "no", f.name, a.logits_rel,
+                    a.top1_agree, a.positions);
+        EXPECT_TRUE(std::isfinite(a.logits_rel)) << like << " " << f.name;
+        if (std::string(f.name) == "f32") {
+          EXPECT_LT(a.logits_rel, 1e-5) << like;
+        }
+        if (std::string(f.name) == "bf16" && !outliers) {
+          EXPECT_LT(a.logits_rel, 0.1) << like;
+        }
+      }
+    }
+}
+
+}  // namespace

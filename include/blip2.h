@@ -17,6 +17,10 @@
  *   blip2_model_free(m);
  *
  * A model may be used from several threads, one call at a time per model (calls on one model serialize).
+ *
+ * Image–text retrieval checkpoints (Blip2ForImageTextRetrieval, e.g. Salesforce/blip2-itm-vit-g) load with
+ * the same call and answer blip2_match, blip2_embed_image and blip2_embed_text (docs/RETRIEVAL.md); each kind
+ * of checkpoint refuses the other kind's calls with BLIP2_ERROR_USAGE and a message saying what it can do.
  */
 #ifndef BLIP2_H
 #define BLIP2_H
@@ -100,6 +104,23 @@ typedef void (*blip2_text_callback)(const char* piece, void* user_data);
 blip2_status blip2_generate_stream(blip2_model* model, const uint8_t* image, size_t image_size, const char* prompt,
                                    const blip2_generate_params* params, blip2_text_callback on_text, void* user_data,
                                    char** text, char** error);
+
+/* Retrieval checkpoints: the embedding width E (256 for blip2-itm-vit-g) and the number Q of embeddings an
+ * image gives (one per query, 32); both 0 for a captioning checkpoint. */
+int blip2_embedding_size(const blip2_model* model);
+int blip2_image_embedding_count(const blip2_model* model);
+
+/* One image (PNG or JPEG bytes) against one text. *itm_probability: the ITM head's probability that they
+ * match (image and text through the Q-Former together). *itc_similarity: the ITC similarity, the largest
+ * cosine between the image's Q embeddings and the text's. Either output may be NULL. */
+blip2_status blip2_match(blip2_model* model, const uint8_t* image, size_t image_size, const char* text,
+                         float* itm_probability, float* itc_similarity, char** error);
+
+/* Unit-length embeddings into `out`, which holds `capacity` floats: an image gives Q rows of E (row-major,
+ * Q·E floats), a text one row of E. Too small a `capacity` is BLIP2_ERROR_USAGE, and nothing is written. */
+blip2_status blip2_embed_image(blip2_model* model, const uint8_t* image, size_t image_size, float* out,
+                               size_t capacity, char** error);
+blip2_status blip2_embed_text(blip2_model* model, const char* text, float* out, size_t capacity, char** error);
 
 void blip2_string_free(char* s);
 

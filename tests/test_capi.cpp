@@ -6,6 +6,7 @@
 #include <iterator>
 
 #include "blip2.h"
+#include "io/safetensors.h"
 #include "support.h"
 
 using namespace blip2::test;
@@ -124,6 +125,60 @@ TEST(CApi, CallbackCallingTheSameModelGetsAnError) {
   // The model is usable again afterwards, from the same thread.
   ASSERT_EQ(blip2_generate(model.m, img.data(), img.size(), "", nullptr, &text, &err), BLIP2_OK) << (err ? err : "");
   blip2_string_free(text);
+}
+
+// A retrieval checkpoint through the same handle: ITM probabilities, ITC similarities and both embeddings equal
+// the fixture's references (float32, from the image files' bytes), and each kind of checkpoint refuses the
+// other's calls, saying what it can do.
+TEST(CApi, RetrievalMatchesAndEmbedsAsTheReference) {
+  const std::string dir = kFixtures + "/tiny-blip2-itm";
+  const auto c = read_json(dir + "/reference.json")["cases"]["pair"];
+  const blip2::SafetensorsFile ref(dir + "/reference.safetensors");
+  const blip2::Tensor itm = ref.tensor("pair/itm_probability"), itc = ref.tensor("pair/itc_logits_per_image");
+  const blip2::Tensor image_embeds = ref.tensor("pair/image_embeds"), text_embeds = ref.tensor("pair/text_embeds");
+  Model model(dir.c_str());
+  ASSERT_NE(model.m, nullptr);
+  const int Q = blip2_image_embedding_count(model.m), E = blip2_embedding_size(model.m);
+  ASSERT_EQ(image_embeds.shape, (blip2::Shape{2, Q, E}));
+  const auto near = [](float got, float want) { return std::abs(got - want) <= 1e-5f * std::max(1.0f, std::abs(want)); };
+  char* err = nullptr;
+  for (size_t p = 0; p < c["pairs"].size(); ++p) {
+    const size_t i = c["pairs"][p][0].get<size_t>(), t = c["pairs"][p][1].get<size_t>();
+    const auto img = file_bytes(kFixtures + "/images/" + c["images"][i].get<std::string>());
+    const std::string text = c["texts"][t].get<std::string>();
+    float prob = -1, sim = -1;
+    ASSERT_EQ(blip2_match(model.m, img.data(), img.size(), text.c_str(), &prob, &sim, &err), BLIP2_OK) << err;
+    EXPECT_TRUE(near(prob, itm.ptr()[p])) << prob << " vs " << itm.ptr()[p];
+    EXPECT_TRUE(near(sim, itc.ptr()[i * 2 + t])) << sim << " vs " << itc.ptr()[i * 2 + t];
+    std::vector<float> e(static_cast<size_t>(Q * E));
+    ASSERT_EQ(blip2_embed_image(model.m, img.data(), img.size(), e.data(), e.size(), &err), BLIP2_OK) << err;
+    for (int k = 0; k < Q * E; ++k) ASSERT_TRUE(near(e[k], image_embeds.ptr()[i * Q * E + k])) << k;
+    ASSERT_EQ(blip2_embed_text(model.m, text.c_str(), e.data(), static_cast<size_t>(E), &err), BLIP2_OK) << err;
+    for (int k = 0; k < E; ++k) ASSERT_TRUE(near(e[k], text_embeds.ptr()[t * E + k])) << k;
+  }
+  const auto img = file_bytes(kFixtures + "/images/chelsea.png");
+  // Too small a buffer: refused before anything is written.
+  std::vector<float> small(static_cast<size_t>(E), 7.0f);
+  EXPECT_EQ(blip2_embed_image(model.m, img.data(), img.size(), small.data(), small.size(), &err), BLIP2_ERROR_USAGE);
+  EXPECT_NE(std::string(err).find("need"), std::string::npos) << err;
+  blip2_string_free(err);
+  EXPECT_EQ(small[0], 7.0f);
+  EXPECT_EQ(blip2_embed_text(model.m, "a cat", small.data(), static_cast<size_t>(E - 1), &err), BLIP2_ERROR_USAGE);
+  blip2_string_free(err);
+  EXPECT_EQ(blip2_match(model.m, nullptr, 5, "a cat", nullptr, nullptr, &err), BLIP2_ERROR_USAGE);
+  blip2_string_free(err);
+  char* text = nullptr;
+  EXPECT_EQ(blip2_generate(model.m, img.data(), img.size(), "", nullptr, &text, &err), BLIP2_ERROR_USAGE);
+  EXPECT_NE(std::string(err).find("blip2_match"), std::string::npos) << err;
+  blip2_string_free(err);
+  // A captioning checkpoint: no embeddings, and the retrieval calls say why.
+  Model captioner(BLIP2_TINY_T5_DIR);
+  EXPECT_EQ(blip2_embedding_size(captioner.m), 0);
+  EXPECT_EQ(blip2_image_embedding_count(captioner.m), 0);
+  float prob = 0;
+  EXPECT_EQ(blip2_match(captioner.m, img.data(), img.size(), "a cat", &prob, nullptr, &err), BLIP2_ERROR_USAGE);
+  EXPECT_NE(std::string(err).find("captioning checkpoint"), std::string::npos) << err;
+  blip2_string_free(err);
 }
 
 TEST(CApi, ErrorsAreStatusesWithMessages) {

@@ -4,8 +4,8 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <atomic>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -14,11 +14,14 @@
 #include "generate/generate.h"
 #include "image/image.h"
 #include "model/blip2.h"
+#include "model/retrieval.h"
 #include "text/text_stream.h"
 
+// One checkpoint: a captioning one (`model`) or an image–text retrieval one (`retrieval`), as its config says.
 struct blip2_model {
   std::string dir;
   std::unique_ptr<blip2::Blip2Model> model;
+  std::unique_ptr<blip2::RetrievalModel> retrieval;
   std::mutex busy;  // one call at a time per model
   // The thread inside a call (holding `busy`): a text callback that calls back into the same model would wait
   // on `busy` for ever; it gets an error instead.
@@ -51,8 +54,56 @@ blip2_status guarded(char** error, F&& body) {
   return BLIP2_ERROR_INTERNAL;
 }
 
-void usage_unless(bool ok, const char* what) {
+void usage_unless(bool ok, const std::string& what) {
   if (!ok) blip2::fail(blip2::ErrorKind::Usage, what);
+}
+
+// Holds the model for one call: calls on one model serialize, and a call from inside this model's own text
+// callback fails at once instead of waiting for itself.
+class Call {
+ public:
+  Call(blip2_model* m, const std::string& fn) : m_(m) {
+    usage_unless(m != nullptr, fn + ": model is NULL");
+    usage_unless(m->caller != std::this_thread::get_id(),
+                 fn + ": called from this model's own text callback (a callback must not call back into the model "
+                      "that is calling it)");
+    lock_ = std::unique_lock<std::mutex>(m->busy);
+    m->caller = std::this_thread::get_id();
+  }
+  ~Call() { m_->caller = std::thread::id(); }  // before the lock is released
+  Call(const Call&) = delete;
+  Call& operator=(const Call&) = delete;
+
+ private:
+  blip2_model* m_;
+  std::unique_lock<std::mutex> lock_;
+};
+
+const blip2::RetrievalModel& retrieval_of(const blip2_model* m, const std::string& fn) {
+  usage_unless(m->retrieval != nullptr,
+               fn + ": " + m->dir + " is a captioning checkpoint (use blip2_generate); matching and embeddings need "
+                    "an image-text retrieval checkpoint (Blip2ForImageTextRetrieval, e.g. Salesforce/blip2-itm-vit-g)");
+  return *m->retrieval;
+}
+
+// The ViT's output for one image given as file bytes.
+blip2::Tensor encode_vision(const blip2::RetrievalModel& m, const uint8_t* image, size_t image_size,
+                            const std::string& fn) {
+  usage_unless(image != nullptr || image_size == 0, fn + ": image is NULL");
+  return m.encode_vision(
+      blip2::preprocess_images({blip2::decode_image(image, image_size, "image")}, m.config().vision.image_size));
+}
+
+// Checked before any work: `out` must take `need` floats.
+void check_out(const float* out, size_t capacity, size_t need, const std::string& fn) {
+  usage_unless(out != nullptr, fn + ": out is NULL");
+  usage_unless(capacity >= need, fn + ": out holds " + std::to_string(capacity) + " floats; the embeddings need " +
+                                     std::to_string(need));
+}
+
+void copy_out(const blip2::Tensor& t, float* out, size_t need) {
+  if (static_cast<size_t>(t.size()) != need) blip2::fail(blip2::ErrorKind::Internal, "embedding size mismatch");
+  std::memcpy(out, t.ptr(), need * sizeof(float));
 }
 
 blip2_generate_params to_c(const blip2::GenerationOptions& o) {
@@ -117,7 +168,10 @@ blip2_status blip2_model_load(const char* model_dir, const blip2_load_params* pa
     usage_unless(p.threads >= 0, "blip2_model_load: threads must be 0 (all cores) or positive");
     auto h = std::make_unique<blip2_model>();
     h->dir = model_dir;
-    h->model = std::make_unique<blip2::Blip2Model>(model_dir, lo);
+    if (blip2::load_config(model_dir).task == blip2::Blip2Task::Retrieval)
+      h->retrieval = std::make_unique<blip2::RetrievalModel>(model_dir, lo);
+    else
+      h->model = std::make_unique<blip2::Blip2Model>(model_dir, lo);
     *model = h.release();
   });
 }
@@ -140,18 +194,12 @@ blip2_status blip2_generate_stream(blip2_model* model, const uint8_t* image, siz
                                    char** text, char** error) {
   if (text) *text = nullptr;
   return guarded(error, [&] {
-    usage_unless(model != nullptr, "blip2_generate: model is NULL");
+    const Call call(model, "blip2_generate");
     usage_unless(image != nullptr || image_size == 0, "blip2_generate: image is NULL");
     usage_unless(text != nullptr, "blip2_generate: text is NULL");
-    usage_unless(model->caller != std::this_thread::get_id(),
-                 "blip2_generate: called from this model's own text callback (a callback must not call back into "
-                 "the model that is calling it)");
-    std::lock_guard<std::mutex> lock(model->busy);
-    struct Caller {
-      std::atomic<std::thread::id>& id;
-      ~Caller() { id = std::thread::id(); }
-    } caller{model->caller};
-    model->caller = std::this_thread::get_id();
+    usage_unless(model->model != nullptr, "blip2_generate: " + model->dir +
+                                              " is an image-text retrieval checkpoint (Blip2ForImageTextRetrieval): "
+                                              "use blip2_match, blip2_embed_image or blip2_embed_text");
     const blip2::Blip2Model& m = *model->model;
     const blip2::GenerationOptions defaults = blip2::generation_defaults(model->dir);
     const blip2::GenerationOptions o = params ? from_c(*params, defaults) : defaults;
@@ -181,6 +229,54 @@ blip2_status blip2_generate_stream(blip2_model* model, const uint8_t* image, siz
 blip2_status blip2_generate(blip2_model* model, const uint8_t* image, size_t image_size, const char* prompt,
                             const blip2_generate_params* params, char** text, char** error) {
   return blip2_generate_stream(model, image, image_size, prompt, params, nullptr, nullptr, text, error);
+}
+
+int blip2_embedding_size(const blip2_model* model) {
+  return model && model->retrieval ? model->retrieval->embedding_size() : 0;
+}
+
+int blip2_image_embedding_count(const blip2_model* model) {
+  return model && model->retrieval ? model->retrieval->config().num_query_tokens : 0;
+}
+
+blip2_status blip2_match(blip2_model* model, const uint8_t* image, size_t image_size, const char* text,
+                         float* itm_probability, float* itc_similarity, char** error) {
+  return guarded(error, [&] {
+    const Call call(model, "blip2_match");
+    const blip2::RetrievalModel& m = retrieval_of(model, "blip2_match");
+    usage_unless(text != nullptr, "blip2_match: text is NULL");
+    const blip2::Tensor vision = encode_vision(m, image, image_size, "blip2_match");
+    const blip2::TokenBatch tokens = m.tokenize({text});
+    // Both computed before either output is written: a failure leaves the caller's floats alone.
+    const float itm = itm_probability ? m.match(vision, tokens).itm_probability.at(0) : 0.0f;
+    const float itc =
+        itc_similarity ? blip2::RetrievalModel::similarity(m.image_embeds(vision), m.text_embeds(tokens).text_embeds).ptr()[0]
+                       : 0.0f;
+    if (itm_probability) *itm_probability = itm;
+    if (itc_similarity) *itc_similarity = itc;
+  });
+}
+
+blip2_status blip2_embed_image(blip2_model* model, const uint8_t* image, size_t image_size, float* out,
+                               size_t capacity, char** error) {
+  return guarded(error, [&] {
+    const Call call(model, "blip2_embed_image");
+    const blip2::RetrievalModel& m = retrieval_of(model, "blip2_embed_image");
+    const size_t need = static_cast<size_t>(m.config().num_query_tokens) * static_cast<size_t>(m.embedding_size());
+    check_out(out, capacity, need, "blip2_embed_image");
+    copy_out(m.image_embeds(encode_vision(m, image, image_size, "blip2_embed_image")), out, need);
+  });
+}
+
+blip2_status blip2_embed_text(blip2_model* model, const char* text, float* out, size_t capacity, char** error) {
+  return guarded(error, [&] {
+    const Call call(model, "blip2_embed_text");
+    const blip2::RetrievalModel& m = retrieval_of(model, "blip2_embed_text");
+    usage_unless(text != nullptr, "blip2_embed_text: text is NULL");
+    const size_t need = static_cast<size_t>(m.embedding_size());
+    check_out(out, capacity, need, "blip2_embed_text");
+    copy_out(m.text_embeds(m.tokenize({text})).text_embeds, out, need);
+  });
 }
 
 void blip2_string_free(char* s) { std::free(s); }

@@ -24,6 +24,7 @@
 #include "io/make_random.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
+#include "temp_dir.h"
 
 using namespace blip2;
 namespace fs = std::filesystem;
@@ -33,29 +34,12 @@ namespace {
 const std::string kFixtures = BLIP2_FIXTURES_DIR;
 const std::string kTinyDir = BLIP2_TINY_T5_DIR;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "blip2-make-random-XXXXXX").string();
-    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string path(const std::string& sub = "") const { return sub.empty() ? path_ : (fs::path(path_) / sub).string(); }
+using test::read_bytes;
 
- private:
-  std::string path_;
+// Temporary directories named after this test file.
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("blip2-make-random") {}
 };
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 nlohmann::json read_json(const std::string& path) { return nlohmann::json::parse(read_bytes(path)); }
 

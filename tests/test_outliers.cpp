@@ -21,6 +21,7 @@
 #include "io/safetensors.h"
 #include "model/blip2.h"
 #include "model/load_options.h"
+#include "temp_dir.h"
 
 using namespace blip2;
 namespace fs = std::filesystem;
@@ -29,29 +30,12 @@ namespace {
 
 const std::string kFixtures = BLIP2_FIXTURES_DIR;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "blip2-outliers-XXXXXX").string();
-    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string path(const std::string& sub) const { return (fs::path(path_) / sub).string(); }
+using test::read_bytes;
 
- private:
-  std::string path_;
+// Temporary directories named after this test file.
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("blip2-outliers") {}
 };
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 MakeRandomOptions make_options(bool outliers, uint64_t seed) {
   MakeRandomOptions o;

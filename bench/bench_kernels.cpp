@@ -11,7 +11,9 @@
 //                    activations per row tile of the integer products) swept over the shapes they matter for
 //
 // Usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] [--only gemv|sgemm|bw|widen|tile]
-//                      [--i8-block B] [--widen R1,R2,...] [--tile KiB1,KiB2,...] [--rounds N]
+//                      [--i8-block B] [--widen R1,R2,...] [--tile KiB1,KiB2,...] [--rounds N] [--outliers]
+//   --outliers: gemv's activations get 4 columns ×40 (make-random --outliers' residual channels), so that
+//   ops::linear's outlier-column decomposition (issue 14) runs in every int8/int4 product.
 #include <cblas.h>
 
 #include <algorithm>
@@ -107,6 +109,8 @@ void bench_setting(const char* title, const std::vector<DType>& dtypes, const st
 // Every format of one shape and row count, interleaved: each round times every format once (a batch of
 // products on rotating copies) and a 512 MiB streaming sum; the best round of each is kept. Other processes
 // on the machine then slow all of them alike, and the best rounds are the undisturbed ones.
+bool g_outlier_x = false;
+
 void bench_gemv(double bw, const std::vector<int>& row_counts, bool quick, int rounds) {
   std::printf("\n== gemv through ops::linear, %d threads, %s kernels, best of %d interleaved rounds\n", par::threads(),
               kern::isa_name(), rounds);
@@ -148,7 +152,10 @@ void bench_gemv(double bw, const std::vector<int>& row_counts, bool quick, int r
       }
     }
     for (int R : row_counts) {
-      const auto x = random_floats(static_cast<size_t>(R * in), 11);
+      auto x = random_floats(static_cast<size_t>(R * in), 11);
+      if (g_outlier_x)
+        for (int r = 0; r < R; ++r)
+          for (int64_t c : {7, 1000, 1001, 3000}) x[static_cast<size_t>(r * in + c)] *= 40.0f;
       std::vector<float> y(static_cast<size_t>(R * out));
       std::vector<double> best(formats.size(), 1e30);
       double best_stream = 1e30;
@@ -226,9 +233,11 @@ int main(int argc, char** argv) {
     else if (a == "--widen") { const auto v = parse_ints(next()); widen.assign(v.begin(), v.end()); }
     else if (a == "--rounds") rounds = std::max(1, std::stoi(next()));
     else if (a == "--tile") { const auto v = parse_ints(next()); tile.assign(v.begin(), v.end()); }
+    else if (a == "--outliers") g_outlier_x = true;
     else {
       std::fprintf(stderr, "usage: bench_kernels [--threads N] [--scalar] [--quick] [--rows 1,5] "
-                           "[--only gemv|sgemm|bw|widen|tile] [--i8-block B] [--widen 128,256,...] [--tile KiB,...] [--rounds N]\n");
+                           "[--only gemv|sgemm|bw|widen|tile] [--i8-block B] [--widen 128,256,...] [--tile KiB,...] [--rounds N] "
+                           "[--outliers]\n");
       return 2;
     }
   }

@@ -354,6 +354,63 @@ TEST(Linear, QuantizedRowTilesGiveIdenticalResults) {
   }
 }
 
+// Outlier input columns (issue 14, kern::outlier_columns): a few columns 50x the rest are found, taken out of
+// the integer product and added in float, so the product's error against the dequantized weights comes
+// back to what the same rows without outliers give, on both paths, for decoding and prefill row counts; with
+// the decomposition off (the products before issue 14) it is many times larger.
+TEST(Linear, OutlierColumnsAreAddedInFloat) {
+  const int64_t out = 70, in = 512;
+  const std::vector<int32_t> planted = {5, 130, 131, 400};
+  std::mt19937 g(21);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> wv(static_cast<size_t>(out * in));
+  for (auto& v : wv) v = 0.05f * nd(g);
+  for (int64_t rows : {1, 3, 40}) {
+    std::vector<float> clean(static_cast<size_t>(rows * in));
+    for (auto& v : clean) v = nd(g);
+    std::vector<float> x = clean;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int32_t c : planted) x[r * in + c] *= 50.0f;
+    int32_t found[kern::kOutlierColumnsLimit];
+    ASSERT_EQ(kern::outlier_columns(x.data(), rows, in, in, 8, found), 4) << rows;
+    EXPECT_EQ(std::vector<int32_t>(found, found + 4), planted) << rows;
+    EXPECT_EQ(kern::outlier_columns(clean.data(), rows, in, in, 8, found), 0) << rows;
+    EXPECT_EQ(kern::outlier_columns(x.data(), rows, in, in, 2, found), 2) << rows;  // the cap
+    for (const Fmt& f : kFormats) {
+      if (f.dtype != DType::I8 && f.dtype != DType::I4) continue;
+      const Weight w = kern::convert(f32_weight(wv, out, in), f.dtype, f.group);
+      std::vector<float> wd(wv.size());
+      kern::dequant_rows(w, 0, out, wd.data(), in);
+      // Relative error against the exact product with the dequantized weights (only activations rounded).
+      const auto rel = [&](const std::vector<float>& xs) {
+        std::vector<float> y(static_cast<size_t>(rows * out));
+        ops::linear(xs.data(), rows, w, Weight{}, y.data());
+        double num = 0, den = 0;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t o = 0; o < out; ++o) {
+            double s = 0;
+            for (int64_t i = 0; i < in; ++i) s += static_cast<double>(xs[r * in + i]) * wd[o * in + i];
+            num += (y[r * out + o] - s) * (y[r * out + o] - s);
+            den += s * s;
+          }
+        return std::sqrt(num / den);
+      };
+      for_each_isa([&](const char* isa) {
+        const double e_clean = rel(clean), e_on = rel(x);
+        kern::set_max_outlier_columns(0);
+        const double e_off = rel(x);
+        kern::set_max_outlier_columns(kern::kMaxOutlierColumns);
+        std::printf("  %-8s %-6s rows %2lld: rel error clean %.2e, outliers %.2e (decomposition off: %.2e)\n", f.name,
+                    isa, static_cast<long long>(rows), e_clean, e_on, e_off);
+        // The outlier columns dominate |y| with their exact float part, so the relative error drops below
+        // the clean rows'; without the decomposition it is several times above it.
+        EXPECT_LE(e_on, 1.2 * e_clean) << f.name << " " << isa << " rows " << rows;
+        EXPECT_GE(e_off, 3.0 * e_on) << f.name << " " << isa << " rows " << rows;
+      });
+    }
+  }
+}
+
 // The weight-only int8 alternative kept for the benchmark.
 TEST(Linear, Int8WeightOnlyVariantMatchesDequantizedWeights) {
   const int64_t out = 19, in = 77;

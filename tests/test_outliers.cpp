@@ -3,7 +3,8 @@
 // over a fixture image: the input of the first layer's q/k/v (after its norm) has the chosen residual
 // channels 20-100x the median channel, and the input of wo / fc2 the chosen hidden channels >= 20x; the same
 // shapes without --outliers have no such channels. Then the measurement the outliers are for: every weight
-// format against float32, clean and with outliers (printed, no bound yet: docs/PERFORMANCE.md).
+// format against float32, clean and with outliers (docs/PERFORMANCE.md), bounded where ops::linear's
+// outlier-column decomposition (kern::outlier_columns) makes the quantized products outlier-proof.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -13,6 +14,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "commands.h"
@@ -341,9 +343,28 @@ Accuracy measure(const Blip2Model& ref, const Blip2Model& m) {
   return a;
 }
 
-// No bound on the quantized formats yet (their products are not outlier-proof; a later change): the numbers
-// are printed for docs/PERFORMANCE.md. Only float32 against itself, finiteness and the clean model's bf16
-// are checked, so a broken measurement still fails.
+// The quantized formats' logits error against float32 with the outlier columns taken out of the integer
+// products (ops::linear, issue 14). Bounds, per model and format:
+//  - clean: at most the error measured before the decomposition × 1.05 (it must not make clean models worse);
+//  - with outliers, T5 int8 / lm-int8: at most 1.5× the clean model's error + 1e-3 (the slack: under a tenth of the
+//    errors bounded, far above run-to-run differences, which come from thread scheduling only at ~1e-6);
+//  - with outliers, everything else: at most the error measured when the bound was set × 1.1 (regression
+//    guards). OPT int8 and every int4 stay above 1.5× clean: what is left there is the weights' own rounding,
+//    which the outliers amplify (bf16, which never rounds activations, goes from 5.2e-3 to 5.8e-2 on OPT; and
+//    taking every column of the tiny models out of the integer products leaves the int8/int4 errors where
+//    they are: docs/PERFORMANCE.md). Closing that needs the outlier columns' weights kept in float.
+struct Bound {
+  const char* like;
+  const char* format;
+  double clean_before;  // logits rel, clean model, before the decomposition (docs/PERFORMANCE.md)
+  double outliers_max;  // 0: 1.5× clean + 1e-3; else the regression bound
+};
+const Bound kBounds[] = {
+    {"tiny", "int8", 1.23e-2, 0},         {"tiny", "lm-int8", 1.15e-2, 0},
+    {"tiny", "int4", 0.129, 0.246 * 1.1}, {"tiny", "lm-int4", 0.123, 0.226 * 1.1},
+    {"tiny-opt", "int8", 2.39e-2, 0.123 * 1.1}, {"tiny-opt", "lm-int8", 1.86e-2, 8.06e-2 * 1.1},
+    {"tiny-opt", "int4", 0.293, 0.527 * 1.1},   {"tiny-opt", "lm-int4", 0.240, 0.519 * 1.1}};
+
 TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
   TempDir tmp;
   struct Fmt {
@@ -356,7 +377,8 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
                                     {"int8", WeightFormat::I8},   {"int4", WeightFormat::I4},
                                     {"lm-int8", WeightFormat::AsStored}, {"lm-int4", WeightFormat::AsStored}};
   std::printf("  %-9s %-9s %-8s %14s %14s\n", "model", "outliers", "format", "logits rel", "top-1 agree");
-  for (const char* like : {"tiny", "tiny-opt"})
+  for (const char* like : {"tiny", "tiny-opt"}) {
+    std::map<std::string, double> clean_rel;  // this model's clean errors, by format
     for (bool outliers : {false, true}) {
       const std::string dir = tmp.path(std::string(like) + (outliers ? "-outliers" : "-clean"));
       make_random_checkpoint(like, dir, make_options(outliers, 0));
@@ -377,8 +399,21 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
         if (std::string(f.name) == "bf16" && !outliers) {
           EXPECT_LT(a.logits_rel, 0.1) << like;
         }
+        for (const Bound& b : kBounds) {
+          if (std::string(b.like) != like || std::string(b.format) != f.name) continue;
+          if (!outliers) {
+            clean_rel[f.name] = a.logits_rel;
+            EXPECT_LE(a.logits_rel, b.clean_before * 1.05) << like << " " << f.name << " clean";
+          } else if (b.outliers_max == 0) {
+            ASSERT_TRUE(clean_rel.count(f.name));
+            EXPECT_LE(a.logits_rel, 1.5 * clean_rel[f.name] + 1e-3) << like << " " << f.name << " with outliers";
+          } else {
+            EXPECT_LE(a.logits_rel, b.outliers_max) << like << " " << f.name << " with outliers";
+          }
+        }
       }
     }
+  }
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 #include "core/error.h"
 #include "ops/kernels_impl.h"
@@ -330,6 +331,125 @@ int act_block(const Weight& w) {
   // The block must divide the padded row (a multiple of 32); otherwise fall back to 32.
   if (b == 0) return static_cast<int>(w.ld);
   return w.ld % b == 0 ? b : 32;
+}
+
+namespace {
+std::atomic<int> g_max_outliers{kMaxOutlierColumns};
+
+// w[o][j] as the integer kernels see it (float formats as stored).
+float weight_at(const Weight& w, int64_t o, int64_t j) {
+  switch (w.dtype) {
+    case DType::I8:
+      return static_cast<float>(static_cast<const int8_t*>(w.data)[o * w.ld + j]) * static_cast<const float*>(w.scales)[o];
+    case DType::I4: {
+      const uint8_t byte = static_cast<const uint8_t*>(w.data)[o * (w.ld / 2) + (j / 64) * 32 + (j % 32)];
+      const int v = ((j % 64) < 32 ? (byte & 15) : (byte >> 4)) - 8;
+      return static_cast<float>(v) * f16_to_f32(static_cast<const uint16_t*>(w.scales)[o * (w.ld / w.group) + j / w.group]);
+    }
+    case DType::F32: return static_cast<const float*>(w.data)[o * w.cols() + j];
+    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(w.data)[o * w.cols() + j]);
+    case DType::BF16: return detail::bf16_bits_to_f32(static_cast<const uint16_t*>(w.data)[o * w.cols() + j]);
+  }
+  return 0.0f;
+}
+}  // namespace
+
+void set_max_outlier_columns(int n) { g_max_outliers.store(std::clamp(n, 0, kOutlierColumnsLimit)); }
+int max_outlier_columns() { return g_max_outliers.load(std::memory_order_relaxed); }
+
+int outlier_columns(const float* x, int64_t rows, int64_t cols, int64_t ldx, int max, int32_t* out) {
+  max = std::min(max, kOutlierColumnsLimit);
+  if (max <= 0 || cols <= 0) return 0;
+  struct Cand {
+    int32_t col;
+    float ratio;
+  };
+  std::vector<Cand> cand;  // empty (no allocation) unless some row has a candidate
+  std::mutex mu;
+  const auto scan = [&](int64_t r0, int64_t r1) {
+    std::vector<Cand> mine;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * ldx;
+      float s[8] = {}, m[8] = {};  // 8 partial sums and maxima, so that the compiler can vectorise the pass
+      int64_t i = 0;
+      for (; i + 8 <= cols; i += 8)
+        for (int k = 0; k < 8; ++k) {
+          const float a = std::fabs(xr[i + k]);
+          s[k] += a;
+          m[k] = std::max(m[k], a);
+        }
+      for (; i < cols; ++i) {
+        const float a = std::fabs(xr[i]);
+        s[0] += a;
+        m[0] = std::max(m[0], a);
+      }
+      float sum = 0.0f, mx = 0.0f;
+      for (int k = 0; k < 8; ++k) {
+        sum += s[k];
+        mx = std::max(mx, m[k]);
+      }
+      const float mean = sum / static_cast<float>(cols), thr = kOutlierRatio * mean;
+      if (!(mx > thr)) continue;  // the usual row (also all-zero and non-finite ones)
+      for (int64_t j = 0; j < cols; ++j)
+        if (std::fabs(xr[j]) > thr) mine.push_back({static_cast<int32_t>(j), std::fabs(xr[j]) / mean});
+    }
+    if (mine.empty()) return;
+    const std::lock_guard<std::mutex> lock(mu);
+    cand.insert(cand.end(), mine.begin(), mine.end());
+  };
+  // Prefill (the ViT's 257 rows per image) on the pool; the result does not depend on the split, since the
+  // candidates are ordered below by (column, ratio).
+  if (rows * cols >= (int64_t{1} << 16)) par::parallel_for(rows, scan, std::max<int64_t>(1, (int64_t{1} << 15) / cols));
+  else scan(0, rows);
+  if (cand.empty()) return 0;
+  // One entry per column with its largest ratio, then the `max` largest.
+  std::sort(cand.begin(), cand.end(), [](const Cand& a, const Cand& b) { return a.col != b.col ? a.col < b.col : a.ratio > b.ratio; });
+  cand.erase(std::unique(cand.begin(), cand.end(), [](const Cand& a, const Cand& b) { return a.col == b.col; }), cand.end());
+  const size_t n = std::min(cand.size(), static_cast<size_t>(max));
+  std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(n), cand.end(),
+                    [](const Cand& a, const Cand& b) { return a.ratio != b.ratio ? a.ratio > b.ratio : a.col < b.col; });
+  std::sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(n), [](const Cand& a, const Cand& b) { return a.col < b.col; });
+  for (size_t k = 0; k < n; ++k) out[k] = cand[k].col;
+  return static_cast<int>(n);
+}
+
+void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, const int32_t* cols, int n, int64_t o0,
+                 int64_t o1, float* y, int64_t ldy) {
+  if (n <= 0) return;
+  if (n > kOutlierColumnsLimit) fail(ErrorKind::Internal, "add_columns: too many columns");
+  constexpr int64_t kChunk = 32;
+  float wt[kOutlierColumnsLimit * kChunk];  // [column][output channel of the chunk]: contiguous for the row loop
+  for (int64_t c0 = o0; c0 < o1; c0 += kChunk) {
+    const int64_t m = std::min(kChunk, o1 - c0);
+    if (w.dtype == DType::I8) {  // the decoding formats without weight_at's per-element switch
+      const auto* q = static_cast<const int8_t*>(w.data) + c0 * w.ld;
+      const auto* sw = static_cast<const float*>(w.scales) + c0;
+      for (int64_t o = 0; o < m; ++o)
+        for (int c = 0; c < n; ++c) wt[c * kChunk + o] = static_cast<float>(q[o * w.ld + cols[c]]) * sw[o];
+    } else if (w.dtype == DType::I4) {
+      const int64_t rb = w.ld / 2, ng = w.ld / w.group;
+      const auto* q = static_cast<const uint8_t*>(w.data) + c0 * rb;
+      const auto* sw = static_cast<const uint16_t*>(w.scales) + c0 * ng;
+      for (int64_t o = 0; o < m; ++o)
+        for (int c = 0; c < n; ++c) {
+          const int64_t j = cols[c];
+          const uint8_t byte = q[o * rb + (j / 64) * 32 + (j % 32)];
+          const int v = ((j % 64) < 32 ? (byte & 15) : (byte >> 4)) - 8;
+          wt[c * kChunk + o] = static_cast<float>(v) * f16_to_f32(sw[o * ng + j / w.group]);
+        }
+    } else {
+      for (int c = 0; c < n; ++c)
+        for (int64_t o = 0; o < m; ++o) wt[c * kChunk + o] = weight_at(w, c0 + o, cols[c]);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* yr = y + r * ldy + c0;
+      for (int c = 0; c < n; ++c) {
+        const float a = x[r * ldx + cols[c]];
+        const float* wc = wt + c * kChunk;
+        for (int64_t o = 0; o < m; ++o) yr[o] += a * wc[o];
+      }
+    }
+  }
 }
 
 void quantize_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, QuantRows& out, int64_t first) {

@@ -70,18 +70,47 @@ namespace {
 
 // x quantized once (rows split between threads), then per tile of rows the output channels split between
 // threads, each streaming its share of the weight once per tile.
+//
+// Outlier columns (issue 14, kern::outlier_columns): the few input columns far above their row's typical
+// magnitude are zeroed in a copy of x before it is quantized, so that they set no block scale, and their
+// contribution x[:, j] · w[:, j] is added in float (kern::add_columns) right after the integer product of
+// each chunk of kOutlierChunk output channels, while those weight rows are still in cache: for decoding
+// the extra reads are cache hits and the extra work n · out multiply-adds per row.
+constexpr int64_t kOutlierChunk = 32;
+
 void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
   const int64_t out = w.rows(), in = w.cols();
   thread_local kern::QuantRows tls;
-  kern::QuantRows& qx = tls;  // the caller's buffer (inside the lambdas `tls` would be the worker's own)
+  thread_local std::vector<float> tls_x;
+  kern::QuantRows& qx = tls;  // the caller's buffers (inside the lambdas `tls` would be the worker's own)
+  std::vector<float>& xz = tls_x;
+  int32_t cols[kern::kOutlierColumnsLimit];
+  const int n = kern::outlier_columns(x, rows, in, in, kern::max_outlier_columns(), cols);
+  if (n > 0) xz.resize(static_cast<size_t>(rows * in));
   qx.resize(rows, w.ld, kern::act_block(w));
-  par::parallel_for(rows, [&](int64_t r0, int64_t r1) { kern::quantize_rows(x + r0 * in, r1 - r0, in, in, qx, r0); },
-                    std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(in, 1)));
+  par::parallel_for(rows, [&](int64_t r0, int64_t r1) {
+    const float* src = x + r0 * in;
+    if (n > 0) {  // x without its outlier columns
+      float* z = xz.data() + r0 * in;
+      std::memcpy(z, src, static_cast<size_t>((r1 - r0) * in) * sizeof(float));
+      for (int64_t r = 0; r < r1 - r0; ++r)
+        for (int c = 0; c < n; ++c) z[r * in + cols[c]] = 0.0f;
+      src = z;
+    }
+    kern::quantize_rows(src, r1 - r0, in, in, qx, r0);
+  }, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(in, 1)));
   const int64_t tile = std::max(kQuantTileMinRows, g_quant_tile_bytes / w.ld);
   for (int64_t r0 = 0; r0 < rows; r0 += tile) {
     const int64_t r1 = std::min(rows, r0 + tile);
     const int64_t min_out = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(in * (r1 - r0), 1));
-    par::parallel_for(out, [&](int64_t o0, int64_t o1) { kern::gemv_q(qx, r0, r1, w, o0, o1, y, out); }, min_out, 16);
+    par::parallel_for(out, [&](int64_t o0, int64_t o1) {
+      if (n == 0) return kern::gemv_q(qx, r0, r1, w, o0, o1, y, out);
+      for (int64_t c0 = o0; c0 < o1; c0 += kOutlierChunk) {
+        const int64_t c1 = std::min(o1, c0 + kOutlierChunk);
+        kern::gemv_q(qx, r0, r1, w, c0, c1, y, out);
+        kern::add_columns(x + r0 * in, in, r1 - r0, w, cols, n, c0, c1, y + r0 * out, out);
+      }
+    }, min_out, 16);
   }
 }
 

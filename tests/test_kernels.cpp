@@ -370,12 +370,16 @@ TEST(Linear, OutlierColumnsAreAddedInFloat) {
     for (auto& v : clean) v = nd(g);
     std::vector<float> x = clean;
     for (int64_t r = 0; r < rows; ++r)
-      for (int32_t c : planted) x[r * in + c] *= 50.0f;
-    int32_t found[kern::kOutlierColumnsLimit];
-    ASSERT_EQ(kern::outlier_columns(x.data(), rows, in, in, 8, found), 4) << rows;
-    EXPECT_EQ(std::vector<int32_t>(found, found + 4), planted) << rows;
-    EXPECT_EQ(kern::outlier_columns(clean.data(), rows, in, in, 8, found), 0) << rows;
-    EXPECT_EQ(kern::outlier_columns(x.data(), rows, in, in, 2, found), 2) << rows;  // the cap
+      for (int32_t c : planted) x[r * in + c] = x[r * in + c] < 0 ? -50.0f : 50.0f;
+    std::vector<int32_t> found(static_cast<size_t>(rows * 8));
+    std::vector<int> counts(static_cast<size_t>(rows));
+    ASSERT_EQ(kern::outlier_columns(x.data(), rows, in, in, 8, found.data(), counts.data()), 4 * rows) << rows;
+    for (int64_t r = 0; r < rows; ++r) {
+      ASSERT_EQ(counts[r], 4) << rows;
+      EXPECT_EQ(std::vector<int32_t>(found.begin() + r * 8, found.begin() + r * 8 + 4), planted) << rows;
+    }
+    EXPECT_EQ(kern::outlier_columns(clean.data(), rows, in, in, 8, found.data(), counts.data()), 0) << rows;
+    EXPECT_EQ(kern::outlier_columns(x.data(), rows, in, in, 2, found.data(), counts.data()), 2 * rows) << rows;  // the cap
     for (const Fmt& f : kFormats) {
       if (f.dtype != DType::I8 && f.dtype != DType::I4) continue;
       const Weight w = kern::convert(f32_weight(wv, out, in), f.dtype, f.group);
@@ -406,6 +410,39 @@ TEST(Linear, OutlierColumnsAreAddedInFloat) {
         // the clean rows'; without the decomposition it is several times above it.
         EXPECT_LE(e_on, 1.2 * e_clean) << f.name << " " << isa << " rows " << rows;
         EXPECT_GE(e_off, 3.0 * e_on) << f.name << " " << isa << " rows " << rows;
+      });
+    }
+  }
+}
+
+// Each row's outlier columns are its own: a row's product is bit for bit the same whether its batch-mates
+// have outliers in other columns or none (batch invariance, which continuous batching and the server rely
+// on; the same rows go through the same kernels either way).
+TEST(Linear, OutlierColumnsDoNotCrossRows) {
+  const int64_t out = 64, in = 256;
+  std::mt19937 g(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> wv(static_cast<size_t>(out * in));
+  for (auto& v : wv) v = 0.05f * nd(g);
+  for (int64_t rows : {2, 9}) {  // the decoding kernels (up to 5 rows) and the many-row ones
+    std::vector<float> clean(static_cast<size_t>(rows * in));
+    for (auto& v : clean) v = nd(g);
+    std::vector<float> x = clean;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 3 + 11 * r; c < in; c += 37) x[r * in + c] = 45.0f;  // each row: its own columns
+    for (const Fmt& f : kFormats) {
+      if (f.dtype != DType::I8 && f.dtype != DType::I4) continue;
+      const Weight w = kern::convert(f32_weight(wv, out, in), f.dtype, f.group);
+      for_each_isa([&](const char* isa) {
+        std::vector<float> all(static_cast<size_t>(rows * out)), alone(all.size());
+        ops::linear(x.data(), rows, w, Weight{}, all.data());
+        for (int64_t r : {int64_t{0}, rows - 1}) {
+          std::vector<float> x1 = clean;  // row r as in x, the others without their outliers
+          std::copy(x.begin() + r * in, x.begin() + (r + 1) * in, x1.begin() + r * in);
+          ops::linear(x1.data(), rows, w, Weight{}, alone.data());
+          for (int64_t o = 0; o < out; ++o)
+            ASSERT_EQ(alone[r * out + o], all[r * out + o]) << f.name << " " << isa << " rows " << rows << " row " << r;
+        }
       });
     }
   }

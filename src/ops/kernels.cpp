@@ -357,17 +357,19 @@ float weight_at(const Weight& w, int64_t o, int64_t j) {
 void set_max_outlier_columns(int n) { g_max_outliers.store(std::clamp(n, 0, kOutlierColumnsLimit)); }
 int max_outlier_columns() { return g_max_outliers.load(std::memory_order_relaxed); }
 
-int outlier_columns(const float* x, int64_t rows, int64_t cols, int64_t ldx, int max, int32_t* out) {
+int outlier_columns(const float* x, int64_t rows, int64_t cols, int64_t ldx, int max, int32_t* out, int* counts) {
   max = std::min(max, kOutlierColumnsLimit);
-  if (max <= 0 || cols <= 0) return 0;
-  struct Cand {
-    int32_t col;
-    float ratio;
-  };
-  std::vector<Cand> cand;  // empty (no allocation) unless some row has a candidate
-  std::mutex mu;
+  if (max <= 0 || cols <= 0) {
+    for (int64_t r = 0; r < rows; ++r) counts[r] = 0;
+    return 0;
+  }
+  std::atomic<int> total{0};
   const auto scan = [&](int64_t r0, int64_t r1) {
-    std::vector<Cand> mine;
+    struct Cand {
+      int32_t col;
+      float ratio;
+    };
+    std::vector<Cand> cand;  // empty (no allocation) unless a row has a candidate
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * ldx;
       float s[8] = {}, m[8] = {};  // 8 partial sums and maxima, so that the compiler can vectorise the pass
@@ -389,64 +391,51 @@ int outlier_columns(const float* x, int64_t rows, int64_t cols, int64_t ldx, int
         mx = std::max(mx, m[k]);
       }
       const float mean = sum / static_cast<float>(cols), thr = kOutlierRatio * mean;
+      counts[r] = 0;
       if (!(mx > thr)) continue;  // the usual row (also all-zero and non-finite ones)
+      cand.clear();
       for (int64_t j = 0; j < cols; ++j)
-        if (std::fabs(xr[j]) > thr) mine.push_back({static_cast<int32_t>(j), std::fabs(xr[j]) / mean});
+        if (std::fabs(xr[j]) > thr) cand.push_back({static_cast<int32_t>(j), std::fabs(xr[j]) / mean});
+      // The `max` largest ratios (ties: the lower column), then in column order.
+      const size_t n = std::min(cand.size(), static_cast<size_t>(max));
+      std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(n), cand.end(),
+                        [](const Cand& a, const Cand& b) { return a.ratio != b.ratio ? a.ratio > b.ratio : a.col < b.col; });
+      std::sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(n),
+                [](const Cand& a, const Cand& b) { return a.col < b.col; });
+      for (size_t k = 0; k < n; ++k) out[r * max + static_cast<int64_t>(k)] = cand[k].col;
+      counts[r] = static_cast<int>(n);
+      total += static_cast<int>(n);
     }
-    if (mine.empty()) return;
-    const std::lock_guard<std::mutex> lock(mu);
-    cand.insert(cand.end(), mine.begin(), mine.end());
   };
-  // Prefill (the ViT's 257 rows per image) on the pool; the result does not depend on the split, since the
-  // candidates are ordered below by (column, ratio).
+  // Prefill (the ViT's 257 rows per image) on the pool: each row's result is its own, whatever the split.
   if (rows * cols >= (int64_t{1} << 16)) par::parallel_for(rows, scan, std::max<int64_t>(1, (int64_t{1} << 15) / cols));
   else scan(0, rows);
-  if (cand.empty()) return 0;
-  // One entry per column with its largest ratio, then the `max` largest.
-  std::sort(cand.begin(), cand.end(), [](const Cand& a, const Cand& b) { return a.col != b.col ? a.col < b.col : a.ratio > b.ratio; });
-  cand.erase(std::unique(cand.begin(), cand.end(), [](const Cand& a, const Cand& b) { return a.col == b.col; }), cand.end());
-  const size_t n = std::min(cand.size(), static_cast<size_t>(max));
-  std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(n), cand.end(),
-                    [](const Cand& a, const Cand& b) { return a.ratio != b.ratio ? a.ratio > b.ratio : a.col < b.col; });
-  std::sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(n), [](const Cand& a, const Cand& b) { return a.col < b.col; });
-  for (size_t k = 0; k < n; ++k) out[k] = cand[k].col;
-  return static_cast<int>(n);
+  return total.load();
 }
 
-void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, const int32_t* cols, int n, int64_t o0,
-                 int64_t o1, float* y, int64_t ldy) {
-  if (n <= 0) return;
-  if (n > kOutlierColumnsLimit) fail(ErrorKind::Internal, "add_columns: too many columns");
-  constexpr int64_t kChunk = 32;
-  float wt[kOutlierColumnsLimit * kChunk];  // [column][output channel of the chunk]: contiguous for the row loop
-  for (int64_t c0 = o0; c0 < o1; c0 += kChunk) {
-    const int64_t m = std::min(kChunk, o1 - c0);
-    if (w.dtype == DType::I8) {  // the decoding formats without weight_at's per-element switch
-      const auto* q = static_cast<const int8_t*>(w.data) + c0 * w.ld;
-      const auto* sw = static_cast<const float*>(w.scales) + c0;
-      for (int64_t o = 0; o < m; ++o)
-        for (int c = 0; c < n; ++c) wt[c * kChunk + o] = static_cast<float>(q[o * w.ld + cols[c]]) * sw[o];
-    } else if (w.dtype == DType::I4) {
-      const int64_t rb = w.ld / 2, ng = w.ld / w.group;
-      const auto* q = static_cast<const uint8_t*>(w.data) + c0 * rb;
-      const auto* sw = static_cast<const uint16_t*>(w.scales) + c0 * ng;
-      for (int64_t o = 0; o < m; ++o)
-        for (int c = 0; c < n; ++c) {
-          const int64_t j = cols[c];
-          const uint8_t byte = q[o * rb + (j / 64) * 32 + (j % 32)];
-          const int v = ((j % 64) < 32 ? (byte & 15) : (byte >> 4)) - 8;
-          wt[c * kChunk + o] = static_cast<float>(v) * f16_to_f32(sw[o * ng + j / w.group]);
+void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, const int32_t* cols, const int* counts,
+                 int max, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * ldy;
+    for (int c = 0; c < counts[r]; ++c) {
+      const int64_t j = cols[r * max + c];
+      const float a = x[r * ldx + j];
+      if (w.dtype == DType::I8) {  // the decoding formats without weight_at's per-element switch
+        const auto* q = static_cast<const int8_t*>(w.data) + j;
+        const auto* sw = static_cast<const float*>(w.scales);
+        for (int64_t o = o0; o < o1; ++o) yr[o] += a * (static_cast<float>(q[o * w.ld]) * sw[o]);
+      } else if (w.dtype == DType::I4) {
+        const int64_t rb = w.ld / 2, ng = w.ld / w.group, byte_at = (j / 64) * 32 + (j % 32);
+        const bool low = (j % 64) < 32;
+        const auto* q = static_cast<const uint8_t*>(w.data) + byte_at;
+        const auto* sw = static_cast<const uint16_t*>(w.scales) + j / w.group;
+        for (int64_t o = o0; o < o1; ++o) {
+          const uint8_t byte = q[o * rb];
+          const int v = (low ? (byte & 15) : (byte >> 4)) - 8;
+          yr[o] += a * (static_cast<float>(v) * f16_to_f32(sw[o * ng]));
         }
-    } else {
-      for (int c = 0; c < n; ++c)
-        for (int64_t o = 0; o < m; ++o) wt[c * kChunk + o] = weight_at(w, c0 + o, cols[c]);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      float* yr = y + r * ldy + c0;
-      for (int c = 0; c < n; ++c) {
-        const float a = x[r * ldx + cols[c]];
-        const float* wc = wt + c * kChunk;
-        for (int64_t o = 0; o < m; ++o) yr[o] += a * wc[o];
+      } else {
+        for (int64_t o = o0; o < o1; ++o) yr[o] += a * weight_at(w, o, j);
       }
     }
   }

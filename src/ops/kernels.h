@@ -47,10 +47,12 @@ void set_i8_act_block(int block);  // benchmark/tests: a multiple of 32, or 0
 // contribution in float, as LLM.int8() decomposes its products; the columns are chosen per call from the
 // activations themselves, so that no calibration or model knowledge is needed and every model gets it.
 //
-// The columns of x[rows, cols] (row stride ldx) where some row has |x| > kOutlierRatio × that row's mean |x|
+// Per row r of x[rows, cols] (row stride ldx): the columns where |x| > kOutlierRatio × that row's mean |x|
 // (relative, so that it holds at any activation scale, unlike LLM.int8()'s absolute 6.0; for Gaussian rows
-// 4.8 standard deviations), at most `max` of them (the largest ratios; a call with more keeps the worst and
-// quantizes the rest as before), written to `out` in increasing column order; returns how many. A column
+// 4.8 standard deviations), at most `max` of them (the largest ratios; a row with more keeps the worst and
+// quantizes the rest as before), written to out[r·max …] in increasing column order, their number to
+// counts[r]; returns the total. Each row's columns depend on that row alone, so that a row's product is the
+// same whatever else is in the batch (batch invariance: a batch-mate's outliers change nothing). A column
 // taken by chance (heavy-tailed rows, ReLU outputs) costs a little time, never accuracy. One pass over the
 // rows (a second only over a row with a candidate): a few microseconds for a decoding row.
 // Measured on test_outliers (docs/PERFORMANCE.md): ratio 6 beat 10 (T5 int8 with outliers 1.42e-2 vs
@@ -58,17 +60,17 @@ void set_i8_act_block(int block);  // benchmark/tests: a multiple of 32, or 0
 constexpr float kOutlierRatio = 6.0f;
 constexpr int kMaxOutlierColumns = 8;   // the default cap
 constexpr int kOutlierColumnsLimit = 64;  // the most set_max_outlier_columns accepts
-int outlier_columns(const float* x, int64_t rows, int64_t cols, int64_t ldx, int max, int32_t* out);
+int outlier_columns(const float* x, int64_t rows, int64_t cols, int64_t ldx, int max, int32_t* out, int* counts);
 // Tests and benchmarks: the cap ops::linear uses, clamped to [0, kOutlierColumnsLimit]; 0 turns the
 // decomposition off (the products before issue 14).
 void set_max_outlier_columns(int n);
 int max_outlier_columns();
-// y[r·ldy + o] += Σ_c x[r·ldx + cols[c]] · w[o][cols[c]] for r < rows, o in [o0, o1), n <= kOutlierColumnsLimit:
-// I8/I4 weights dequantized to exactly the value the integer kernels multiply with, so the weight's own
-// rounding stays and only the activation's goes. Plain C++ shared by both instruction sets (the same sums
-// in the same order whichever kernels run).
-void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, const int32_t* cols, int n, int64_t o0,
-                 int64_t o1, float* y, int64_t ldy);
+// y[r·ldy + o] += Σ_c x[r·ldx + j] · w[o][j] over row r's columns j = cols[r·max + c], c < counts[r], for
+// r < rows and o in [o0, o1): I8/I4 weights dequantized to exactly the value the integer kernels multiply
+// with, so the weight's own rounding stays and only the activation's goes. Plain C++ shared by both
+// instruction sets (the same sums in the same order whichever kernels run).
+void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, const int32_t* cols, const int* counts,
+                 int max, int64_t o0, int64_t o1, float* y, int64_t ldy);
 
 // ---- products that read each weight row once per call ----------------------------------------------------
 // y[r * ldy + o] = Σ_i x[r][i] · w[o][i] for the rows r given and output channels o in [o0, o1); each weight

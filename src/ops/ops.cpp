@@ -71,30 +71,38 @@ namespace {
 // x quantized once (rows split between threads), then per tile of rows the output channels split between
 // threads, each streaming its share of the weight once per tile.
 //
-// Outlier columns (issue 14, kern::outlier_columns): the few input columns far above their row's typical
-// magnitude are zeroed in a copy of x before it is quantized, so that they set no block scale, and their
-// contribution x[:, j] · w[:, j] is added in float (kern::add_columns) right after the integer product of
-// each chunk of kOutlierChunk output channels, while those weight rows are still in cache: for decoding
-// the extra reads are cache hits and the extra work n · out multiply-adds per row.
+// Outlier columns (issue 14, kern::outlier_columns): the few input columns of each row far above that row's
+// typical magnitude are zeroed in a copy of x before it is quantized, so that they set no block scale, and
+// their contribution x[r, j] · w[:, j] is added in float (kern::add_columns) right after the integer product
+// of each chunk of kOutlierChunk output channels, while those weight rows are still in cache: for decoding
+// the extra reads are cache hits and the extra work at most 8 · out multiply-adds per row. Each row's choice
+// is its own, so batching leaves every row's result unchanged.
 constexpr int64_t kOutlierChunk = 32;
 
 void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
   const int64_t out = w.rows(), in = w.cols();
   thread_local kern::QuantRows tls;
   thread_local std::vector<float> tls_x;
-  kern::QuantRows& qx = tls;  // the caller's buffers (inside the lambdas `tls` would be the worker's own)
+  thread_local std::vector<int32_t> tls_cols;
+  thread_local std::vector<int> tls_counts;
+  // The caller's buffers (inside the lambdas the thread_local names would be the worker's own).
+  kern::QuantRows& qx = tls;
   std::vector<float>& xz = tls_x;
-  int32_t cols[kern::kOutlierColumnsLimit];
-  const int n = kern::outlier_columns(x, rows, in, in, kern::max_outlier_columns(), cols);
+  std::vector<int32_t>& cols = tls_cols;
+  std::vector<int>& counts = tls_counts;
+  const int max = kern::max_outlier_columns();
+  cols.resize(static_cast<size_t>(rows * std::max(max, 1)));
+  counts.resize(static_cast<size_t>(rows));
+  const int n = kern::outlier_columns(x, rows, in, in, max, cols.data(), counts.data());
   if (n > 0) xz.resize(static_cast<size_t>(rows * in));
   qx.resize(rows, w.ld, kern::act_block(w));
   par::parallel_for(rows, [&](int64_t r0, int64_t r1) {
     const float* src = x + r0 * in;
-    if (n > 0) {  // x without its outlier columns
+    if (n > 0) {  // x without each row's outlier columns
       float* z = xz.data() + r0 * in;
       std::memcpy(z, src, static_cast<size_t>((r1 - r0) * in) * sizeof(float));
-      for (int64_t r = 0; r < r1 - r0; ++r)
-        for (int c = 0; c < n; ++c) z[r * in + cols[c]] = 0.0f;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int c = 0; c < counts[r]; ++c) z[(r - r0) * in + cols[r * max + c]] = 0.0f;
       src = z;
     }
     kern::quantize_rows(src, r1 - r0, in, in, qx, r0);
@@ -108,7 +116,8 @@ void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
       for (int64_t c0 = o0; c0 < o1; c0 += kOutlierChunk) {
         const int64_t c1 = std::min(o1, c0 + kOutlierChunk);
         kern::gemv_q(qx, r0, r1, w, c0, c1, y, out);
-        kern::add_columns(x + r0 * in, in, r1 - r0, w, cols, n, c0, c1, y + r0 * out, out);
+        kern::add_columns(x + r0 * in, in, r1 - r0, w, cols.data() + r0 * max, counts.data() + r0, max, c0, c1,
+                          y + r0 * out, out);
       }
     }, min_out, 16);
   }

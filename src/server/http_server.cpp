@@ -26,6 +26,12 @@ namespace {
 
 constexpr const char* kJson = "application/json";
 
+// Chat and retrieval responses the handler on this thread has finished but httplib has not yet written:
+// the logger, which httplib calls on the same thread once the response is out, takes them off in_flight_.
+// (Shutdown waits on in_flight_ before closing connections; taken off at the handler's end, a response
+// could be cut off unwritten and the client see a reset instead of its 503.)
+thread_local int t_unwritten = 0;
+
 void send_error(httplib::Response& res, const ApiError& e) {
   res.status = e.status;
   res.set_content(e.to_json().dump(-1, ' ', false, json::error_handler_t::replace), kJson);
@@ -274,7 +280,10 @@ void HttpServer::routes() {
     }
     send_error(res, ApiError(500, "internal error: " + what, "", "internal_error", "server_error"));
   });
+  // httplib calls the logger after it has written the response, on the thread that ran the handler.
   s.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
+    in_flight_ -= t_unwritten;
+    t_unwritten = 0;
     const bool known = std::find(kPaths.begin(), kPaths.end(), req.path) != kPaths.end();
     std::lock_guard<std::mutex> lock(counters_->mu);
     ++counters_->requests[{known ? req.path : "other", res.status}];
@@ -347,10 +356,9 @@ bool HttpServer::read_body(const httplib::Request& req, httplib::Response& res, 
 void HttpServer::retrieval(const httplib::Request& req, const std::string& body, httplib::Response& res,
                            json (RetrievalApi::*answer)(const std::string&)) {
   ++in_flight_;
-  struct Leave {
-    std::atomic<int>* n;
-    ~Leave() { --*n; }
-  } leave{&in_flight_};
+  struct Leave {  // the request leaves in_flight_ once its response is written (t_unwritten)
+    ~Leave() { ++t_unwritten; }
+  } leave;
   try {
     if (!retrieval_api_)
       throw ApiError(400, task_description(Blip2Task::Generation) + ": use /v1/chat/completions", "",
@@ -382,12 +390,13 @@ void HttpServer::check_positions(const Job& job) const {
 
 void HttpServer::chat(const httplib::Request& req, const std::string& body, httplib::Response& res) {
   ++in_flight_;
-  struct Leave {  // the request leaves in_flight_ when its response is written (streams: by the releaser)
-    std::atomic<int>* n;
+  struct Leave {  // the request leaves in_flight_ once its response is written (t_unwritten; a stream: when
+                  // the content provider's releaser runs)
+    bool owes = true;
     ~Leave() {
-      if (n) --*n;
+      if (owes) ++t_unwritten;
     }
-  } leave{&in_flight_};
+  } leave;
   std::shared_ptr<Job> job;
   ChatRequest cr;
   try {
@@ -470,7 +479,7 @@ void HttpServer::chat(const httplib::Request& req, const std::string& body, http
   }
 
   // Server-sent events in OpenAI's chunk format, ending with "data: [DONE]".
-  leave.n = nullptr;  // the releaser below takes over
+  leave.owes = false;  // the releaser below takes over
   const bool include_usage = cr.include_usage;
   res.set_header("Cache-Control", "no-cache");
   res.set_chunked_content_provider(

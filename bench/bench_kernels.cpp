@@ -106,11 +106,11 @@ void bench_setting(const char* title, const std::vector<DType>& dtypes, const st
   set(0);
 }
 
+bool g_outlier_x = false;  // --outliers
+
 // Every format of one shape and row count, interleaved: each round times every format once (a batch of
 // products on rotating copies) and a 512 MiB streaming sum; the best round of each is kept. Other processes
 // on the machine then slow all of them alike, and the best rounds are the undisturbed ones.
-bool g_outlier_x = false;
-
 void bench_gemv(double bw, const std::vector<int>& row_counts, bool quick, int rounds) {
   std::printf("\n== gemv through ops::linear, %d threads, %s kernels, best of %d interleaved rounds\n", par::threads(),
               kern::isa_name(), rounds);

@@ -86,12 +86,15 @@ const blip2::RetrievalModel& retrieval_of(const blip2_model* m, const std::strin
   return *m->retrieval;
 }
 
-// The ViT's output for one image given as file bytes.
+// One image given as file bytes, as the vision encoder's input [1, 3, size, size].
+blip2::Tensor pixels_of(const uint8_t* image, size_t image_size, int size, const std::string& fn) {
+  usage_unless(image != nullptr || image_size == 0, fn + ": image is NULL");
+  return blip2::preprocess_images({blip2::decode_image(image, image_size, "image")}, size);
+}
+
 blip2::Tensor encode_vision(const blip2::RetrievalModel& m, const uint8_t* image, size_t image_size,
                             const std::string& fn) {
-  usage_unless(image != nullptr || image_size == 0, fn + ": image is NULL");
-  return m.encode_vision(
-      blip2::preprocess_images({blip2::decode_image(image, image_size, "image")}, m.config().vision.image_size));
+  return m.encode_vision(pixels_of(image, image_size, m.config().vision.image_size, fn));
 }
 
 // Checked before any work: `out` must take `need` floats.
@@ -204,8 +207,7 @@ blip2_status blip2_generate_stream(blip2_model* model, const uint8_t* image, siz
     const blip2::GenerationOptions defaults = blip2::generation_defaults(model->dir);
     const blip2::GenerationOptions o = params ? from_c(*params, defaults) : defaults;
     blip2::validate(o);
-    const blip2::Tensor pixels =
-        blip2::preprocess_images({blip2::decode_image(image, image_size, "image")}, m.config().vision.image_size);
+    const blip2::Tensor pixels = pixels_of(image, image_size, m.config().vision.image_size, "blip2_generate");
     const blip2::Encoded enc = m.encode(pixels, m.tokenize({prompt ? prompt : ""}));
     // Streams the first sequence (the one returned) when each chosen token is final: not in beam search.
     blip2::TextStream stream(m.tokenizer());

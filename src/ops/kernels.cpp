@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 
 #include "core/error.h"
 #include "ops/kernels_impl.h"
@@ -58,6 +57,13 @@ void gemv_i8_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, floa
     }
 }
 
+// The stored nibble u = q + 8 of element k of an I4 row (DType::I4's layout: each 32 bytes hold 64
+// elements, the first 32 in the low nibbles).
+inline int i4_nibble(const uint8_t* row, int64_t k) {
+  const uint8_t byte = row[(k / 64) * 32 + (k % 32)];
+  return (k % 64) < 32 ? (byte & 15) : (byte >> 4);
+}
+
 void gemv_i4_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
   const int64_t ld = w.ld, G = w.group, ng = ld / G;
   const auto* q = static_cast<const uint8_t*>(w.data);
@@ -69,8 +75,7 @@ void gemv_i4_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, floa
       for (int64_t g = 0; g < ng; ++g) {
         int32_t d = 0;  // Σ (q + 8) · a, then the offset removed exactly
         for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-          const uint8_t byte = row[(k / 64) * 32 + (k % 32)];
-          const int u = (k % 64) < 32 ? (byte & 15) : (byte >> 4);
+          const int u = i4_nibble(row, k);
           d += u * x.q[r * ld + k];
         }
         d -= 8 * x.sum[r * ng + g];
@@ -137,8 +142,7 @@ void dequant_rows_scalar(const WView& w, int64_t r0, int64_t n, float* out, int6
         const auto* q = static_cast<const uint8_t*>(w.data) + row * (w.ld / 2);
         const auto* s = static_cast<const uint16_t*>(w.scales) + row * (w.ld / w.group);
         for (int64_t k = 0; k < c; ++k) {
-          const uint8_t byte = q[(k / 64) * 32 + (k % 32)];
-          const int v = ((k % 64) < 32 ? (byte & 15) : (byte >> 4)) - 8;
+          const int v = i4_nibble(q, k) - 8;
           d[k] = static_cast<float>(v) * f16_to_f32(s[k / w.group]);
         }
         break;
@@ -335,23 +339,6 @@ int act_block(const Weight& w) {
 
 namespace {
 std::atomic<int> g_max_outliers{kMaxOutlierColumns};
-
-// w[o][j] as the integer kernels see it (float formats as stored).
-float weight_at(const Weight& w, int64_t o, int64_t j) {
-  switch (w.dtype) {
-    case DType::I8:
-      return static_cast<float>(static_cast<const int8_t*>(w.data)[o * w.ld + j]) * static_cast<const float*>(w.scales)[o];
-    case DType::I4: {
-      const uint8_t byte = static_cast<const uint8_t*>(w.data)[o * (w.ld / 2) + (j / 64) * 32 + (j % 32)];
-      const int v = ((j % 64) < 32 ? (byte & 15) : (byte >> 4)) - 8;
-      return static_cast<float>(v) * f16_to_f32(static_cast<const uint16_t*>(w.scales)[o * (w.ld / w.group) + j / w.group]);
-    }
-    case DType::F32: return static_cast<const float*>(w.data)[o * w.cols() + j];
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(w.data)[o * w.cols() + j]);
-    case DType::BF16: return detail::bf16_bits_to_f32(static_cast<const uint16_t*>(w.data)[o * w.cols() + j]);
-  }
-  return 0.0f;
-}
 }  // namespace
 
 void set_max_outlier_columns(int n) { g_max_outliers.store(std::clamp(n, 0, kOutlierColumnsLimit)); }
@@ -420,22 +407,18 @@ void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, con
     for (int c = 0; c < counts[r]; ++c) {
       const int64_t j = cols[r * max + c];
       const float a = x[r * ldx + j];
-      if (w.dtype == DType::I8) {  // the decoding formats without weight_at's per-element switch
+      if (w.dtype == DType::I8) {
         const auto* q = static_cast<const int8_t*>(w.data) + j;
         const auto* sw = static_cast<const float*>(w.scales);
         for (int64_t o = o0; o < o1; ++o) yr[o] += a * (static_cast<float>(q[o * w.ld]) * sw[o]);
       } else if (w.dtype == DType::I4) {
-        const int64_t rb = w.ld / 2, ng = w.ld / w.group, byte_at = (j / 64) * 32 + (j % 32);
-        const bool low = (j % 64) < 32;
-        const auto* q = static_cast<const uint8_t*>(w.data) + byte_at;
+        const int64_t rb = w.ld / 2, ng = w.ld / w.group;
+        const auto* q = static_cast<const uint8_t*>(w.data);
         const auto* sw = static_cast<const uint16_t*>(w.scales) + j / w.group;
-        for (int64_t o = o0; o < o1; ++o) {
-          const uint8_t byte = q[o * rb];
-          const int v = (low ? (byte & 15) : (byte >> 4)) - 8;
-          yr[o] += a * (static_cast<float>(v) * f16_to_f32(sw[o * ng]));
-        }
+        for (int64_t o = o0; o < o1; ++o)
+          yr[o] += a * (static_cast<float>(detail::i4_nibble(q + o * rb, j) - 8) * f16_to_f32(sw[o * ng]));
       } else {
-        for (int64_t o = o0; o < o1; ++o) yr[o] += a * weight_at(w, o, j);
+        fail(ErrorKind::Internal, "add_columns: the weight is not int8 or int4");
       }
     }
   }

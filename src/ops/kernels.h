@@ -44,7 +44,7 @@ void set_i8_act_block(int block);  // benchmark/tests: a multiple of 32, or 0
 // models them). One such channel in an activation block sets the block's scale and rounds its neighbours to
 // a few levels: on tiny OPT the int8 logits error went from 2.4e-2 to 0.19. ops::linear therefore takes them
 // out of the integer product (zeroed before quantize_rows, so that they set no scale) and adds their
-// contribution in float, as LLM.int8() decomposes its products; the columns are chosen per call from the
+// contribution in float, as LLM.int8() decomposes its products; the columns are chosen per row from the
 // activations themselves, so that no calibration or model knowledge is needed and every model gets it.
 //
 // Per row r of x[rows, cols] (row stride ldx): the columns where |x| > kOutlierRatio × that row's mean |x|
@@ -66,7 +66,7 @@ int outlier_columns(const float* x, int64_t rows, int64_t cols, int64_t ldx, int
 void set_max_outlier_columns(int n);
 int max_outlier_columns();
 // y[r·ldy + o] += Σ_c x[r·ldx + j] · w[o][j] over row r's columns j = cols[r·max + c], c < counts[r], for
-// r < rows and o in [o0, o1): I8/I4 weights dequantized to exactly the value the integer kernels multiply
+// r < rows and o in [o0, o1) (I8 and I4 weights only): dequantized to exactly the value the integer kernels multiply
 // with, so the weight's own rounding stays and only the activation's goes. Plain C++ shared by both
 // instruction sets (the same sums in the same order whichever kernels run).
 void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, const int32_t* cols, const int* counts,

@@ -855,10 +855,10 @@ TEST(ModelDirectory, CorruptTokenizer) {
   std::string junk(4096, '\0');
   for (auto& ch : junk) ch = static_cast<char>(rng() & 0xff);
   write_bytes(dir / "spiece.model", junk);
-  EXPECT_TRUE(model_error(dir.str(), {dir / "spiece.model", "cannot load SentencePiece model"}));
+  EXPECT_TRUE(model_error(dir.str(), {dir / "spiece.model", "not a usable SentencePiece model: the protobuf is truncated or malformed"}));
   // A truncated real model too (a protobuf cut mid-field).
   write_bytes(dir / "spiece.model", read_bytes(kTinyDir + "/spiece.model").substr(0, 1000));
-  EXPECT_TRUE(model_error(dir.str(), {dir / "spiece.model", "cannot load SentencePiece model"}));
+  EXPECT_TRUE(model_error(dir.str(), {dir / "spiece.model", "not a usable SentencePiece model: the protobuf is truncated or malformed"}));
   write_bytes(dir / "spiece.model", "");
   EXPECT_TRUE(model_error(dir.str(), {dir / "spiece.model"}));
 }

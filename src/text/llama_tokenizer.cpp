@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/file.h"
+#include "text/sentencepiece_model.h"
 
 namespace blip2 {
 
@@ -36,11 +37,7 @@ std::optional<std::string> token_text(const json& j, const std::string& key) {
 
 LlamaTokenizer::LlamaTokenizer(const std::string& dir) : sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
   const fs::path path = fs::path(dir) / "tokenizer.model";
-  if (!fs::exists(path))
-    fail(ErrorKind::Model, path.string() + ": tokenizer file missing (the LLaMA tokenizer needs tokenizer.model)");
-  const auto status =
-      sp_->LoadFromSerializedProto(read_file(path.string(), kMaxTokenizerFileBytes, ErrorKind::Model, "tokenizer file"));
-  if (!status.ok()) fail(ErrorKind::Model, path.string() + ": cannot load SentencePiece model: " + status.ToString());
+  load_sentencepiece(*sp_, path.string(), "the LLaMA tokenizer needs tokenizer.model");
   const int pieces = sp_->GetPieceSize();
   vocab_size_ = pieces;
 

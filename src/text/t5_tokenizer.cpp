@@ -5,18 +5,14 @@
 #include <filesystem>
 
 #include "core/error.h"
-#include "core/file.h"
+#include "text/sentencepiece_model.h"
 
 namespace blip2 {
 
 T5Tokenizer::T5Tokenizer(const std::string& model_dir, int eos_id, int extra_ids)
     : sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()), eos_id_(eos_id), extra_ids_(extra_ids) {
-  const std::string path = (std::filesystem::path(model_dir) / "spiece.model").string();
-  if (!std::filesystem::exists(path))
-    fail(ErrorKind::Model, path + ": tokenizer file missing (the T5 tokenizer needs spiece.model)");
-  // Read here, under the tokenizer files' size cap, rather than by SentencePiece, which reads without one.
-  const auto status = sp_->LoadFromSerializedProto(read_file(path, kMaxTokenizerFileBytes, ErrorKind::Model, "tokenizer file"));
-  if (!status.ok()) fail(ErrorKind::Model, path + ": cannot load SentencePiece model: " + status.ToString());
+  load_sentencepiece(*sp_, (std::filesystem::path(model_dir) / "spiece.model").string(),
+                    "the T5 tokenizer needs spiece.model");
   pieces_ = sp_->GetPieceSize();
 }
 

@@ -518,6 +518,7 @@ int main(int argc, char** argv) {
 
   add_make_random_command(app);  // runs its work inside parse(), hence one try block for both
   add_bench_command(app, global_load_options);        // likewise
+  add_quantize_command(app, global_load_options);     // likewise
   add_serve_command(
       app, load_model, [](const std::string& dir) { return std::make_unique<RetrievalModel>(dir, global_load_options()); },
       default_model_dir());

@@ -352,6 +352,16 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   for (const auto& [key, label] : kStages) st[key] = stats(times[key]);
   const Blip2Config& cfg = model.config();
   const int64_t step_bytes = decode_step_bytes(model.checkpoint());
+  // The format a tower's matrices are held in: the one asked for, or for "as stored" the stored one, which a
+  // pre-quantized checkpoint (blip2 quantize) makes int8 / int4.
+  const auto held_format = [&](Tower t) {
+    const WeightFormat asked = tower_format(lo, t, cfg.family);
+    if (asked != WeightFormat::AsStored) return asked;
+    for (const auto& [name, dtype] : model.checkpoint().taken_dtypes())
+      if (tower_of(name) == t && (dtype == DType::I8 || dtype == DType::I4))
+        return dtype == DType::I8 ? WeightFormat::I8 : WeightFormat::I4;
+    return asked;
+  };
   const double decode_floor = static_cast<double>(step_bytes) / bw_floor;
   const double t_step = st["decode_per_token"].n ? st["decode_per_token"].median : st["first_decode_step"].median;
   // The compute-bound stages, each against the ceiling of the format its products ran in: int8/int4 weights
@@ -365,7 +375,7 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   };
   const auto ceiling_of = [&](Tower t) -> std::pair<std::string, double> {
     if (gpu) return {"bf16", peak_floor};
-    const WeightFormat f = tower_format(lo, t, cfg.family);
+    const WeightFormat f = held_format(t);
     return f == WeightFormat::I8 || f == WeightFormat::I4 ? std::pair<std::string, double>{"int8", int8_peak}
                                                           : std::pair<std::string, double>{"sgemm", peak};
   };
@@ -386,7 +396,7 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     j["model"] = a.model;
     j["weights"] = weights;
     for (Tower t : {Tower::Vision, Tower::QFormer, Tower::Language})
-      j[std::string(tower_name(t)) + "_weights"] = weight_format_name(tower_format(lo, t, cfg.family));
+      j[std::string(tower_name(t)) + "_weights"] = weight_format_name(held_format(t));
     j["int4_group"] = lo.int4_group;
     j["threads"] = par::threads();
     j["device"] = device_name(lo.device);
@@ -463,9 +473,8 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   std::printf("blip2 bench: %s, weights %s%s (vision %s, qformer %s, lm %s), %d threads (%s kernels), batch %d, %d new tokens, %d runs (+%d warm-up)\n",
               a.model.c_str(), weights.c_str(),
               lo.weights == WeightFormat::I4 ? (" g" + std::to_string(lo.int4_group)).c_str() : "",
-              weight_format_name(tower_format(lo, Tower::Vision, cfg.family)),
-              weight_format_name(tower_format(lo, Tower::QFormer, cfg.family)),
-              weight_format_name(tower_format(lo, Tower::Language, cfg.family)), par::threads(),
+              weight_format_name(held_format(Tower::Vision)), weight_format_name(held_format(Tower::QFormer)),
+              weight_format_name(held_format(Tower::Language)), par::threads(),
               gpu ? "cuda" : kern::isa_name(), a.batch, a.new_tokens, a.repeat, a.warmup);
   std::printf("image %s, prompt \"%s\"\n", image.c_str(), a.prompt.c_str());
   std::printf("machine: %s; read bandwidth %.2f GB/s; sgemm peak %.1f GFLOP/s (", machine::cpu_name().c_str(), bw / 1e9,

@@ -21,6 +21,9 @@ struct GenerationOptions;
 
 // `blip2 make-random --like xxl|xl|tiny --out DIR [--dtype f32|bf16|f16] [--seed N] [--force]`
 void add_make_random_command(CLI::App& app);
+// `blip2 quantize --model DIR --weights int8|int4 --out DIR2 [--force] [--json]`: a pre-quantized copy.
+// `load_options` gives the global options (which may follow the command).
+void add_quantize_command(CLI::App& app, std::function<blip2::LoadOptions()> load_options);
 // `blip2 [--weights F] [--threads N] bench [--model DIR] [--image PATH] [--prompt TEXT] [--batch N]
 // [--new-tokens N] [--repeat N] [--warmup N] [--json]`: every stage timed, against the machine's ceilings.
 // `load_options` gives the global options (--weights, --vision-weights, --int4-group, --threads).

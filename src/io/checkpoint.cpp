@@ -1,5 +1,6 @@
 #include "io/checkpoint.h"
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -11,6 +12,34 @@
 namespace blip2 {
 
 namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kInt8Suffix = ".int8";
+constexpr const char* kInt4Suffix = ".int4_g";
+
+bool ends_with(const std::string& s, const std::string& end) {
+  return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+}
+
+// NAME for NAME.int8 or NAME.int4_g32/64/128 (a quantized tensor's data), "" for any other file name.
+std::string quantized_base(const std::string& file_name) {
+  if (ends_with(file_name, kInt8Suffix)) return file_name.substr(0, file_name.size() - std::strlen(kInt8Suffix));
+  for (const char* g : {"32", "64", "128"})
+    if (ends_with(file_name, std::string(kInt4Suffix) + g))
+      return file_name.substr(0, file_name.size() - std::strlen(kInt4Suffix) - std::strlen(g));
+  return "";
+}
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+}  // namespace
+
+std::string quantized_tensor_name(const std::string& name, const Weight& w) {
+  if (w.dtype == DType::I8) return name + kInt8Suffix;
+  if (w.dtype == DType::I4) return name + kInt4Suffix + std::to_string(w.group);
+  fail(ErrorKind::Internal, "quantized_tensor_name: tensor '" + name + "' is " + dtype_name(w.dtype) + ", not quantized");
+}
 
 Checkpoint::Checkpoint(const std::string& model_dir, const Progress& progress) : progress_(progress) {
   const fs::path dir(model_dir);
@@ -51,21 +80,97 @@ Checkpoint::Checkpoint(const std::string& model_dir, const Progress& progress) :
   } else {
     fail(ErrorKind::Model, model_dir + ": no model.safetensors or model.safetensors.index.json");
   }
+  for (const auto& [name, file] : where_) {
+    const std::string base = quantized_base(name);
+    if (base.empty()) continue;
+    if (where_.count(base))
+      fail(ErrorKind::Model, file->path() + ": tensor '" + base + "' is stored twice, as is and as '" + name + "'");
+    if (!quantized_.emplace(base, name).second)
+      fail(ErrorKind::Model, file->path() + ": tensor '" + base + "' is stored quantized twice ('" +
+                                 quantized_[base] + "' and '" + name + "')");
+  }
 }
 
-bool Checkpoint::has(const std::string& name) const { return where_.count(name) != 0; }
+Weight Checkpoint::quantized_weight(const std::string& name, const std::string& data_name, const Shape& shape) const {
+  const SafetensorsFile* file = where_.at(data_name);
+  const auto bad = [&](const std::string& why) {
+    fail(ErrorKind::Model, file->path() + ": tensor '" + data_name + "' " + why);
+  };
+  const auto layout = file->metadata().find("blip2.quantized_layout");
+  if (layout == file->metadata().end() || layout->second != kQuantizedLayout)
+    bad(std::string("is pre-quantized, but the file's metadata does not name blip2's quantized layout ") +
+        kQuantizedLayout + " (written by another version?); quantize the original checkpoint again");
+  const std::string scales_name = data_name + "_scales";
+  const auto scales_file = where_.find(scales_name);
+  if (scales_file == where_.end()) bad("has no scales tensor '" + scales_name + "' beside it");
+  const int64_t rows = shape.empty() ? 0 : shape[0], cols = rows ? numel(shape) / rows : 0;
+  if (rows <= 0 || cols <= 0) bad("quantizes " + name + ", whose shape " + shape_str(shape) + " is not a matrix");
+
+  Weight w;
+  w.shape = shape;
+  const bool int8 = ends_with(data_name, kInt8Suffix);
+  w.dtype = int8 ? DType::I8 : DType::I4;
+  w.group = int8 ? 0 : std::stoi(data_name.substr(data_name.rfind('g') + 1));
+  w.ld = int8 ? round_up(cols, 32) : round_up(cols, std::max(64, w.group));
+  // The layouts of DType::I8 and DType::I4 for a [rows, cols] matrix (core/tensor.h).
+  const std::string data_dtype = int8 ? "I8" : "U8", scales_dtype = int8 ? "F32" : "F16";
+  const Shape data_shape = {rows, int8 ? w.ld : w.ld / 2};
+  const Shape scales_shape = int8 ? Shape{rows} : Shape{rows, w.ld / w.group};
+  const TensorEntry& data = *file->find(data_name);
+  const TensorEntry& scales = *scales_file->second->find(scales_name);
+  const std::string what = std::string(dtype_name(w.dtype)) + " " + name + " " + shape_str(shape);
+  if (data.dtype != data_dtype || data.shape != data_shape)
+    bad("is " + data.dtype + " " + shape_str(data.shape) + ", but " + what + " needs " + data_dtype + " " +
+        shape_str(data_shape) + " (mismatched config or checkpoint?)");
+  if (scales.dtype != scales_dtype || scales.shape != scales_shape)
+    fail(ErrorKind::Model, scales_file->second->path() + ": tensor '" + scales_name + "' is " + scales.dtype + " " +
+                               shape_str(scales.shape) + ", but " + what + " needs " + scales_dtype + " " +
+                               shape_str(scales_shape));
+  if (reinterpret_cast<uintptr_t>(scales.data) % (int8 ? 4 : 2) != 0)
+    fail(ErrorKind::Model, scales_file->second->path() + ": tensor '" + scales_name + "' is not aligned to its element size");
+  w.data = data.data;
+  w.scales = scales.data;
+  // Data and scales may lie in different shards: the weight keeps both mappings.
+  w.owner = std::make_shared<std::pair<std::shared_ptr<const void>, std::shared_ptr<const void>>>(
+      file->mapping(), scales_file->second->mapping());
+  return w;
+}
+
+std::map<std::string, Shape> Checkpoint::stored_shapes() const {
+  std::map<std::string, Shape> out;
+  for (const auto& [name, file] : where_)
+    if (quantized_base(name).empty() && !(ends_with(name, "_scales") && where_.count(name.substr(0, name.size() - 7))))
+      out[name] = file->find(name)->shape;
+  return out;
+}
+
+bool Checkpoint::has(const std::string& name) const { return where_.count(name) != 0 || quantized_.count(name) != 0; }
 
 Weight Checkpoint::take(const std::string& name, const Shape& shape) {
-  auto it = where_.find(name);
+  const auto quantized = quantized_.find(name);
+  const std::string& stored = quantized != quantized_.end() ? quantized->second : name;
+  const auto it = where_.find(stored);
   if (it == where_.end()) fail(ErrorKind::Model, "checkpoint is missing tensor '" + name + "'");
-  Weight w = it->second->weight(name);
-  if (w.shape != shape)
-    fail(ErrorKind::Model, it->second->path() + ": tensor '" + name + "' has shape " + shape_str(w.shape) +
-                               " but the config implies " + shape_str(shape));
-  used_.insert(name);
+  Weight w;
+  if (quantized != quantized_.end()) {
+    w = quantized_weight(name, stored, shape);
+    used_.insert(stored + "_scales");
+  } else {
+    w = it->second->weight(name);
+    if (w.shape != shape)
+      fail(ErrorKind::Model, it->second->path() + ": tensor '" + name + "' has shape " + shape_str(w.shape) +
+                                 " but the config implies " + shape_str(shape));
+  }
+  used_.insert(stored);
   Weight c = convert_ ? convert_(name, w) : w;
-  if (c.data != w.data) it->second->release(name);
+  if (c.data != w.data) {
+    it->second->release(stored);
+  } else {  // used in place
+    it->second->prefetch(stored);
+    if (w.scales) where_.at(stored + "_scales")->prefetch(stored + "_scales");
+  }
   taken_bytes_[name] = c.nbytes();
+  taken_dtypes_[name] = c.dtype;
   if (progress_) {
     if (state_.bytes_total == 0) state_.bytes_total = total_bytes();
     state_.bytes_taken += w.nbytes();

@@ -1,6 +1,12 @@
 // A checkpoint directory's weights: `model.safetensors`, or `model.safetensors.index.json` with its shards,
 // all memory-mapped. Models take tensors by name with the shape the config implies; every take is checked
 // (present, floating point, right shape), and after loading `check_all_used` rejects tensors nobody took.
+//
+// Pre-quantized checkpoints (`blip2 quantize`, model/quantize.h) hold a linear layer's matrix NAME in the
+// engine's own int8 or int4 layout (DType::I8 / DType::I4 in core/tensor.h), used in place from the mapping:
+//   NAME.int8      I8 [rows, ld]       and  NAME.int8_scales      F32 [rows]
+//   NAME.int4_gG   U8 [rows, ld / 2]   and  NAME.int4_gG_scales   F16 [rows, ld / G]     (G = 32, 64, 128)
+// in files whose metadata has blip2.quantized_layout = kQuantizedLayout. take(NAME) finds either form.
 #pragma once
 #include <functional>
 #include <map>
@@ -12,6 +18,12 @@
 #include "io/safetensors.h"
 
 namespace blip2 {
+
+// The version of the quantized layouts a pre-quantized file holds; a file with another is refused.
+constexpr const char* kQuantizedLayout = "1";
+// The file's name for a quantized weight `w` (I8 or I4) of tensor `name`: NAME.int8 or NAME.int4_gG; its
+// scales are that name + "_scales".
+std::string quantized_tensor_name(const std::string& name, const Weight& w);
 
 class Checkpoint {
  public:
@@ -32,7 +44,10 @@ class Checkpoint {
   using Convert = std::function<Weight(const std::string& name, const Weight& stored)>;
   void set_convert(Convert convert) { convert_ = std::move(convert); }
 
-  bool has(const std::string& name) const;
+  bool has(const std::string& name) const;  // stored as is, or pre-quantized
+  // The tensors stored as is, with their shapes (pre-quantized ones are not among them).
+  std::map<std::string, Shape> stored_shapes() const;
+  bool prequantized() const { return !quantized_.empty(); }
   // The tensor `name`, which must have exactly `shape`. Throws Error(Model) naming tensor and file.
   Weight take(const std::string& name, const Shape& shape);
   // The first of `names` that exists (tied aliases such as shared / encoder.embed_tokens); the others are
@@ -46,6 +61,8 @@ class Checkpoint {
   // Bytes of every tensor take() handed out, in its final (converted) format, scales included: what a
   // product over it reads (benchmarks count a decode step's traffic from this).
   const std::map<std::string, size_t>& taken_bytes() const { return taken_bytes_; }
+  // The format each tensor take() handed out is held in (pre-quantized or converted ones: I8 / I4).
+  const std::map<std::string, DType>& taken_dtypes() const { return taken_dtypes_; }
 
   size_t tensor_count() const { return where_.size(); }
   uint64_t total_bytes() const;
@@ -53,8 +70,13 @@ class Checkpoint {
  private:
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const SafetensorsFile*> where_;
+  // Pre-quantized tensors: NAME -> the file's name of its data (NAME.int8 / NAME.int4_gG).
+  std::map<std::string, std::string> quantized_;
+  // A pre-quantized tensor as a Weight viewing the mapping, every part of it checked against `shape`.
+  Weight quantized_weight(const std::string& name, const std::string& data_name, const Shape& shape) const;
   std::set<std::string> used_;
   std::map<std::string, size_t> taken_bytes_;
+  std::map<std::string, DType> taken_dtypes_;
   Convert convert_;
   Progress progress_;
   LoadProgress state_;

@@ -50,6 +50,13 @@ void MappedFile::release(const void* p, size_t n) const {
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);  // advisory: errors ignored
 }
 
+void MappedFile::prefetch(const void* p, size_t n) const {
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(p) / page * page;  // every page it touches
+  const uintptr_t hi = reinterpret_cast<uintptr_t>(p) + n;
+  if (n > 0) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_WILLNEED);  // advisory: errors ignored
+}
+
 namespace {
 
 size_t element_size(const std::string& dtype) {
@@ -79,7 +86,12 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(MappedFile::op
   const uint8_t* base = file_->data() + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
   for (auto& [name, v] : j.items()) {
-    if (name == "__metadata__") continue;
+    if (name == "__metadata__") {
+      if (v.is_object())
+        for (auto& [key, value] : v.items())
+          if (value.is_string()) metadata_[key] = value.get<std::string>();
+      continue;
+    }
     const std::string where = "tensor '" + name + "': ";
     if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets") ||
         !v["dtype"].is_string() || !v["shape"].is_array() || !v["data_offsets"].is_array() ||
@@ -138,6 +150,10 @@ Weight SafetensorsFile::weight(const std::string& name) const {
   return w;
 }
 
+void SafetensorsFile::prefetch(const std::string& name) const {
+  if (const TensorEntry* e = find(name)) file_->prefetch(e->data, e->nbytes);
+}
+
 void SafetensorsFile::release(const std::string& name) const {
   if (const TensorEntry* e = find(name)) file_->release(e->data, e->nbytes);
 }
@@ -170,17 +186,31 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
 }
 
 
-void SafetensorsWriter::add(const std::string& name, DType dtype, const Shape& shape) {
+void SafetensorsWriter::check_new_name(const std::string& name, const Shape& shape) const {
   if (name.empty() || name == "__metadata__")
     fail(ErrorKind::Internal, "safetensors writer: reserved tensor name '" + name + "'");
   for (const auto& t : tensors_)
     if (t.name == name) fail(ErrorKind::Internal, "safetensors writer: duplicate tensor '" + name + "'");
   for (int64_t d : shape)
     if (d < 0) fail(ErrorKind::Internal, "safetensors writer: tensor '" + name + "' has a negative dimension");
+}
+
+void SafetensorsWriter::add(const std::string& name, DType dtype, const Shape& shape) {
+  check_new_name(name, shape);
   if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
     fail(ErrorKind::Internal, "safetensors writer: tensor '" + name + "': only F32, F16 and BF16 can be written");
   const uint64_t n = static_cast<uint64_t>(numel(shape)) * dtype_size(dtype);
-  tensors_.push_back({name, dtype, shape, data_bytes_, data_bytes_ + n});
+  tensors_.push_back({name, dtype, shape, data_bytes_, data_bytes_ + n, "", nullptr});
+  data_bytes_ += n;
+}
+
+void SafetensorsWriter::add_bytes(const std::string& name, const std::string& dtype, const Shape& shape,
+                                  const void* bytes) {
+  check_new_name(name, shape);
+  const size_t esize = element_size(dtype);
+  if (esize == 0) fail(ErrorKind::Internal, "safetensors writer: tensor '" + name + "': unknown dtype " + dtype);
+  const uint64_t n = static_cast<uint64_t>(numel(shape)) * esize;
+  tensors_.push_back({name, DType::F32, shape, data_bytes_, data_bytes_ + n, dtype, bytes});
   data_bytes_ += n;
 }
 
@@ -190,9 +220,11 @@ std::string SafetensorsWriter::header() const {
   nlohmann::ordered_json h = nlohmann::ordered_json::object();
   h["__metadata__"] = metadata_;
   for (const auto& t : tensors_)
-    h[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {t.begin, t.end}}};
+    h[t.name] = {{"dtype", t.raw ? t.raw_dtype : std::string(dtype_name(t.dtype))},
+                 {"shape", t.shape},
+                 {"data_offsets", {t.begin, t.end}}};
   std::string s = h.dump();
-  while (s.size() % 8 != 0) s.push_back(' ');  // 8 + header: the data starts 8-byte aligned
+  while ((8 + s.size()) % alignment_ != 0) s.push_back(' ');  // the data starts aligned
   return s;
 }
 
@@ -234,6 +266,12 @@ void SafetensorsWriter::write(const std::string& path, const Fill& fill, const P
   uint64_t written = 0;
   for (size_t i = 0; i < tensors_.size(); ++i) {
     const Entry& t = tensors_[i];
+    if (t.raw) {
+      put(t.raw, t.end - t.begin);
+      written += t.end - t.begin;
+      if (progress) progress(written, data_bytes_);
+      continue;
+    }
     const int64_t total = numel(t.shape);
     for (int64_t begin = 0; begin < total; begin += chunk_elements) {
       const int64_t n = std::min(chunk_elements, total - begin);

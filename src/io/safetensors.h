@@ -23,6 +23,9 @@ class MappedFile {
   // tensor was converted into a buffer of its own, its file pages no longer count in the process's memory.
   // The mapping is private and never written, so a later read simply faults the file's bytes back in.
   void release(const void* p, size_t n) const;
+  // Starts reading the pages covering [p, p + n) into the page cache in the background (MADV_WILLNEED): a
+  // tensor used in place is then read while loading and the first image go on, not fault by fault on first use.
+  void prefetch(const void* p, size_t n) const;
 
  private:
   MappedFile() = default;
@@ -46,16 +49,23 @@ class SafetensorsFile {
   const std::string& path() const { return file_->path(); }
   const std::map<std::string, TensorEntry>& entries() const { return entries_; }
   const TensorEntry* find(const std::string& name) const;
+  // The mapping, to keep alive as a Weight's owner while the Weight views it.
+  std::shared_ptr<const void> mapping() const { return file_; }
+  // The header's "__metadata__" string entries (others are ignored).
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
   // A floating-point tensor as a Weight viewing the mapped bytes (F32, F16 or BF16).
   Weight weight(const std::string& name) const;
   // Drops the tensor's pages from memory (MappedFile::release); the Weight stays valid.
   void release(const std::string& name) const;
+  // Starts reading the tensor's pages in the background (MappedFile::prefetch).
+  void prefetch(const std::string& name) const;
   // A float32 copy of any F32/F16/BF16 tensor (test and tool convenience).
   Tensor tensor(const std::string& name) const;
 
  private:
   std::shared_ptr<MappedFile> file_;
   std::map<std::string, TensorEntry> entries_;
+  std::map<std::string, std::string> metadata_;
 };
 
 // Writes float32 tensors, in the given order, to a safetensors file.
@@ -80,12 +90,18 @@ class SafetensorsWriter {
 
   // Throws Error(Internal) for a duplicate or reserved name or a negative dimension.
   void add(const std::string& name, DType dtype, const Shape& shape);
+  // A tensor written verbatim from `bytes` (numel(shape) elements of `dtype`, a safetensors dtype name such as
+  // "I8", "U8", "F16" or "F32"), which must stay valid until write() returns; `fill` is not asked for it.
+  void add_bytes(const std::string& name, const std::string& dtype, const Shape& shape, const void* bytes);
+  // Pads the header so that the data starts a multiple of `bytes` (a power of two, at least 8) into the file:
+  // with tensors whose sizes are multiples of it, each then starts so aligned in a mapping of the file.
+  void set_data_alignment(size_t bytes) { alignment_ = bytes; }
   // A string entry of the header's "__metadata__" ({"format": "pt"} is always written).
   void set_metadata(const std::string& key, const std::string& value);
 
   size_t size() const { return tensors_.size(); }
   uint64_t data_bytes() const { return data_bytes_; }
-  // The header as written: JSON padded with spaces so that the data starts 8-byte aligned.
+  // The header as written: JSON padded with spaces so that the data starts aligned (8 bytes unless set).
   std::string header() const;
   uint64_t file_bytes() const { return 8 + header().size() + data_bytes_; }
 
@@ -100,10 +116,14 @@ class SafetensorsWriter {
     DType dtype;
     Shape shape;
     uint64_t begin, end;
+    std::string raw_dtype;        // add_bytes: the header's dtype, and
+    const void* raw = nullptr;    // the bytes to write
   };
+  void check_new_name(const std::string& name, const Shape& shape) const;
   std::vector<Entry> tensors_;
   std::map<std::string, std::string> metadata_{{"format", "pt"}};
   uint64_t data_bytes_ = 0;
+  size_t alignment_ = 8;
 };
 
 }  // namespace blip2

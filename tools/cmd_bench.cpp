@@ -352,6 +352,9 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   for (const auto& [key, label] : kStages) st[key] = stats(times[key]);
   const Blip2Config& cfg = model.config();
   const int64_t step_bytes = decode_step_bytes(model.checkpoint());
+  // Every weight in the format it is held in (what `blip2 quantize` with these options writes).
+  uint64_t weight_bytes = 0;
+  for (const auto& [name, n] : model.checkpoint().taken_bytes()) weight_bytes += n;
   // The format a tower's matrices are held in: the one asked for, or for "as stored" the stored one, which a
   // pre-quantized checkpoint (blip2 quantize) makes int8 / int4.
   const auto held_format = [&](Tower t) {
@@ -421,6 +424,7 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
                   {"memory_bandwidth_gbs", bw_floor / 1e9},
                   {"bf16_peak_tflops", peak_floor / 1e12}};
     j["memory"] = {{"load_s", load_s},
+                   {"weights_gb", static_cast<double>(weight_bytes) / 1e9},
                    {"rss_after_load_gib", gib(rss_load)},
                    {"peak_rss_after_load_gib", gib(peak_load)},
                    {"rss_end_gib", gib(rss_end)},
@@ -483,8 +487,9 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     std::printf("%s%ldx%ldx%ld %.0f", i ? ", " : "", static_cast<long>(sgemm[i].m), static_cast<long>(sgemm[i].n),
                 static_cast<long>(sgemm[i].k), sgemm[i].flops / 1e9);
   std::printf("); int8 dot-product peak %.1f GOP/s\n", int8_peak / 1e9);
-  std::printf("memory: load %.1f s, RSS after load %.2f GiB, peak RSS %.2f GiB (since %s)\n\n", load_s, gib(rss_load),
-              gib(peak_end), peak_reset ? "model load" : "process start");
+  std::printf("memory: load %.1f s, weights %.2f GB, RSS after load %.2f GiB, peak RSS %.2f GiB (since %s)\n\n",
+              load_s, static_cast<double>(weight_bytes) / 1e9, gib(rss_load), gib(peak_end),
+              peak_reset ? "model load" : "process start");
   std::printf("%-30s %11s %11s %11s %8s\n", "stage", "median ms", "mean ms", "min ms", "samples");
   for (const auto& [key, label] : kStages) {
     const Stats& s = st[key];

@@ -19,6 +19,11 @@ const char* dtype_name(DType t) {
   return "?";
 }
 
+int64_t quantized_ld(DType t, int64_t cols, int group) {
+  const int64_t multiple = t == DType::I4 ? std::max(64, group) : 32;
+  return (cols + multiple - 1) / multiple * multiple;
+}
+
 size_t dtype_size(DType t) {
   switch (t) {
     case DType::F32: return 4;

@@ -24,10 +24,12 @@ namespace blip2 {
 //     64 elements (32 bytes): byte j of a block holds element j in its low nibble and element 32 + j in its
 //     high nibble, so one AND (and one shift) yields 32 consecutive elements.
 // Quantized rows are zero-padded to `ld` elements (a multiple of 32 for I8, of max(64, group) for I4).
+// ld for a row of `cols` elements: cols rounded up to that multiple (`group` only for I4).
 enum class DType { F32, F16, BF16, I8, I4 };
 
 const char* dtype_name(DType t);
 size_t dtype_size(DType t);  // bytes per element of the unquantized formats (1 for I8, 0 for I4)
+int64_t quantized_ld(DType t, int64_t cols, int group);  // I8, I4: the padded row length (above)
 
 // The format weights of linear layers are kept in after loading (see LoadOptions in model/blip2.h).
 enum class WeightFormat { AsStored, F32, F16, BF16, I8, I4 };

@@ -31,14 +31,17 @@ std::string quantized_base(const std::string& file_name) {
   return "";
 }
 
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
 }  // namespace
 
 std::string quantized_tensor_name(const std::string& name, const Weight& w) {
   if (w.dtype == DType::I8) return name + kInt8Suffix;
   if (w.dtype == DType::I4) return name + kInt4Suffix + std::to_string(w.group);
   fail(ErrorKind::Internal, "quantized_tensor_name: tensor '" + name + "' is " + dtype_name(w.dtype) + ", not quantized");
+}
+
+QuantizedStorage quantized_storage(const Weight& w) {
+  if (w.dtype == DType::I8) return {"I8", "F32", {w.rows(), w.ld}, {w.rows()}};
+  return {"U8", "F16", {w.rows(), w.ld / 2}, {w.rows(), w.ld / w.group}};
 }
 
 Checkpoint::Checkpoint(const std::string& model_dir, const Progress& progress) : progress_(progress) {
@@ -100,7 +103,7 @@ Weight Checkpoint::quantized_weight(const std::string& name, const std::string& 
   if (layout == file->metadata().end() || layout->second != kQuantizedLayout)
     bad(std::string("is pre-quantized, but the file's metadata does not name blip2's quantized layout ") +
         kQuantizedLayout + " (written by another version?); quantize the original checkpoint again");
-  const std::string scales_name = data_name + "_scales";
+  const std::string scales_name = data_name + kScalesSuffix;
   const auto scales_file = where_.find(scales_name);
   if (scales_file == where_.end()) bad("has no scales tensor '" + scales_name + "' beside it");
   const int64_t rows = shape.empty() ? 0 : shape[0], cols = rows ? numel(shape) / rows : 0;
@@ -111,21 +114,18 @@ Weight Checkpoint::quantized_weight(const std::string& name, const std::string& 
   const bool int8 = ends_with(data_name, kInt8Suffix);
   w.dtype = int8 ? DType::I8 : DType::I4;
   w.group = int8 ? 0 : std::stoi(data_name.substr(data_name.rfind('g') + 1));
-  w.ld = int8 ? round_up(cols, 32) : round_up(cols, std::max(64, w.group));
-  // The layouts of DType::I8 and DType::I4 for a [rows, cols] matrix (core/tensor.h).
-  const std::string data_dtype = int8 ? "I8" : "U8", scales_dtype = int8 ? "F32" : "F16";
-  const Shape data_shape = {rows, int8 ? w.ld : w.ld / 2};
-  const Shape scales_shape = int8 ? Shape{rows} : Shape{rows, w.ld / w.group};
+  w.ld = quantized_ld(w.dtype, cols, w.group);
+  const QuantizedStorage want = quantized_storage(w);
   const TensorEntry& data = *file->find(data_name);
   const TensorEntry& scales = *scales_file->second->find(scales_name);
   const std::string what = std::string(dtype_name(w.dtype)) + " " + name + " " + shape_str(shape);
-  if (data.dtype != data_dtype || data.shape != data_shape)
-    bad("is " + data.dtype + " " + shape_str(data.shape) + ", but " + what + " needs " + data_dtype + " " +
-        shape_str(data_shape) + " (mismatched config or checkpoint?)");
-  if (scales.dtype != scales_dtype || scales.shape != scales_shape)
+  if (data.dtype != want.data_dtype || data.shape != want.data_shape)
+    bad("is " + data.dtype + " " + shape_str(data.shape) + ", but " + what + " needs " + want.data_dtype + " " +
+        shape_str(want.data_shape) + " (mismatched config or checkpoint?)");
+  if (scales.dtype != want.scales_dtype || scales.shape != want.scales_shape)
     fail(ErrorKind::Model, scales_file->second->path() + ": tensor '" + scales_name + "' is " + scales.dtype + " " +
-                               shape_str(scales.shape) + ", but " + what + " needs " + scales_dtype + " " +
-                               shape_str(scales_shape));
+                               shape_str(scales.shape) + ", but " + what + " needs " + want.scales_dtype + " " +
+                               shape_str(want.scales_shape));
   if (reinterpret_cast<uintptr_t>(scales.data) % (int8 ? 4 : 2) != 0)
     fail(ErrorKind::Model, scales_file->second->path() + ": tensor '" + scales_name + "' is not aligned to its element size");
   w.data = data.data;
@@ -139,7 +139,8 @@ Weight Checkpoint::quantized_weight(const std::string& name, const std::string& 
 std::map<std::string, Shape> Checkpoint::stored_shapes() const {
   std::map<std::string, Shape> out;
   for (const auto& [name, file] : where_)
-    if (quantized_base(name).empty() && !(ends_with(name, "_scales") && where_.count(name.substr(0, name.size() - 7))))
+    if (quantized_base(name).empty() &&
+        !(ends_with(name, kScalesSuffix) && where_.count(name.substr(0, name.size() - std::strlen(kScalesSuffix)))))
       out[name] = file->find(name)->shape;
   return out;
 }
@@ -154,7 +155,7 @@ Weight Checkpoint::take(const std::string& name, const Shape& shape) {
   Weight w;
   if (quantized != quantized_.end()) {
     w = quantized_weight(name, stored, shape);
-    used_.insert(stored + "_scales");
+    used_.insert(stored + kScalesSuffix);
   } else {
     w = it->second->weight(name);
     if (w.shape != shape)
@@ -167,7 +168,7 @@ Weight Checkpoint::take(const std::string& name, const Shape& shape) {
     it->second->release(stored);
   } else {  // used in place
     it->second->prefetch(stored);
-    if (w.scales) where_.at(stored + "_scales")->prefetch(stored + "_scales");
+    if (w.scales) where_.at(stored + kScalesSuffix)->prefetch(stored + kScalesSuffix);
   }
   taken_bytes_[name] = c.nbytes();
   taken_dtypes_[name] = c.dtype;

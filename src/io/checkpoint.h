@@ -21,9 +21,18 @@ namespace blip2 {
 
 // The version of the quantized layouts a pre-quantized file holds; a file with another is refused.
 constexpr const char* kQuantizedLayout = "1";
+// A quantized tensor's scales are its data's name + this.
+constexpr const char* kScalesSuffix = "_scales";
 // The file's name for a quantized weight `w` (I8 or I4) of tensor `name`: NAME.int8 or NAME.int4_gG; its
 // scales are that name + "_scales".
 std::string quantized_tensor_name(const std::string& name, const Weight& w);
+// How a quantized weight (I8 or I4, its shape, ld and group set) is stored: the safetensors dtype and shape of
+// its data and of its scales, as in the table above.
+struct QuantizedStorage {
+  std::string data_dtype, scales_dtype;
+  Shape data_shape, scales_shape;
+};
+QuantizedStorage quantized_storage(const Weight& w);
 
 class Checkpoint {
  public:

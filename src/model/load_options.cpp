@@ -34,6 +34,27 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// A tensor a pre-quantized checkpoint stores quantized: used as it is (moved to the device), never converted
+// again, since requantizing would not give the bytes quantizing the original gives. So the requested format
+// must be the stored one, or "as stored".
+Weight prequantized_weight(const std::string& name, const Weight& w, WeightFormat want, int int4_group,
+                           bool convertible, Device device) {
+  const std::string stored = w.dtype == DType::I8 ? "int8" : "int4 (group " + std::to_string(w.group) + ")";
+  if (!convertible)
+    fail(ErrorKind::Model, "tensor '" + name + "' is stored as " + stored +
+                               ", but only the matrices of linear layers can be quantized");
+  const bool same = (w.dtype == DType::I8 && want == WeightFormat::I8) ||
+                    (w.dtype == DType::I4 && want == WeightFormat::I4 && w.group == int4_group);
+  if (want != WeightFormat::AsStored && !same)
+    fail(ErrorKind::Usage, "tensor '" + name + "' is pre-quantized as " + stored + ", and cannot be loaded as " +
+                               weight_format_name(want) + (want == WeightFormat::I4 ? " (group " + std::to_string(int4_group) + ")" : "") +
+                               ": load this checkpoint with --weights stored (the default), or the original with "
+                               "the format you want");
+  if (w.dtype == DType::I4 && device == Device::CUDA)
+    fail(ErrorKind::Usage, "tensor '" + name + "' is pre-quantized as int4, which runs on the CPU only");
+  return w.to(device);
+}
+
 }  // namespace
 
 bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_head) {
@@ -90,31 +111,6 @@ WeightFormat tower_format(const LoadOptions& o, Tower t, LanguageFamily family) 
   if (!o.precision.empty()) fail(ErrorKind::Usage, "unknown precision '" + o.precision + "' (choose lavis)");
   return t == Tower::Vision && o.weights == WeightFormat::I4 ? WeightFormat::I8 : o.weights;
 }
-
-namespace {
-
-// A tensor a pre-quantized checkpoint stores quantized: used as it is (moved to the device), never converted
-// again, since requantizing would not give the bytes quantizing the original gives. So the requested format
-// must be the stored one, or "as stored".
-Weight prequantized_weight(const std::string& name, const Weight& w, WeightFormat want, int int4_group,
-                           bool convertible, Device device) {
-  const std::string stored = w.dtype == DType::I8 ? "int8" : "int4 (group " + std::to_string(w.group) + ")";
-  if (!convertible)
-    fail(ErrorKind::Model, "tensor '" + name + "' is stored as " + stored +
-                               ", but only the matrices of linear layers can be quantized");
-  const bool same = (w.dtype == DType::I8 && want == WeightFormat::I8) ||
-                    (w.dtype == DType::I4 && want == WeightFormat::I4 && w.group == int4_group);
-  if (want != WeightFormat::AsStored && !same)
-    fail(ErrorKind::Usage, "tensor '" + name + "' is pre-quantized as " + stored + ", and cannot be loaded as " +
-                               weight_format_name(want) + (want == WeightFormat::I4 ? " (group " + std::to_string(int4_group) + ")" : "") +
-                               ": load this checkpoint with --weights stored (the default), or the original with "
-                               "the format you want");
-  if (w.dtype == DType::I4 && device == Device::CUDA)
-    fail(ErrorKind::Usage, "tensor '" + name + "' is pre-quantized as int4, which runs on the CPU only");
-  return w.to(device);
-}
-
-}  // namespace
 
 Checkpoint::Convert weight_converter(const LoadOptions& o, LanguageFamily family, bool tied_lm_head) {
   const Device device = o.device.kind;

@@ -72,14 +72,14 @@ QuantizeSummary quantize_checkpoint(const std::string& model_dir, const std::str
   // The quantized data first, with 64-byte aligned sizes mostly, then the scales and the float tensors.
   writer.set_data_alignment(64);
   for (const auto& [name, w] : weights)
-    if (w.quantized())
-      writer.add_bytes(quantized_tensor_name(name, w), w.dtype == DType::I8 ? "I8" : "U8",
-                       {w.rows(), w.dtype == DType::I8 ? w.ld : w.ld / 2}, w.data);
+    if (w.quantized()) {
+      const QuantizedStorage q = quantized_storage(w);
+      writer.add_bytes(quantized_tensor_name(name, w), q.data_dtype, q.data_shape, w.data);
+    }
   for (const auto& [name, w] : weights) {
     if (w.quantized()) {
-      const Shape scales = w.dtype == DType::I8 ? Shape{w.rows()} : Shape{w.rows(), w.ld / w.group};
-      writer.add_bytes(quantized_tensor_name(name, w) + "_scales", w.dtype == DType::I8 ? "F32" : "F16", scales,
-                       w.scales);
+      const QuantizedStorage q = quantized_storage(w);
+      writer.add_bytes(quantized_tensor_name(name, w) + kScalesSuffix, q.scales_dtype, q.scales_shape, w.scales);
       ++summary.quantized;
     } else {
       writer.add_bytes(name, dtype_name(w.dtype), w.shape, w.data);

@@ -515,7 +515,7 @@ Weight convert(const Weight& w, DType to, int group) {
       break;
     }
     case DType::I8: {
-      const int64_t ld = round_up(cols, 32), data_bytes = round_up(rows * ld, 64);
+      const int64_t ld = quantized_ld(DType::I8, cols, 0), data_bytes = round_up(rows * ld, 64);
       buf = alloc_aligned(static_cast<size_t>(data_bytes + rows * 4));
       auto* q = reinterpret_cast<int8_t*>(buf.get());
       auto* s = reinterpret_cast<float*>(buf.get() + data_bytes);
@@ -526,7 +526,7 @@ Weight convert(const Weight& w, DType to, int group) {
       break;
     }
     case DType::I4: {
-      const int64_t ld = round_up(cols, std::max(64, group)), ng = ld / group;
+      const int64_t ld = quantized_ld(DType::I4, cols, group), ng = ld / group;
       const int64_t data_bytes = round_up(rows * ld / 2, 64);
       buf = alloc_aligned(static_cast<size_t>(data_bytes + rows * ng * 2));
       auto* q = buf.get();

@@ -12,7 +12,7 @@ shift || true
 build=${BLIP2_FUZZ_BUILD:-build-fuzz}
 jobs=${JOBS:-$(nproc)}
 all=(fuzz_safetensors fuzz_checkpoint_index fuzz_config fuzz_image fuzz_t5_model fuzz_opt_files fuzz_t5_text
-     fuzz_opt_text fuzz_llama_text fuzz_bert_text fuzz_chat_request fuzz_base64 fuzz_tar)
+     fuzz_opt_text fuzz_llama_text fuzz_bert_text fuzz_chat_request fuzz_base64 fuzz_tar fuzz_quantized_checkpoint)
 if [ $# -gt 0 ]; then targets=("$@"); else targets=("${all[@]}"); fi
 
 command -v clang++ >/dev/null || { echo "fuzz.sh: clang++ not found (Debian: apt-get install clang)" >&2; exit 2; }

@@ -194,6 +194,12 @@ TEST(QuantizedCheckpoint, UsageErrorsNameTheProblem) {
                 .find("choose the format with --weights"),
             std::string::npos);
   EXPECT_TRUE(fs::is_empty(again.path()));
+  // A folder inside the source is not copied into itself.
+  TempDir source;
+  for (const auto& e : fs::directory_iterator(kT5)) fs::copy(e.path(), source.path(e.path().filename().string()));
+  quantize_checkpoint(source.path(), source.path("int8"), with_weights(WeightFormat::I8), false);
+  EXPECT_FALSE(fs::exists(source.path("int8/int8")));
+  EXPECT_NO_THROW(Blip2Model m(source.path("int8")));
   // --force replaces the files it writes.
   quantize_checkpoint(kT5, q4.path(), with_weights(WeightFormat::I8), true);
   EXPECT_NO_THROW(Blip2Model m(q4.path(), with_weights(WeightFormat::I8)));

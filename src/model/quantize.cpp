@@ -19,13 +19,15 @@ bool is_weights_file(const fs::path& p) {
 }
 
 // Every file of `from` but its weights, folders included (InstructBLIP's qformer_tokenizer/), following
-// symbolic links (a hub cache's snapshot links its files to blobs).
-void copy_other_files(const fs::path& from, const fs::path& to, bool top) {
+// symbolic links (a hub cache's snapshot links its files to blobs); never `out`, the folder being written,
+// should it lie inside `from`.
+void copy_other_files(const fs::path& from, const fs::path& to, const fs::path& out, bool top) {
   for (const auto& entry : fs::directory_iterator(from)) {
     const fs::path target = to / entry.path().filename();
     if (entry.is_directory()) {
+      if (fs::equivalent(entry.path(), out)) continue;
       fs::create_directories(target);
-      copy_other_files(entry.path(), target, false);
+      copy_other_files(entry.path(), target, out, false);
     } else if (entry.is_regular_file() && !(top && is_weights_file(entry.path()))) {
       fs::copy_file(entry.path(), target, fs::copy_options::overwrite_existing);
     }
@@ -91,7 +93,7 @@ QuantizeSummary quantize_checkpoint(const std::string& model_dir, const std::str
   writer.set_metadata("blip2.int4_group", std::to_string(options.int4_group));
 
   fs::create_directories(out_dir);
-  copy_other_files(model_dir, out_dir, true);
+  copy_other_files(model_dir, out_dir, out_dir, true);
   // A sharded source's index would point the loader at shards that are not there.
   fs::remove(fs::path(out_dir) / "model.safetensors.index.json");
   writer.write((fs::path(out_dir) / "model.safetensors").string(), nullptr, [&](uint64_t written, uint64_t total) {

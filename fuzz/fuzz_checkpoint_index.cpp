@@ -8,11 +8,8 @@
 
 namespace {
 
-struct Dir {
-  blip2::fuzz::ScratchDir dir;
-  blip2::fuzz::MemFile index;
-  Dir() {
-    dir.link("model.safetensors.index.json", index);
+struct Dir : blip2::fuzz::DirWithInput {
+  Dir() : DirWithInput("model.safetensors.index.json") {
     const blip2::Tensor a({2, 3}), b({4});
     blip2::write_safetensors(dir.path() + "/model-00001-of-00002.safetensors", {{"a", &a}});
     blip2::write_safetensors(dir.path() + "/model-00002-of-00002.safetensors", {{"b", &b}, {"c", &a}});
@@ -23,7 +20,7 @@ struct Dir {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static Dir d;
-  d.index.set(data, size);
+  d.input.set(data, size);
   blip2::fuzz::expect_clean([&] {
     blip2::Checkpoint ckpt(d.dir.path());
     (void)ckpt.total_bytes();

@@ -9,17 +9,9 @@
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 
-namespace {
-struct Dir {
-  blip2::fuzz::ScratchDir dir;
-  blip2::fuzz::MemFile file;
-  Dir() { dir.link("model.safetensors", file); }
-};
-}  // namespace
-
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static Dir d;
-  d.file.set(data, size);
+  static blip2::fuzz::DirWithInput d("model.safetensors");
+  d.input.set(data, size);
   blip2::fuzz::expect_clean([&] {
     blip2::Checkpoint ck(d.dir.path());
     const blip2::SafetensorsFile file(d.dir.path() + "/model.safetensors");

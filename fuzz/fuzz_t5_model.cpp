@@ -2,17 +2,9 @@
 #include "fuzz_util.h"
 #include "text/t5_tokenizer.h"
 
-namespace {
-struct Dir {
-  blip2::fuzz::ScratchDir dir;
-  blip2::fuzz::MemFile model;
-  Dir() { dir.link("spiece.model", model); }
-};
-}  // namespace
-
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static Dir d;
-  d.model.set(data, size);
+  static blip2::fuzz::DirWithInput d("spiece.model");
+  d.input.set(data, size);
   blip2::fuzz::expect_clean([&] {
     const blip2::T5Tokenizer tok(d.dir.path());
     const auto ids = tok.encode("Question: what is in the picture? Answer: a cat <extra_id_0> é 日本");

@@ -65,6 +65,13 @@ class ScratchDir {
   std::string path_;
 };
 
+// A ScratchDir whose entry `name` is the input: for the targets fuzzing one file of a model directory.
+struct DirWithInput {
+  ScratchDir dir;
+  MemFile input;
+  explicit DirWithInput(const std::string& name) { dir.link(name, input); }
+};
+
 // Runs `f`, treating the library's own errors as the normal answer to a bad input.
 template <class F>
 void expect_clean(F&& f) {

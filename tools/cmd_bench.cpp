@@ -92,10 +92,6 @@ Stats stats(std::vector<double> v) {
 
 // ---- what the floors count ---------------------------------------------------------------------------------
 
-bool ends_with(const std::string& s, const std::string& tail) {
-  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
-}
-
 // Bytes every decode step reads, counted over the loaded weights in their loaded format (scales included):
 // every tensor of the language model's decoder stack (T5: language_model.decoder.*, OPT:
 // language_model.model.decoder.*, LLaMA: language_model.model.layers.* and .norm) except the embedding tables, of which a step reads one row, and T5's
@@ -109,7 +105,7 @@ int64_t decode_step_bytes(const Checkpoint& ck) {
     if (name == "language_model.lm_head.weight") lm_head = static_cast<int64_t>(n);
     if (table || name == "language_model.shared.weight") tied = std::max(tied, static_cast<int64_t>(n));
     if (!decoder || table) continue;
-    if (ends_with(name, "EncDecAttention.k.weight") || ends_with(name, "EncDecAttention.v.weight")) continue;
+    if (name.ends_with("EncDecAttention.k.weight") || name.ends_with("EncDecAttention.v.weight")) continue;
     bytes += static_cast<int64_t>(n);
   }
   return bytes + (lm_head >= 0 ? lm_head : tied);

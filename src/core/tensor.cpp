@@ -184,8 +184,7 @@ void Weight::to_f32(int64_t begin, int64_t n, float* out) const {
       const auto* s = static_cast<const uint16_t*>(scales);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t r = (begin + i) / c, k = (begin + i) % c;
-        const uint8_t byte = q[r * (ld / 2) + (k / 64) * 32 + (k % 32)];
-        const int v = ((k % 64) < 32 ? (byte & 15) : (byte >> 4)) - 8;
+        const int v = i4_nibble(q + r * (ld / 2), k) - 8;
         out[i] = static_cast<float>(v) * f16_to_f32(s[r * ng + k / group]);
       }
       return;

@@ -30,6 +30,11 @@ enum class DType { F32, F16, BF16, I8, I4 };
 const char* dtype_name(DType t);
 size_t dtype_size(DType t);  // bytes per element of the unquantized formats (1 for I8, 0 for I4)
 int64_t quantized_ld(DType t, int64_t cols, int group);  // I8, I4: the padded row length (above)
+// I4: the stored nibble u = q + 8 of element k of a row starting at `row` (the layout above).
+inline int i4_nibble(const uint8_t* row, int64_t k) {
+  const uint8_t byte = row[(k / 64) * 32 + (k % 32)];
+  return (k % 64) < 32 ? (byte & 15) : (byte >> 4);
+}
 
 // The format weights of linear layers are kept in after loading (see LoadOptions in model/blip2.h).
 enum class WeightFormat { AsStored, F32, F16, BF16, I8, I4 };

@@ -18,15 +18,11 @@ namespace {
 constexpr const char* kInt8Suffix = ".int8";
 constexpr const char* kInt4Suffix = ".int4_g";
 
-bool ends_with(const std::string& s, const std::string& end) {
-  return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
-}
-
 // NAME for NAME.int8 or NAME.int4_g32/64/128 (a quantized tensor's data), "" for any other file name.
 std::string quantized_base(const std::string& file_name) {
-  if (ends_with(file_name, kInt8Suffix)) return file_name.substr(0, file_name.size() - std::strlen(kInt8Suffix));
+  if (file_name.ends_with(kInt8Suffix)) return file_name.substr(0, file_name.size() - std::strlen(kInt8Suffix));
   for (const char* g : {"32", "64", "128"})
-    if (ends_with(file_name, std::string(kInt4Suffix) + g))
+    if (file_name.ends_with(std::string(kInt4Suffix) + g))
       return file_name.substr(0, file_name.size() - std::strlen(kInt4Suffix) - std::strlen(g));
   return "";
 }
@@ -111,7 +107,7 @@ Weight Checkpoint::quantized_weight(const std::string& name, const std::string& 
 
   Weight w;
   w.shape = shape;
-  const bool int8 = ends_with(data_name, kInt8Suffix);
+  const bool int8 = data_name.ends_with(kInt8Suffix);
   w.dtype = int8 ? DType::I8 : DType::I4;
   w.group = int8 ? 0 : std::stoi(data_name.substr(data_name.rfind('g') + 1));
   w.ld = quantized_ld(w.dtype, cols, w.group);
@@ -140,7 +136,7 @@ std::map<std::string, Shape> Checkpoint::stored_shapes() const {
   std::map<std::string, Shape> out;
   for (const auto& [name, file] : where_)
     if (quantized_base(name).empty() &&
-        !(ends_with(name, kScalesSuffix) && where_.count(name.substr(0, name.size() - std::strlen(kScalesSuffix)))))
+        !(name.ends_with(kScalesSuffix) && where_.count(name.substr(0, name.size() - std::strlen(kScalesSuffix)))))
       out[name] = file->find(name)->shape;
   return out;
 }

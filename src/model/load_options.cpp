@@ -30,10 +30,6 @@ bool is_lookup_embedding(const std::string& name) {
          name == "language_model.model.embed_tokens.weight";            // LLaMA
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 // A tensor a pre-quantized checkpoint stores quantized: used as it is (moved to the device), never converted
 // again, since requantizing would not give the bytes quantizing the original gives. So the requested format
 // must be the stored one, or "as stored".
@@ -79,7 +75,7 @@ bool converts_tensor(const std::string& name, const Shape& shape, bool tied_lm_h
   if (name == "vision_projection.weight" || name == "text_projection.weight" || name == "itm_head.weight") return true;
   if (name.rfind("vision_model.", 0) == 0 || name.rfind("qformer.", 0) == 0 || name.rfind("language_model.", 0) == 0)
     for (const char* s : kLinear)
-      if (ends_with(name, s)) return true;
+      if (name.ends_with(s)) return true;
   if (tied_lm_head && is_lookup_embedding(name)) return true;
   return false;
 }

@@ -45,9 +45,9 @@ QuantizeSummary quantize_checkpoint(const std::string& model_dir, const std::str
   QuantizeSummary summary;
   bool all_stored = true;
   for (Tower t : {Tower::Vision, Tower::QFormer, Tower::Language}) {
-    summary.formats += std::string(summary.formats.empty() ? "" : ", ") + tower_name(t) + " " +
-                       weight_format_name(tower_format(options, t, cfg.family));
-    all_stored = all_stored && tower_format(options, t, cfg.family) == WeightFormat::AsStored;
+    const WeightFormat f = tower_format(options, t, cfg.family);
+    summary.formats += std::string(summary.formats.empty() ? "" : ", ") + tower_name(t) + " " + weight_format_name(f);
+    all_stored = all_stored && f == WeightFormat::AsStored;
   }
   if (all_stored)
     fail(ErrorKind::Usage, "quantize: choose the format with --weights int8 or int4 (or per tower: --vision-weights, "

@@ -57,13 +57,6 @@ void gemv_i8_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, floa
     }
 }
 
-// The stored nibble u = q + 8 of element k of an I4 row (DType::I4's layout: each 32 bytes hold 64
-// elements, the first 32 in the low nibbles).
-inline int i4_nibble(const uint8_t* row, int64_t k) {
-  const uint8_t byte = row[(k / 64) * 32 + (k % 32)];
-  return (k % 64) < 32 ? (byte & 15) : (byte >> 4);
-}
-
 void gemv_i4_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
   const int64_t ld = w.ld, G = w.group, ng = ld / G;
   const auto* q = static_cast<const uint8_t*>(w.data);
@@ -416,7 +409,7 @@ void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, con
         const auto* q = static_cast<const uint8_t*>(w.data);
         const auto* sw = static_cast<const uint16_t*>(w.scales) + j / w.group;
         for (int64_t o = o0; o < o1; ++o)
-          yr[o] += a * (static_cast<float>(detail::i4_nibble(q + o * rb, j) - 8) * f16_to_f32(sw[o * ng]));
+          yr[o] += a * (static_cast<float>(i4_nibble(q + o * rb, j) - 8) * f16_to_f32(sw[o * ng]));
       } else {
         fail(ErrorKind::Internal, "add_columns: the weight is not int8 or int4");
       }

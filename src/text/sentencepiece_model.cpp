@@ -107,8 +107,7 @@ void check_sentencepiece_model(std::string_view proto, const std::string& path) 
   };
   // Protobuf keeps the last value of a repeated scalar field and merges repeated message fields, so the
   // charsmap that counts is the last one across every occurrence of its spec.
-  std::string_view charsmaps[2];
-  bool seen_charsmap[2] = {false, false};
+  std::string_view charsmaps[2];  // none: empty, which charsmap_problem accepts (the identity normalization)
   size_t pieces = 0;
   const bool parsed = each_field(proto, [&](const WireField& field) {
     if (field.number == kPieces) {
@@ -125,7 +124,7 @@ void check_sentencepiece_model(std::string_view proto, const std::string& path) 
       const int which = field.number == kNormalizer ? 0 : 1;
       if (field.wire_type != 2) broken("its normalizer spec is not a message");
       if (!each_field(field.bytes, [&](const WireField& f) {
-            if (f.number == kCharsMap) charsmaps[which] = f.bytes, seen_charsmap[which] = true;
+            if (f.number == kCharsMap) charsmaps[which] = f.bytes;
           }))
         broken("its normalizer spec is truncated");
     }
@@ -133,7 +132,6 @@ void check_sentencepiece_model(std::string_view proto, const std::string& path) 
   if (!parsed) broken("the protobuf is truncated or malformed");
   if (pieces == 0) broken("it has no pieces");
   for (int which = 0; which < 2; ++which) {
-    if (!seen_charsmap[which]) continue;
     const std::string problem = charsmap_problem(charsmaps[which]);
     if (!problem.empty())
       broken(std::string(which == 0 ? "the normalizer" : "the denormalizer") + "'s character map: " + problem);

@@ -173,6 +173,24 @@ TEST(QuantizedCheckpoint, BrokenOrMismatchedFilesFailWithTheTensorNamed) {
   }, "language_model.encoder.final_layer_norm.weight");
 }
 
+// Only a quantized tensor's data and scales are left out of the stored tensors: a float tensor whose name
+// merely ends with "_scales" is an ordinary tensor (quantize writes it, the model may take it).
+TEST(QuantizedCheckpoint, StoredShapesLeaveOutOnlyTheQuantizedParts) {
+  TempDir dir;
+  const Tensor a({2, 3}), s({2});
+  write_safetensors(dir.path("model.safetensors"), {{"a", &a}, {"a_scales", &s}});
+  Checkpoint ck(dir.path());
+  EXPECT_EQ(ck.stored_shapes(), (std::map<std::string, Shape>{{"a", {2, 3}}, {"a_scales", {2}}}));
+  TempDir q4;
+  quantize_checkpoint(kT5, q4.path(), with_weights(WeightFormat::I4), false);
+  const Checkpoint quantized(q4.path());
+  const std::string wo = "language_model.encoder.block.0.layer.1.DenseReluDense.wo.weight";
+  EXPECT_TRUE(quantized.has(wo));
+  for (const auto& [name, shape] : quantized.stored_shapes())
+    EXPECT_TRUE(name.find(".int8") == std::string::npos && name.find(".int4_g") == std::string::npos) << name;
+  EXPECT_TRUE(quantized.stored_shapes().count("language_model.encoder.final_layer_norm.weight"));
+}
+
 TEST(QuantizedCheckpoint, UsageErrorsNameTheProblem) {
   TempDir q4;
   quantize_checkpoint(kT5, q4.path(), with_weights(WeightFormat::I4), false);

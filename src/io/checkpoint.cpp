@@ -133,11 +133,14 @@ Weight Checkpoint::quantized_weight(const std::string& name, const std::string& 
 }
 
 std::map<std::string, Shape> Checkpoint::stored_shapes() const {
+  // A quantized tensor's data NAME.int8 / NAME.int4_gG, or its scales: that name + kScalesSuffix.
+  const auto quantized_part = [](const std::string& name) {
+    const bool scales = name.ends_with(kScalesSuffix);
+    return !quantized_base(scales ? name.substr(0, name.size() - std::strlen(kScalesSuffix)) : name).empty();
+  };
   std::map<std::string, Shape> out;
   for (const auto& [name, file] : where_)
-    if (quantized_base(name).empty() &&
-        !(name.ends_with(kScalesSuffix) && where_.count(name.substr(0, name.size() - std::strlen(kScalesSuffix)))))
-      out[name] = file->find(name)->shape;
+    if (!quantized_part(name)) out[name] = file->find(name)->shape;
   return out;
 }
 

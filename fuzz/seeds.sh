@@ -26,8 +26,9 @@ safetensors() {  # safetensors HEADER_JSON DATA_BYTES: the file on stdout (data 
 safetensors '{"__metadata__":{"format":"pt"},"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"h":{"dtype":"F16","shape":[3],"data_offsets":[16,22]},"b":{"dtype":"BF16","shape":[1,1],"data_offsets":[22,24]},"i":{"dtype":"I64","shape":[1],"data_offsets":[24,32]}}' 32 | seed fuzz_safetensors mixed
 safetensors '{"e":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}' 4 | seed fuzz_safetensors scalar
 
-# A pre-quantized file (blip2 quantize's names and metadata), int8 and int4 g32, and a float tensor.
-safetensors '{"__metadata__":{"format":"pt","blip2.quantized_layout":"1"},"w.int8":{"dtype":"I8","shape":[2,32],"data_offsets":[0,64]},"v.int4_g32":{"dtype":"U8","shape":[1,32],"data_offsets":[64,96]},"w.int8_scales":{"dtype":"F32","shape":[2],"data_offsets":[96,104]},"v.int4_g32_scales":{"dtype":"F16","shape":[1,2],"data_offsets":[104,108]},"b":{"dtype":"F32","shape":[2],"data_offsets":[108,116]}}    ' 116 | seed fuzz_quantized_checkpoint int8_int4
+# A pre-quantized file (blip2 quantize's names and metadata), int8 and int4 g32 (with one float column, whose
+# index the filler bytes make 0x3c3c3c3c: out of range, so mutations must make it valid), and a float tensor.
+safetensors '{"__metadata__":{"format":"pt","blip2.quantized_layout":"2"},"w.int8":{"dtype":"I8","shape":[2,32],"data_offsets":[0,64]},"v.int4_g32":{"dtype":"U8","shape":[1,32],"data_offsets":[64,96]},"w.int8_scales":{"dtype":"F32","shape":[2],"data_offsets":[96,104]},"v.int4_g32_scales":{"dtype":"F16","shape":[1,2],"data_offsets":[104,108]},"b":{"dtype":"F32","shape":[2],"data_offsets":[108,116]},"v.int4_g32_columns":{"dtype":"I32","shape":[1],"data_offsets":[116,120]},"v.int4_g32_column_weights":{"dtype":"F32","shape":[1,1],"data_offsets":[120,124]}}       ' 124 | seed fuzz_quantized_checkpoint int8_int4
 
 printf '{"metadata":{"total_size":32},"weight_map":{"a":"model-00001-of-00002.safetensors","b":"model-00002-of-00002.safetensors","c":"model-00002-of-00002.safetensors"}}' | seed fuzz_checkpoint_index index
 printf '{"weight_map":{"a":"model-00001-of-00002.safetensors"}}' | seed fuzz_checkpoint_index partial

@@ -448,6 +448,100 @@ TEST(Linear, OutlierColumnsDoNotCrossRows) {
   }
 }
 
+// Float columns (issue 14): the loader's chosen input columns keep their weights in float. The weight holds
+// them exactly (to_f32, dequant_rows), its other elements are what converting without those columns gives,
+// and the product's error against the exact float product drops below the run-time decomposition's (which
+// leaves each outlier column's weight rounding, ×50) to the clean rows' level. A copy to emulated device
+// memory keeps the columns, and folding them back (for a GPU) rounds them like the other int8 elements.
+TEST(Linear, FloatColumnsKeepTheirWeightsExact) {
+  const int64_t out = 70, in = 512;
+  const std::vector<int32_t> planted = {5, 130, 131, 400};
+  std::mt19937 g(23);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> wv(static_cast<size_t>(out * in));
+  for (auto& v : wv) v = 0.05f * nd(g);
+  std::vector<float> wz = wv;  // the planted columns zeroed
+  for (int64_t o = 0; o < out; ++o)
+    for (int32_t c : planted) wz[o * in + c] = 0.0f;
+  for (const Fmt& f : kFormats) {
+    if (f.dtype != DType::I8 && f.dtype != DType::I4) continue;
+    const Weight w = kern::convert(f32_weight(wv, out, in), f.dtype, f.group, planted);
+    const Weight plain = kern::convert(f32_weight(wv, out, in), f.dtype, f.group);
+    ASSERT_EQ(w.n_float_columns, 4) << f.name;
+    EXPECT_EQ(w.nbytes(), plain.nbytes() + 4 * (4 + out * 4)) << f.name;
+    const std::vector<float> deq = w.f32(), deq_z = kern::convert(f32_weight(wz, out, in), f.dtype, f.group).f32();
+    std::vector<float> rows_deq(wv.size());
+    kern::dequant_rows(w, 0, out, rows_deq.data(), in);
+    EXPECT_EQ(rows_deq, deq) << f.name;
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) {
+        const bool fl = std::binary_search(planted.begin(), planted.end(), static_cast<int32_t>(i));
+        ASSERT_EQ(deq[o * in + i], fl ? wv[o * in + i] : deq_z[o * in + i]) << f.name << " " << o << "," << i;
+      }
+    for (int64_t rows : {1, 3, 40}) {
+      std::vector<float> clean(static_cast<size_t>(rows * in));
+      for (auto& v : clean) v = nd(g);
+      std::vector<float> x = clean;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int32_t c : planted) x[r * in + c] = x[r * in + c] < 0 ? -50.0f : 50.0f;
+      const auto rel = [&](const Weight& wt, const std::vector<float>& xs) {  // against the float weights
+        std::vector<float> y(static_cast<size_t>(rows * out));
+        ops::linear(xs.data(), rows, wt, Weight{}, y.data());
+        double num = 0, den = 0;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t o = 0; o < out; ++o) {
+            double e = 0;
+            for (int64_t i = 0; i < in; ++i) e += static_cast<double>(xs[r * in + i]) * wv[o * in + i];
+            num += (y[r * out + o] - e) * (y[r * out + o] - e);
+            den += e * e;
+          }
+        return std::sqrt(num / den);
+      };
+      for_each_isa([&](const char* isa) {
+        const double e_float = rel(w, x), e_clean = rel(w, clean), e_runtime = rel(plain, x);
+        std::printf("  %-8s %-6s rows %2lld: rel error float columns %.2e, clean rows %.2e, run-time columns only %.2e\n",
+                    f.name, isa, static_cast<long long>(rows), e_float, e_clean, e_runtime);
+        EXPECT_LE(e_float, 1.2 * e_clean) << f.name << " " << isa << " rows " << rows;
+        EXPECT_LE(2.0 * e_float, e_runtime) << f.name << " " << isa << " rows " << rows;
+      });
+    }
+    const Weight emulated = w.to(Device::Emulated);
+    EXPECT_EQ(emulated.n_float_columns, 4) << f.name;
+    EXPECT_EQ(emulated.f32(), deq) << f.name;
+  }
+  const Weight w8 = kern::convert(f32_weight(wv, out, in), DType::I8, 0, planted);
+  const Weight folded = w8.without_float_columns();
+  EXPECT_EQ(folded.n_float_columns, 0);
+  const std::vector<float> fd = folded.f32(), pd = kern::convert(f32_weight(wz, out, in), DType::I8).f32();
+  const auto* scale = static_cast<const float*>(w8.scales);
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = 0; i < in; ++i) {
+      const bool fl = std::binary_search(planted.begin(), planted.end(), static_cast<int32_t>(i));
+      if (fl) ASSERT_NEAR(fd[o * in + i], wv[o * in + i], 0.5f * scale[o] * 1.0001f) << o << "," << i;
+      else ASSERT_EQ(fd[o * in + i], pd[o * in + i]) << o << "," << i;
+    }
+}
+
+TEST(Linear, FloatColumnsForPicksTheChannelsFarAboveTheMedian) {
+  std::vector<float> s(100, 1.0f);
+  s[3] = 10.0f;
+  s[50] = 7.0f;
+  s[60] = 5.9f;  // below 6× the median
+  s[70] = std::nanf("");
+  EXPECT_EQ(ops::float_columns_for(s), (std::vector<int32_t>{3, 50}));
+  EXPECT_EQ(ops::float_columns_for(std::vector<float>(10, 0.0f)), std::vector<int32_t>{});  // no typical size
+  EXPECT_EQ(ops::float_columns_for({}), std::vector<int32_t>{});
+  for (int j = 0; j < 30; ++j) s[j] = 100.0f + static_cast<float>(j);  // more than the cap: the largest
+  std::vector<int32_t> want;
+  for (int j = 30 - ops::kMaxFloatColumns; j < 30; ++j) want.push_back(j);
+  EXPECT_EQ(ops::float_columns_for(s), want);
+  // The estimates: sqrt(gamma^2 + beta^2) after a norm; a product's row norms over its input scales, + |b|.
+  const std::vector<float> gamma = {3.0f, 1.0f}, beta = {4.0f, 0.0f}, wv = {1.0f, 2.0f, 0.0f, 1.0f}, b = {0.5f, -1.0f};
+  EXPECT_EQ(ops::norm_output_scale(f32_weight(gamma, 1, 2), f32_weight(beta, 1, 2)), (std::vector<float>{5.0f, 1.0f}));
+  EXPECT_EQ(ops::product_output_scale(f32_weight(wv, 2, 2), {3.0f, 4.0f}, f32_weight(b, 1, 2)),
+            (std::vector<float>{std::sqrt(73.0f) + 0.5f, 4.0f + 1.0f}));
+}
+
 // The weight-only int8 alternative kept for the benchmark.
 TEST(Linear, Int8WeightOnlyVariantMatchesDequantizedWeights) {
   const int64_t out = 19, in = 77;

@@ -2,9 +2,10 @@
 // outliers of real LLMs. Checked where it matters, on the tiny T5 and OPT shapes loaded in float32 and run
 // over a fixture image: the input of the first layer's q/k/v (after its norm) has the chosen residual
 // channels 20-100x the median channel, and the input of wo / fc2 the chosen hidden channels >= 20x; the same
-// shapes without --outliers have no such channels. Then the measurement the outliers are for: every weight
-// format against float32, clean and with outliers (docs/PERFORMANCE.md), bounded where ops::linear's
-// outlier-column decomposition (kern::outlier_columns) makes the quantized products outlier-proof.
+// shapes without --outliers have no such channels; the loader picks those channels from the weights alone
+// for its float columns. Then the measurement the outliers are for: every weight format against float32,
+// clean and with outliers (docs/PERFORMANCE.md), bounded where the float columns and ops::linear's run-time
+// decomposition make the quantized products outlier-proof.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -19,6 +20,8 @@
 
 #include "commands.h"
 #include "image/image.h"
+#include "io/checkpoint.h"
+#include "io/config.h"
 #include "io/make_random.h"
 #include "io/safetensors.h"
 #include "model/blip2.h"
@@ -206,6 +209,52 @@ TEST_P(OutlierShape, ChosenChannelsAreOutliersOnlyWithTheOption) {
   EXPECT_LT(*std::max_element(clean.ffn_output_input.begin(), clean.ffn_output_input.end()), 10.0) << like;
 }
 
+// The loader finds the same channels from the weights alone (ops::float_columns_for over the norms' gamma and
+// the feed-forward's first products): an int8 / int4 load keeps exactly the outlier channels of every layer's
+// q/k/v, first feed-forward product (residual channels) and second (hidden channels) in float, and nothing
+// on the clean model; a float load keeps none, and neither do the vision and Q-Former towers.
+TEST_P(OutlierShape, TheLoaderKeepsTheOutlierChannelsInFloat) {
+  const std::string like = GetParam();
+  const bool t5 = like == "tiny";
+  const uint64_t seed = 7;
+  TempDir tmp;
+  const RandomCheckpointPlan plan = plan_random_checkpoint(like, DType::F32, make_options(true, seed).outliers, seed);
+  const auto as_int32 = [](const std::vector<int64_t>& v) { return std::vector<int32_t>(v.begin(), v.end()); };
+  const std::vector<int32_t> res = as_int32(plan.outlier_residual_channels), ffn = as_int32(plan.outlier_ffn_channels);
+  const auto columns = [](const Weight& w) {
+    return std::vector<int32_t>(w.float_columns, w.float_columns + w.n_float_columns);
+  };
+  for (bool outliers : {true, false}) {
+    const std::string dir = tmp.path(outliers ? "outliers" : "clean");
+    make_random_checkpoint(like, dir, make_options(outliers, seed));
+    const Blip2Config cfg = load_config(dir);
+    const int64_t d = t5 ? cfg.text.d_model : cfg.opt.hidden_size, F = t5 ? cfg.text.d_ff : cfg.opt.ffn_dim;
+    for (WeightFormat f : {WeightFormat::I8, WeightFormat::I4, WeightFormat::BF16}) {
+      LoadOptions o;
+      o.weights = f;
+      Checkpoint ck(dir);
+      ck.set_convert(weight_converter(o, cfg.family, false, &ck));
+      const bool quantized = f != WeightFormat::BF16 && outliers;
+      const std::string what = like + (outliers ? " --outliers " : " clean ") + weight_format_name(f);
+      for (int layer = 0; layer < (t5 ? cfg.text.num_layers : cfg.opt.num_layers); ++layer) {
+        const std::string L = std::to_string(layer);
+        const std::string q = t5 ? "language_model.encoder.block." + L + ".layer.0.SelfAttention.q.weight"
+                                 : "language_model.model.decoder.layers." + L + ".self_attn.q_proj.weight";
+        const std::string up = t5 ? "language_model.encoder.block." + L + ".layer.1.DenseReluDense.wi_0.weight"
+                                  : "language_model.model.decoder.layers." + L + ".fc1.weight";
+        const std::string down = t5 ? "language_model.encoder.block." + L + ".layer.1.DenseReluDense.wo.weight"
+                                    : "language_model.model.decoder.layers." + L + ".fc2.weight";
+        EXPECT_EQ(columns(ck.take(q, {d, d})), quantized ? res : std::vector<int32_t>{}) << what << " " << q;
+        EXPECT_EQ(columns(ck.take(up, {F, d})), quantized ? res : std::vector<int32_t>{}) << what << " " << up;
+        EXPECT_EQ(columns(ck.take(down, {d, F})), quantized ? ffn : std::vector<int32_t>{}) << what << " " << down;
+      }
+      const int64_t vd = cfg.vision.hidden_size;
+      EXPECT_EQ(ck.take("vision_model.encoder.layers.0.mlp.fc1.weight", {cfg.vision.intermediate_size, vd}).n_float_columns,
+                0) << what;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Tiny, OutlierShape, ::testing::Values("tiny", "tiny-opt"),
                          [](const auto& info) { return std::string(info.param) == "tiny" ? "T5" : "OPT"; });
 
@@ -343,27 +392,29 @@ Accuracy measure(const Blip2Model& ref, const Blip2Model& m) {
   return a;
 }
 
-// The quantized formats' logits error against float32 with the outlier columns taken out of the integer
-// products (ops::linear, issue 14). Bounds, per model and format:
-//  - clean: at most the error measured before the decomposition × 1.05 (it must not make clean models worse);
-//  - with outliers, T5 int8 / lm-int8: at most 1.5× the clean model's error + 1e-3 (the slack: under a tenth of the
-//    errors bounded, far above run-to-run differences, which come from thread scheduling only at ~1e-6);
-//  - with outliers, everything else: at most the error measured when the bound was set × 1.1 (regression
-//    guards). OPT int8 and every int4 stay above 1.5× clean: what is left there is the weights' own rounding,
-//    which the outliers amplify (bf16, which never rounds activations, goes from 5.2e-3 to 5.8e-2 on OPT; and
-//    taking every column of the tiny models out of the integer products leaves the int8/int4 errors where
-//    they are: docs/PERFORMANCE.md). Closing that needs the outlier columns' weights kept in float.
+// The quantized formats' logits error against float32 with the outliers taken out of the integer products
+// (ops::linear, issue 14: the loader's float columns and the run-time per-row columns). Bounds, per model
+// and format:
+//  - clean: at most the error measured before issue 14 × 1.05 (outlier handling must not make clean models
+//    worse);
+//  - with outliers, T5 (int8, int4, lm-int8, lm-int4): at most 1.5× the clean model's error + 1e-3 (the slack:
+//    under a tenth of the errors bounded, far above run-to-run differences, which come from thread
+//    scheduling only at ~1e-6);
+//  - with outliers, OPT: at most the error measured when the bound was set × 1.1 (regression guards). These
+//    random OPT weights with outliers amplify any weight rounding: lm-bf16, which rounds no activation and
+//    every weight far finer than int8, goes from 4.1e-3 to 4.8e-2 (12×; its q/k see the ×40 channels
+//    uncompensated, so attention saturates), and lm-int8's 7.0e-2 is within 1.5× of that (docs/PERFORMANCE.md).
 struct Bound {
   const char* like;
   const char* format;
-  double clean_before;  // logits rel, clean model, before the decomposition (docs/PERFORMANCE.md)
+  double clean_before;  // logits rel, clean model, before issue 14's changes (docs/PERFORMANCE.md)
   double outliers_max;  // 0: 1.5× clean + 1e-3; else the regression bound
 };
 const Bound kBounds[] = {
-    {"tiny", "int8", 1.23e-2, 0},         {"tiny", "lm-int8", 1.15e-2, 0},
-    {"tiny", "int4", 0.129, 0.246 * 1.1}, {"tiny", "lm-int4", 0.123, 0.226 * 1.1},
-    {"tiny-opt", "int8", 2.39e-2, 0.123 * 1.1}, {"tiny-opt", "lm-int8", 1.86e-2, 8.06e-2 * 1.1},
-    {"tiny-opt", "int4", 0.293, 0.527 * 1.1},   {"tiny-opt", "lm-int4", 0.240, 0.519 * 1.1}};
+    {"tiny", "int8", 1.23e-2, 0}, {"tiny", "lm-int8", 1.15e-2, 0},
+    {"tiny", "int4", 0.129, 0},   {"tiny", "lm-int4", 0.123, 0},
+    {"tiny-opt", "int8", 2.39e-2, 9.22e-2 * 1.1}, {"tiny-opt", "lm-int8", 1.86e-2, 6.97e-2 * 1.1},
+    {"tiny-opt", "int4", 0.293, 0.555 * 1.1},     {"tiny-opt", "lm-int4", 0.240, 0.545 * 1.1}};
 
 TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
   TempDir tmp;
@@ -375,7 +426,8 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
   // its outliers are what the number measures.
   const std::vector<Fmt> formats = {{"f32", WeightFormat::F32},   {"bf16", WeightFormat::BF16},
                                     {"int8", WeightFormat::I8},   {"int4", WeightFormat::I4},
-                                    {"lm-int8", WeightFormat::AsStored}, {"lm-int4", WeightFormat::AsStored}};
+                                    {"lm-bf16", WeightFormat::AsStored}, {"lm-int8", WeightFormat::AsStored},
+                                    {"lm-int4", WeightFormat::AsStored}};
   std::printf("  %-9s %-9s %-8s %14s %14s\n", "model", "outliers", "format", "logits rel", "top-1 agree");
   for (const char* like : {"tiny", "tiny-opt"}) {
     std::map<std::string, double> clean_rel;  // this model's clean errors, by format
@@ -386,6 +438,7 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
       for (const Fmt& f : formats) {
         LoadOptions o;
         o.weights = f.format;
+        if (std::string(f.name) == "lm-bf16") o.lm_weights = WeightFormat::BF16;
         if (std::string(f.name) == "lm-int8") o.lm_weights = WeightFormat::I8;
         if (std::string(f.name) == "lm-int4") o.lm_weights = WeightFormat::I4;
         const Blip2Model m(dir, o);

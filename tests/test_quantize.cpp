@@ -9,6 +9,7 @@
 #include "cli_runner.h"
 #include "core/error.h"
 #include "io/checkpoint.h"
+#include "io/make_random.h"
 #include "io/safetensors.h"
 #include "model/quantize.h"
 #include "model/retrieval.h"
@@ -67,7 +68,15 @@ TEST(QuantizedCheckpoint, LoadsAndComputesBitForBitAsConvertingAtLoad) {
   mixed.qformer_weights = WeightFormat::I8;
   mixed.lm_weights = WeightFormat::I4;
   mixed.int4_group = 32;
-  for (const Case& c : {Case{"t5-int4", kT5, with_weights(WeightFormat::I4)},
+  // Models with activation outliers, whose language model keeps float columns (Weight::float_columns).
+  TempDir outliers;
+  MakeRandomOptions mo;
+  mo.outliers.enabled = true;
+  make_random_checkpoint("tiny", outliers.path("t5"), mo);
+  make_random_checkpoint("tiny-opt", outliers.path("opt"), mo);
+  for (const Case& c : {Case{"t5-outliers-int4", outliers.path("t5"), with_weights(WeightFormat::I4)},
+                        Case{"opt-outliers-int8", outliers.path("opt"), with_weights(WeightFormat::I8)},
+                        Case{"t5-int4", kT5, with_weights(WeightFormat::I4)},
                         Case{"t5-int8", kT5, with_weights(WeightFormat::I8)},
                         Case{"opt-int4-g128", kOpt, with_weights(WeightFormat::I4, 128)},
                         Case{"opt-mixed", kOpt, mixed},
@@ -76,6 +85,11 @@ TEST(QuantizedCheckpoint, LoadsAndComputesBitForBitAsConvertingAtLoad) {
     TempDir out;
     const QuantizeSummary s = quantize_checkpoint(c.dir, out.path(), c.options, false);
     EXPECT_GT(s.quantized, 10u);
+    size_t float_columns = 0;
+    const SafetensorsFile written(out.path("model.safetensors"));
+    for (const auto& [name, e] : written.entries())
+      float_columns += name.ends_with(kColumnsSuffix);
+    EXPECT_EQ(float_columns > 0, c.dir.starts_with(outliers.path())) << float_columns;
     EXPECT_EQ(s.file_bytes, fs::file_size(out.path("model.safetensors")));
     EXPECT_LT(s.file_bytes, s.source_bytes);
     const Blip2Model converted(c.dir, c.options);
@@ -152,8 +166,8 @@ TEST(QuantizedCheckpoint, BrokenOrMismatchedFilesFailWithTheTensorNamed) {
     EXPECT_NE(e.find(expected), std::string::npos) << e;
   };
   broken([](Rewrite& r) { r.metadata.erase("blip2.quantized_layout"); },
-         ".int8' is pre-quantized, but the file's metadata does not name blip2's quantized layout 1");
-  broken([](Rewrite& r) { r.metadata["blip2.quantized_layout"] = "0"; }, "quantized layout 1");
+         ".int8' is pre-quantized, but the file's metadata does not name blip2's quantized layout 2");
+  broken([](Rewrite& r) { r.metadata["blip2.quantized_layout"] = "1"; }, "quantized layout 2");
   broken([&](Rewrite& r) { r.tensors.erase(scales); }, "has no scales tensor '" + scales + "'");
   broken([&](Rewrite& r) { std::get<0>(r.tensors[data]) = "I8"; }, "tensor '" + data + "' is I8 ");
   broken([&](Rewrite& r) {  // a file made for a narrower model: one byte column less
@@ -171,6 +185,47 @@ TEST(QuantizedCheckpoint, BrokenOrMismatchedFilesFailWithTheTensorNamed) {
     r.tensors[norm + ".int8"] = r.tensors[data];
     r.tensors.erase(norm);
   }, "language_model.encoder.final_layer_norm.weight");
+}
+
+// A quantized weight's float columns are checked like its data: both tensors present, I32 indices ascending
+// inside the row, F32 weights [rows, n].
+TEST(QuantizedCheckpoint, BrokenFloatColumnsFailWithTheTensorNamed) {
+  TempDir src, good;
+  MakeRandomOptions mo;
+  mo.outliers.enabled = true;
+  make_random_checkpoint("tiny", src.path(), mo);
+  quantize_checkpoint(src.path(), good.path(), with_weights(WeightFormat::I8), false);
+  const std::string data = "language_model.encoder.block.0.layer.0.SelfAttention.q.weight.int8";
+  const std::string columns = data + kColumnsSuffix, weights = data + kColumnWeightsSuffix;
+  const auto broken = [&](const std::function<void(Rewrite&)>& edit, const std::string& expected) {
+    TempDir dir;
+    for (const auto& e : fs::directory_iterator(good.path()))
+      if (e.path().filename() != "model.safetensors") fs::copy(e.path(), dir.path(e.path().filename().string()));
+    Rewrite r(good.path("model.safetensors"));
+    ASSERT_TRUE(r.tensors.count(columns)) << "the test's tensor has no float columns";
+    edit(r);
+    r.write(dir.path("model.safetensors"));
+    const std::string e = error_of(ErrorKind::Model, [&] { Blip2Model m(dir.path()); });
+    EXPECT_NE(e.find(expected), std::string::npos) << e;
+  };
+  const auto set_index = [&](Rewrite& r, int k, int32_t v) {
+    std::memcpy(std::get<2>(r.tensors[columns]).data() + 4 * k, &v, 4);
+  };
+  broken([&](Rewrite& r) { r.tensors.erase(weights); }, "has only one of '" + columns + "' and '" + weights + "'");
+  broken([&](Rewrite& r) { r.tensors.erase(columns); }, "has only one of");
+  broken([&](Rewrite& r) { std::get<0>(r.tensors[columns]) = "F32"; }, "tensor '" + columns + "' is F32");
+  broken([&](Rewrite& r) { set_index(r, 0, -1); }, "holds column -1 at 0");
+  broken([&](Rewrite& r) { set_index(r, 1, 1 << 20); }, "holds column 1048576 at 1: columns must ascend within [0, ");
+  broken([&](Rewrite& r) {
+    int32_t first;
+    std::memcpy(&first, std::get<2>(r.tensors[columns]).data(), 4);
+    set_index(r, 1, first);
+  }, "at 1: columns must ascend");
+  broken([&](Rewrite& r) {  // one column's weights missing
+    auto& [dtype, shape, bytes] = r.tensors[weights];
+    bytes.resize(bytes.size() / shape[1] * (shape[1] - 1));
+    shape[1] -= 1;
+  }, "tensor '" + weights + "' is F32");
 }
 
 // Only a quantized tensor's data and scales are left out of the stored tensors: a float tensor whose name

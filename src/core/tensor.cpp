@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstring>
 
 #include "core/error.h"
@@ -145,10 +146,36 @@ size_t Weight::scale_bytes() const {
   }
 }
 
-size_t Weight::nbytes() const { return data_bytes() + scale_bytes(); }
+size_t Weight::float_column_bytes() const {
+  return static_cast<size_t>(n_float_columns) * (4 + static_cast<size_t>(rows()) * 4);
+}
+
+size_t Weight::nbytes() const { return data_bytes() + scale_bytes() + float_column_bytes(); }
+
+Weight Weight::without_float_columns() const {
+  if (n_float_columns == 0) return *this;
+  if (dtype != DType::I8 || !host_memory(device))
+    fail(ErrorKind::Internal, "without_float_columns: only host int8 weights fold their float columns back");
+  auto buf = std::shared_ptr<int8_t[]>(new int8_t[data_bytes()]);
+  std::memcpy(buf.get(), data, data_bytes());
+  const auto* s = static_cast<const float*>(scales);
+  for (int64_t r = 0; r < rows(); ++r)
+    for (int c = 0; c < n_float_columns; ++c) {
+      const float q = s[r] > 0.0f ? std::nearbyint(column_weights[r * n_float_columns + c] / s[r]) : 0.0f;
+      buf[r * ld + float_columns[c]] = static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f));
+    }
+  Weight w = *this;
+  w.data = buf.get();
+  w.float_columns = nullptr;
+  w.column_weights = nullptr;
+  w.n_float_columns = 0;
+  w.owner = std::make_shared<std::pair<std::shared_ptr<int8_t[]>, std::shared_ptr<const void>>>(buf, owner);
+  return w;
+}
 
 Weight Weight::to(Device d) const {
   if (d == device) return *this;
+  if (n_float_columns > 0 && !host_memory(d)) return without_float_columns().to(d);
   // One buffer for data and scales (scales 64-byte aligned after the data).
   const size_t db = data_bytes(), sb = scale_bytes(), scale_at = (db + 63) / 64 * 64;
   Buffer buf(d, sb ? scale_at + sb : db);
@@ -160,13 +187,28 @@ Weight Weight::to(Device d) const {
     copy_bytes(static_cast<uint8_t*>(buf.data()) + scale_at, d, scales, device, sb);
     w.scales = static_cast<uint8_t*>(buf.data()) + scale_at;
   }
-  w.owner = buf.keep();
+  // Float columns stay where they are (host memory), so the copy keeps their owner too.
+  w.owner = n_float_columns > 0 ? std::make_shared<std::pair<std::shared_ptr<const void>, std::shared_ptr<const void>>>(
+                                      buf.keep(), owner)
+                                : buf.keep();
   return w;
 }
 
 void Weight::to_f32(int64_t begin, int64_t n, float* out) const {
   if (n <= 0) return;  // empty tensors: no bytes to read (and memcpy with null pointers is undefined)
   if (!host_memory(device)) fail(ErrorKind::Internal, "Weight::to_f32 on a GPU weight (use f32())");
+  if (n_float_columns > 0) {  // the quantized elements, then the float columns over their zeros
+    Weight q = *this;
+    q.n_float_columns = 0;
+    q.to_f32(begin, n, out);
+    const int64_t c = cols();
+    for (int64_t r = begin / c; r <= (begin + n - 1) / c; ++r)
+      for (int k = 0; k < n_float_columns; ++k) {
+        const int64_t at = r * c + float_columns[k];
+        if (at >= begin && at < begin + n) out[at - begin] = column_weights[r * n_float_columns + k];
+      }
+    return;
+  }
   switch (dtype) {
     case DType::I8: {
       const int64_t c = cols();

@@ -47,6 +47,8 @@ using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);
 int64_t numel(const Shape& s);
 
+constexpr int kFloatColumnsLimit = 64;  // the most float columns a quantized Weight may have (below)
+
 struct Weight {
   DType dtype = DType::F32;
   Shape shape;
@@ -56,23 +58,35 @@ struct Weight {
   const void* scales = nullptr;
   int group = 0;    // I4: elements per scale
   int64_t ld = 0;   // I8 / I4: elements per stored row, padding included
+  // I8 / I4 only, optional: input columns kept in float (issue 14: a linear's outlier input channels, chosen
+  // at load, ops::float_columns_for). Their elements in `data` are zero; column_weights is float
+  // [rows][n_float_columns]; float_columns ascending. In host memory (CPU, Emulated) only: a copy to a GPU
+  // quantizes them back into `data` (to()).
+  const int32_t* float_columns = nullptr;
+  const float* column_weights = nullptr;
+  int n_float_columns = 0;  // at most kFloatColumnsLimit
   Device device = Device::CPU;  // where data and scales are
 
   bool empty() const { return data == nullptr; }
   int64_t rows() const { return shape.empty() ? 0 : shape[0]; }
   int64_t cols() const { return shape.empty() ? 0 : numel(shape) / shape[0]; }
   bool quantized() const { return dtype == DType::I8 || dtype == DType::I4; }
-  // Bytes of the stored data and scales (what a product streams).
+  // Bytes of the stored data and scales, float columns included (what a product streams).
   size_t nbytes() const;
   size_t data_bytes() const;   // of `data` alone
   size_t scale_bytes() const;  // of `scales` alone
+  size_t float_column_bytes() const;  // of float_columns and column_weights
   // Widen (or dequantize) elements [begin, begin+n) to float32. Host memory only (CPU, Emulated).
   void to_f32(int64_t begin, int64_t n, float* out) const;
   // The whole weight as float32 on the host (a copy, downloaded first from a GPU; for small tensors such as
   // norms and biases).
   std::vector<float> f32() const;
-  // A copy on `d` (data and scales), owned by the result; *this when it is there already.
+  // A copy on `d` (data and scales), owned by the result; *this when it is there already. Float columns
+  // stay on the host (they are shared with *this); on a GPU they are quantized into the copy's `data`.
   Weight to(Device d) const;
+  // A copy whose float columns are quantized into `data` like its other elements (I8 only: the GPU's
+  // formats), so that it no longer has any.
+  Weight without_float_columns() const;
 };
 
 // A float32 [rows, cols] Weight viewing v's elements (not owned: v must outlive it). For tests and

@@ -126,17 +126,58 @@ Weight Checkpoint::quantized_weight(const std::string& name, const std::string& 
     fail(ErrorKind::Model, scales_file->second->path() + ": tensor '" + scales_name + "' is not aligned to its element size");
   w.data = data.data;
   w.scales = scales.data;
-  // Data and scales may lie in different shards: the weight keeps both mappings.
-  w.owner = std::make_shared<std::pair<std::shared_ptr<const void>, std::shared_ptr<const void>>>(
-      file->mapping(), scales_file->second->mapping());
+  // Data, scales and float columns may lie in different shards: the weight keeps every mapping.
+  auto mappings = std::make_shared<std::vector<std::shared_ptr<const void>>>();
+  mappings->push_back(file->mapping());
+  mappings->push_back(scales_file->second->mapping());
+  const std::string columns_name = data_name + kColumnsSuffix, weights_name = data_name + kColumnWeightsSuffix;
+  const auto columns_file = where_.find(columns_name), weights_file = where_.find(weights_name);
+  if ((columns_file == where_.end()) != (weights_file == where_.end()))
+    bad("has only one of '" + columns_name + "' and '" + weights_name + "' beside it");
+  if (columns_file != where_.end()) {
+    const TensorEntry& c = *columns_file->second->find(columns_name);
+    const TensorEntry& cw = *weights_file->second->find(weights_name);
+    const int64_t n = c.shape.size() == 1 ? c.shape[0] : -1;
+    if (c.dtype != "I32" || n < 1 || n > kFloatColumnsLimit)
+      fail(ErrorKind::Model, columns_file->second->path() + ": tensor '" + columns_name + "' is " + c.dtype + " " +
+                                 shape_str(c.shape) + ", but float columns are I32 [n] with 1 <= n <= " +
+                                 std::to_string(kFloatColumnsLimit));
+    if (cw.dtype != "F32" || cw.shape != Shape{rows, n})
+      fail(ErrorKind::Model, weights_file->second->path() + ": tensor '" + weights_name + "' is " + cw.dtype + " " +
+                                 shape_str(cw.shape) + ", but " + what + " with " + std::to_string(n) +
+                                 " float columns needs F32 " + shape_str({rows, n}));
+    if (reinterpret_cast<uintptr_t>(c.data) % 4 != 0 || reinterpret_cast<uintptr_t>(cw.data) % 4 != 0)
+      fail(ErrorKind::Model, columns_file->second->path() + ": tensor '" + columns_name + "' or '" + weights_name +
+                                 "' is not aligned to its element size");
+    const auto* idx = reinterpret_cast<const int32_t*>(c.data);
+    for (int64_t k = 0; k < n; ++k)
+      if (idx[k] < 0 || idx[k] >= cols || (k > 0 && idx[k] <= idx[k - 1]))
+        fail(ErrorKind::Model, columns_file->second->path() + ": tensor '" + columns_name +
+                                   "' holds column " + std::to_string(idx[k]) + " at " + std::to_string(k) +
+                                   ": columns must ascend within [0, " + std::to_string(cols) + ")");
+    w.float_columns = idx;
+    w.column_weights = reinterpret_cast<const float*>(cw.data);
+    w.n_float_columns = static_cast<int>(n);
+    mappings->push_back(columns_file->second->mapping());
+    mappings->push_back(weights_file->second->mapping());
+  }
+  w.owner = mappings;
   return w;
 }
 
+Weight Checkpoint::stored(const std::string& name) const {
+  const auto it = where_.find(name);
+  if (it == where_.end()) return {};
+  return it->second->weight(name);
+}
+
 std::map<std::string, Shape> Checkpoint::stored_shapes() const {
-  // A quantized tensor's data NAME.int8 / NAME.int4_gG, or its scales: that name + kScalesSuffix.
+  // A quantized tensor's data NAME.int8 / NAME.int4_gG, or that name + one of the suffixes of its parts.
   const auto quantized_part = [](const std::string& name) {
-    const bool scales = name.ends_with(kScalesSuffix);
-    return !quantized_base(scales ? name.substr(0, name.size() - std::strlen(kScalesSuffix)) : name).empty();
+    for (const char* part : {kScalesSuffix, kColumnsSuffix, kColumnWeightsSuffix})
+      if (name.ends_with(part) && !quantized_base(name.substr(0, name.size() - std::strlen(part))).empty())
+        return true;
+    return !quantized_base(name).empty();
   };
   std::map<std::string, Shape> out;
   for (const auto& [name, file] : where_)
@@ -154,7 +195,8 @@ Weight Checkpoint::take(const std::string& name, const Shape& shape) {
   Weight w;
   if (quantized != quantized_.end()) {
     w = quantized_weight(name, stored, shape);
-    used_.insert(stored + kScalesSuffix);
+    for (const char* part : {kScalesSuffix, kColumnsSuffix, kColumnWeightsSuffix})
+      if (where_.count(stored + part)) used_.insert(stored + part);
   } else {
     w = it->second->weight(name);
     if (w.shape != shape)

@@ -6,6 +6,8 @@
 // engine's own int8 or int4 layout (DType::I8 / DType::I4 in core/tensor.h), used in place from the mapping:
 //   NAME.int8      I8 [rows, ld]       and  NAME.int8_scales      F32 [rows]
 //   NAME.int4_gG   U8 [rows, ld / 2]   and  NAME.int4_gG_scales   F16 [rows, ld / G]     (G = 32, 64, 128)
+// and, for a weight with float columns (Weight::float_columns), beside either (Q = NAME.int8 or NAME.int4_gG):
+//   Q_columns      I32 [n]  ascending input columns   and  Q_column_weights  F32 [rows, n]
 // in files whose metadata has blip2.quantized_layout = kQuantizedLayout. take(NAME) finds either form.
 #pragma once
 #include <functional>
@@ -20,9 +22,12 @@
 namespace blip2 {
 
 // The version of the quantized layouts a pre-quantized file holds; a file with another is refused.
-constexpr const char* kQuantizedLayout = "1";
-// A quantized tensor's scales are its data's name + this.
+// 2: float columns (a file of layout 1 has none where converting at load now keeps them).
+constexpr const char* kQuantizedLayout = "2";
+// A quantized tensor's scales, float column indices and float column weights are its data's name + these.
 constexpr const char* kScalesSuffix = "_scales";
+constexpr const char* kColumnsSuffix = "_columns";
+constexpr const char* kColumnWeightsSuffix = "_column_weights";
 // The file's name for a quantized weight `w` (I8 or I4) of tensor `name`: NAME.int8 or NAME.int4_gG; its
 // scales are that name + "_scales".
 std::string quantized_tensor_name(const std::string& name, const Weight& w);
@@ -57,6 +62,9 @@ class Checkpoint {
   // The tensors stored as is, with their shapes (pre-quantized ones are not among them).
   std::map<std::string, Shape> stored_shapes() const;
   bool prequantized() const { return !quantized_.empty(); }
+  // The tensor `name` as stored, viewing the mapping, without taking it (a conversion reads other tensors
+  // through this: the norms in front of a linear layer); empty when absent or pre-quantized.
+  Weight stored(const std::string& name) const;
   // The tensor `name`, which must have exactly `shape`. Throws Error(Model) naming tensor and file.
   Weight take(const std::string& name, const Shape& shape);
   // The first of `names` that exists (tied aliases such as shared / encoder.embed_tokens); the others are

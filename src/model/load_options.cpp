@@ -2,6 +2,7 @@
 
 #include <array>
 #include <cstring>
+#include <optional>
 
 #include "core/error.h"
 #include "cuda/cuda.h"
@@ -49,6 +50,115 @@ Weight prequantized_weight(const std::string& name, const Weight& w, WeightForma
   if (w.dtype == DType::I4 && device == Device::CUDA)
     fail(ErrorKind::Usage, "tensor '" + name + "' is pre-quantized as int4, which runs on the CPU only");
   return w.to(device);
+}
+
+// Where the input of a language model's linear layer comes from (issue 14, ops::float_columns_for): the norm
+// in front of it, and for the feed-forward's second product the first product(s) in between (those the
+// checkpoint has; their outputs multiply: T5's gated wi_0 · wi_1, LLaMA's gate · up). Empty `norm` for every other tensor (attention
+// outputs, which mix heads, and the vision and Q-Former towers, whose outliers this does not model).
+struct InputSource {
+  std::string norm, norm_bias;        // the norm's weight (and bias, LayerNorm)
+  std::vector<std::string> products;  // the first feed-forward products, after that norm
+  std::string product_bias;           // OPT's fc1.bias
+};
+
+InputSource input_source(const std::string& name, LanguageFamily family, bool tied_lm_head) {
+  // The name with `tail` replaced by `with`, when it ends in `tail`.
+  const auto swap = [&](const std::string& tail, const std::string& with) -> std::optional<std::string> {
+    if (!name.ends_with(tail)) return std::nullopt;
+    return name.substr(0, name.size() - tail.size()) + with;
+  };
+  InputSource src;
+  if (family == LanguageFamily::T5) {
+    if (name.rfind("language_model.encoder.block.", 0) != 0 && name.rfind("language_model.decoder.block.", 0) != 0) {
+      if (name == "language_model.lm_head.weight" || (tied_lm_head && name == "language_model.shared.weight"))
+        src.norm = "language_model.decoder.final_layer_norm.weight";
+      return src;
+    }
+    const size_t at = name.find(".layer.");  // ….layer.N.<module>: the norm is ….layer.N.layer_norm.weight
+    const size_t end = at == std::string::npos ? at : name.find('.', at + 7);
+    if (end == std::string::npos) return src;
+    const std::string layer = name.substr(0, end + 1);
+    const std::string module = name.substr(end + 1);
+    if (module == "EncDecAttention.k.weight" || module == "EncDecAttention.v.weight") {
+      src.norm = "language_model.encoder.final_layer_norm.weight";  // they read the encoder's output
+    } else if (module == "SelfAttention.q.weight" || module == "SelfAttention.k.weight" ||
+               module == "SelfAttention.v.weight" || module == "EncDecAttention.q.weight" ||
+               module.rfind("DenseReluDense.wi", 0) == 0) {
+      src.norm = layer + "layer_norm.weight";
+    } else if (module == "DenseReluDense.wo.weight") {
+      src.norm = layer + "layer_norm.weight";
+      src.products = {layer + "DenseReluDense.wi_0.weight", layer + "DenseReluDense.wi_1.weight",
+                      layer + "DenseReluDense.wi.weight"};
+    }
+  } else if (family == LanguageFamily::OPT) {
+    const std::string p = "language_model.model.decoder.";
+    if (name == "language_model.lm_head.weight" || (tied_lm_head && name == p + "embed_tokens.weight")) {
+      src.norm = p + "final_layer_norm.weight";
+      src.norm_bias = p + "final_layer_norm.bias";
+    } else if (name.rfind(p + "layers.", 0) == 0) {
+      for (const char* proj : {".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight"})
+        if (auto n = swap(proj, ".self_attn_layer_norm.weight")) {
+          src.norm = *n;
+          src.norm_bias = *swap(proj, ".self_attn_layer_norm.bias");
+        }
+      if (auto n = swap(".fc1.weight", ".final_layer_norm.weight")) {
+        src.norm = *n;
+        src.norm_bias = *swap(".fc1.weight", ".final_layer_norm.bias");
+      }
+      if (auto n = swap(".fc2.weight", ".final_layer_norm.weight")) {
+        src.norm = *n;
+        src.norm_bias = *swap(".fc2.weight", ".final_layer_norm.bias");
+        src.products = {*swap(".fc2.weight", ".fc1.weight")};
+        src.product_bias = *swap(".fc2.weight", ".fc1.bias");
+      }
+    }
+  } else {  // LLaMA (Vicuna)
+    const std::string p = "language_model.model.";
+    if (name == "language_model.lm_head.weight" || (tied_lm_head && name == p + "embed_tokens.weight")) {
+      src.norm = p + "norm.weight";
+    } else if (name.rfind(p + "layers.", 0) == 0) {
+      for (const char* proj : {".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight"})
+        if (auto n = swap(proj, ".input_layernorm.weight")) src.norm = *n;
+      for (const char* proj : {".mlp.gate_proj.weight", ".mlp.up_proj.weight"})
+        if (auto n = swap(proj, ".post_attention_layernorm.weight")) src.norm = *n;
+      if (auto n = swap(".mlp.down_proj.weight", ".post_attention_layernorm.weight")) {
+        src.norm = *n;
+        src.products = {*swap(".mlp.down_proj.weight", ".mlp.gate_proj.weight"),
+                        *swap(".mlp.down_proj.weight", ".mlp.up_proj.weight")};
+      }
+    }
+  }
+  return src;
+}
+
+// The input columns of linear `name` to keep in float when it is quantized: ops::float_columns_for over the
+// estimate its input source gives, from the tensors as the checkpoint stores them. None when the source is
+// not in the checkpoint as a float tensor (a pre-quantized first product: its file holds the columns).
+std::vector<int32_t> float_columns_of(const std::string& name, LanguageFamily family, bool tied_lm_head,
+                                      const Checkpoint& ck) {
+  const InputSource src = input_source(name, family, tied_lm_head);
+  if (src.norm.empty()) return {};
+  const Weight gamma = ck.stored(src.norm);
+  const Weight beta = src.norm_bias.empty() ? Weight{} : ck.stored(src.norm_bias);
+  if (gamma.empty() || (!src.norm_bias.empty() && beta.empty())) return {};
+  std::vector<float> scale = ops::norm_output_scale(gamma, beta);
+  if (!src.products.empty()) {
+    std::vector<float> product;
+    for (const std::string& p : src.products) {
+      if (!ck.has(p)) continue;  // T5 has wi_0 and wi_1, or (v1.0) wi alone
+      const Weight w = ck.stored(p);
+      if (w.empty() || w.cols() != static_cast<int64_t>(scale.size())) return {};
+      const Weight b = src.product_bias.empty() ? Weight{} : ck.stored(src.product_bias);
+      std::vector<float> s = ops::product_output_scale(w, scale, b);
+      if (product.empty()) product = std::move(s);
+      else if (product.size() == s.size()) for (size_t j = 0; j < s.size(); ++j) product[j] *= s[j];
+      else return {};
+    }
+    if (product.empty()) return {};
+    scale = std::move(product);
+  }
+  return ops::float_columns_for(scale);
 }
 
 }  // namespace
@@ -108,7 +218,8 @@ WeightFormat tower_format(const LoadOptions& o, Tower t, LanguageFamily family) 
   return t == Tower::Vision && o.weights == WeightFormat::I4 ? WeightFormat::I8 : o.weights;
 }
 
-Checkpoint::Convert weight_converter(const LoadOptions& o, LanguageFamily family, bool tied_lm_head) {
+Checkpoint::Convert weight_converter(const LoadOptions& o, LanguageFamily family, bool tied_lm_head,
+                                     const Checkpoint* checkpoint) {
   const Device device = o.device.kind;
   std::array<WeightFormat, 3> formats{};
   bool all_stored = true;
@@ -123,11 +234,18 @@ Checkpoint::Convert weight_converter(const LoadOptions& o, LanguageFamily family
                                  "); on cuda choose f32, f16, bf16 or int8");
   }
   if (all_stored && device == Device::CPU) return nullptr;
-  return [o, formats, tied_lm_head, device](const std::string& name, const Weight& w) -> Weight {
+  return [o, formats, tied_lm_head, device, family, checkpoint](const std::string& name, const Weight& w) -> Weight {
     if (w.quantized()) return prequantized_weight(name, w, formats[static_cast<int>(tower_of(name))], o.int4_group,
                                                   converts_tensor(name, w.shape, tied_lm_head), device);
-    if (converts_tensor(name, w.shape, tied_lm_head))
-      return ops::convert_weight(w, formats[static_cast<int>(tower_of(name))], o.int4_group).to(device);
+    if (converts_tensor(name, w.shape, tied_lm_head)) {
+      const WeightFormat f = formats[static_cast<int>(tower_of(name))];
+      // Float columns only where the product runs on the host (a GPU copy would quantize them back).
+      const bool quantized = f == WeightFormat::I8 || f == WeightFormat::I4;
+      const std::vector<int32_t> columns = quantized && checkpoint && host_memory(device)
+                                               ? float_columns_of(name, family, tied_lm_head, *checkpoint)
+                                               : std::vector<int32_t>{};
+      return ops::convert_weight(w, f, o.int4_group, columns).to(device);
+    }
     if (device != Device::CPU) return w.to(device);
     // The small tensors that stay as stored (norms, biases, position tables: a few MB in all) are copied too,
     // so that once loading is done no page of the file is needed in memory. An untied embedding stays in the
@@ -142,7 +260,7 @@ std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOp
   par::set_threads(options.threads);
   if (options.device.kind == Device::CUDA) cuda::select_device(options.device.index);
   auto ck = std::make_unique<Checkpoint>(dir, progress);
-  ck->set_convert(weight_converter(options, family, !ck->has("language_model.lm_head.weight")));
+  ck->set_convert(weight_converter(options, family, !ck->has("language_model.lm_head.weight"), ck.get()));
   return ck;
 }
 

@@ -59,7 +59,11 @@ WeightFormat tower_format(const LoadOptions& options, Tower tower, LanguageFamil
 // With a conversion, the tensors that are not converted are copied as stored (all but an untied embedding),
 // so that no file page is needed after loading. On another device every tensor is copied there after its
 // conversion. Validates int4_group, and the formats the device has kernels for.
-Checkpoint::Convert weight_converter(const LoadOptions& options, LanguageFamily family, bool tied_lm_head);
+// With `checkpoint` (the one the converter is set on), a language model's int8 / int4 linear layers keep
+// the input columns its norms and feed-forward weights show to be outliers in float (issue 14,
+// ops::float_columns_for); without, none.
+Checkpoint::Convert weight_converter(const LoadOptions& options, LanguageFamily family, bool tied_lm_head,
+                                     const Checkpoint* checkpoint = nullptr);
 
 // Sets the thread count (and selects the GPU), then opens the checkpoint with the options' weight
 // conversion, so that every tensor the model's parts take arrives in its final format.

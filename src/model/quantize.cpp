@@ -71,7 +71,8 @@ QuantizeSummary quantize_checkpoint(const std::string& model_dir, const std::str
   for (const auto& [name, shape] : ck->stored_shapes()) weights.emplace_back(name, ck->take(name, shape));
 
   SafetensorsWriter writer;
-  // The quantized data first, with 64-byte aligned sizes mostly, then the scales and the float tensors.
+  // The quantized data first, with 64-byte aligned sizes mostly, then the scales, float columns and the
+  // float tensors.
   writer.set_data_alignment(64);
   for (const auto& [name, w] : weights)
     if (w.quantized()) {
@@ -81,7 +82,12 @@ QuantizeSummary quantize_checkpoint(const std::string& model_dir, const std::str
   for (const auto& [name, w] : weights) {
     if (w.quantized()) {
       const QuantizedStorage q = quantized_storage(w);
-      writer.add_bytes(quantized_tensor_name(name, w) + kScalesSuffix, q.scales_dtype, q.scales_shape, w.scales);
+      const std::string stored = quantized_tensor_name(name, w);
+      writer.add_bytes(stored + kScalesSuffix, q.scales_dtype, q.scales_shape, w.scales);
+      if (w.n_float_columns > 0) {
+        writer.add_bytes(stored + kColumnsSuffix, "I32", {w.n_float_columns}, w.float_columns);
+        writer.add_bytes(stored + kColumnWeightsSuffix, "F32", {w.rows(), w.n_float_columns}, w.column_weights);
+      }
       ++summary.quantized;
     } else {
       writer.add_bytes(name, dtype_name(w.dtype), w.shape, w.data);

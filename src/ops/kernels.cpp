@@ -6,6 +6,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <tuple>
+#include <vector>
 
 #include "core/error.h"
 #include "ops/kernels_impl.h"
@@ -417,6 +420,22 @@ void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, con
   }
 }
 
+void add_float_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, int64_t o0, int64_t o1, float* y,
+                       int64_t ldy) {
+  const int n = w.n_float_columns;
+  float a[kFloatColumnsLimit];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int k = 0; k < n; ++k) a[k] = x[r * ldx + w.float_columns[k]];
+    float* yr = y + r * ldy;
+    for (int64_t o = o0; o < o1; ++o) {
+      const float* wo = w.column_weights + o * n;
+      float acc = 0.0f;
+      for (int k = 0; k < n; ++k) acc += a[k] * wo[k];
+      yr[o] += acc;
+    }
+  }
+}
+
 void quantize_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, QuantRows& out, int64_t first) {
   if (first < 0 || first + rows > out.rows || out.ld < cols || out.ld % out.block != 0 || out.block % 32 != 0)
     fail(ErrorKind::Internal, "quantize_rows: output not sized for the input");
@@ -446,6 +465,9 @@ void gemv_i8_float(const float* x, int64_t ldx, int R, const Weight& w, int64_t 
 
 void dequant_rows(const Weight& w, int64_t r0, int64_t n, float* out, int64_t ldo) {
   impl().dequant_rows(view(w), r0, n, out, ldo);
+  for (int64_t r = 0; r < n; ++r)  // the float columns over their zeros
+    for (int k = 0; k < w.n_float_columns; ++k)
+      out[r * ldo + w.float_columns[k]] = w.column_weights[(r0 + r) * w.n_float_columns + k];
 }
 
 void gelu_erf(float* p, int64_t n) { impl().gelu_erf(p, n); }
@@ -469,9 +491,17 @@ std::shared_ptr<uint8_t> alloc_aligned(size_t bytes) {
 
 }  // namespace
 
-Weight convert(const Weight& w, DType to, int group) {
+Weight convert(const Weight& w, DType to, int group, const std::vector<int32_t>& float_columns) {
   if (w.shape.size() != 2) fail(ErrorKind::Internal, "convert: only matrices are converted");
   if (w.quantized()) fail(ErrorKind::Internal, "convert: the source is already quantized");
+  const int nf = static_cast<int>(float_columns.size());
+  if (nf > 0) {
+    if (to != DType::I8 && to != DType::I4) fail(ErrorKind::Internal, "convert: float columns need int8 or int4");
+    if (nf > kFloatColumnsLimit) fail(ErrorKind::Internal, "convert: too many float columns");
+    for (int k = 0; k < nf; ++k)
+      if (float_columns[k] < 0 || float_columns[k] >= w.cols() || (k > 0 && float_columns[k] <= float_columns[k - 1]))
+        fail(ErrorKind::Internal, "convert: float columns must be ascending column indices");
+  }
   if (to == w.dtype) return w;
   if (to == DType::I4 && group != 32 && group != 64 && group != 128)
     fail(ErrorKind::Usage, "int4 group size must be 32, 64 or 128 (got " + std::to_string(group) + ")");
@@ -481,12 +511,20 @@ Weight convert(const Weight& w, DType to, int group) {
   out.shape = w.shape;
   std::shared_ptr<uint8_t> buf;
   constexpr int64_t kChunk = 16;  // rows per task
+  // The float columns' values, taken out of each row before it is converted.
+  std::shared_ptr<float[]> column_weights(nf > 0 ? new float[static_cast<size_t>(rows * nf)] : nullptr);
   const auto for_rows = [&](const std::function<void(int64_t, const float*)>& each) {
     par::parallel_for(rows, [&](int64_t r0, int64_t r1) {
       std::vector<float> tmp(static_cast<size_t>(kChunk * cols));
       for (int64_t r = r0; r < r1; r += kChunk) {
         const int64_t n = std::min(kChunk, r1 - r);
         dequant_rows(w, r, n, tmp.data(), cols);
+        for (int64_t i = 0; i < n; ++i)
+          for (int k = 0; k < nf; ++k) {
+            float& v = tmp[static_cast<size_t>(i * cols + float_columns[k])];
+            column_weights[(r + i) * nf + k] = v;
+            v = 0.0f;
+          }
         for (int64_t i = 0; i < n; ++i) each(r + i, tmp.data() + i * cols);
       }
     }, kChunk, kChunk);
@@ -533,6 +571,14 @@ Weight convert(const Weight& w, DType to, int group) {
     }
   }
   out.owner = buf;
+  if (nf > 0) {
+    auto columns = std::make_shared<std::vector<int32_t>>(float_columns);
+    out.float_columns = columns->data();
+    out.column_weights = column_weights.get();
+    out.n_float_columns = nf;
+    out.owner = std::make_shared<std::tuple<std::shared_ptr<uint8_t>, std::shared_ptr<std::vector<int32_t>>,
+                                            std::shared_ptr<float[]>>>(buf, columns, column_weights);
+  }
   return out;
 }
 

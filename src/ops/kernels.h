@@ -71,6 +71,10 @@ int max_outlier_columns();
 // instruction sets (the same sums in the same order whichever kernels run).
 void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, const int32_t* cols, const int* counts,
                  int max, int64_t o0, int64_t o1, float* y, int64_t ldy);
+// The same for the weight's own float columns (Weight::float_columns, chosen at load), with their float
+// weights: y[r·ldy + o] += Σ_k x[r·ldx + float_columns[k]] · column_weights[o][k], for r < rows, o in [o0, o1).
+void add_float_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, int64_t o0, int64_t o1, float* y,
+                       int64_t ldy);
 
 // ---- products that read each weight row once per call ----------------------------------------------------
 // y[r * ldy + o] = Σ_i x[r][i] · w[o][i] for the rows r given and output channels o in [o0, o1); each weight
@@ -103,7 +107,9 @@ int64_t int8_dot_loop(int64_t iters, int32_t* sink);
 
 // ---- conversion at load ---------------------------------------------------------------------------------
 // A [rows, cols] matrix (any stored dtype) as `to` (F32, F16, BF16, I8 or I4 with `group`), in new buffers
-// owned by the result. Rows are converted in parallel on the pool.
-Weight convert(const Weight& w, DType to, int group = 64);
+// owned by the result. Rows are converted in parallel on the pool. For I8 / I4, `float_columns` (ascending,
+// distinct, < cols) are kept in float: zeroed before quantizing, so that they set no scale, and their values
+// held in the result's column_weights (Weight::float_columns).
+Weight convert(const Weight& w, DType to, int group = 64, const std::vector<int32_t>& float_columns = {});
 
 }  // namespace blip2::kern

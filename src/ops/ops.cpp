@@ -54,16 +54,64 @@ void set_quant_tile_bytes(int64_t bytes) { g_quant_tile_bytes = bytes > 0 ? byte
 
 void set_widen_rows(int64_t rows) { kWidenRows = rows > 0 ? std::max<int64_t>(rows, 8) : 1024; }
 
-Weight convert_weight(const Weight& w, WeightFormat format, int int4_group) {
+Weight convert_weight(const Weight& w, WeightFormat format, int int4_group,
+                      const std::vector<int32_t>& float_columns) {
   switch (format) {
     case WeightFormat::AsStored: return w;
     case WeightFormat::F32: return kern::convert(w, DType::F32);
     case WeightFormat::F16: return kern::convert(w, DType::F16);
     case WeightFormat::BF16: return kern::convert(w, DType::BF16);
-    case WeightFormat::I8: return kern::convert(w, DType::I8);
-    case WeightFormat::I4: return kern::convert(w, DType::I4, int4_group);
+    case WeightFormat::I8: return kern::convert(w, DType::I8, 0, float_columns);
+    case WeightFormat::I4: return kern::convert(w, DType::I4, int4_group, float_columns);
   }
   return w;
+}
+
+std::vector<float> norm_output_scale(const Weight& gamma, const Weight& beta) {
+  std::vector<float> s = gamma.f32();
+  const std::vector<float> b = beta.empty() ? std::vector<float>(s.size(), 0.0f) : beta.f32();
+  if (b.size() != s.size()) fail(ErrorKind::Internal, "norm_output_scale: gamma and beta differ in size");
+  for (size_t j = 0; j < s.size(); ++j) s[j] = std::sqrt(s[j] * s[j] + b[j] * b[j]);
+  return s;
+}
+
+std::vector<float> product_output_scale(const Weight& w, const std::vector<float>& in_scale, const Weight& b) {
+  const int64_t out = w.rows(), in = w.cols();
+  if (static_cast<int64_t>(in_scale.size()) != in)
+    fail(ErrorKind::Internal, "product_output_scale: " + std::to_string(in_scale.size()) + " input scales for " +
+                                  shape_str(w.shape));
+  std::vector<float> s(static_cast<size_t>(out));
+  par::parallel_for(out, [&](int64_t o0, int64_t o1) {
+    std::vector<float> row(static_cast<size_t>(in));
+    for (int64_t o = o0; o < o1; ++o) {
+      kern::dequant_rows(w, o, 1, row.data(), in);
+      double sum = 0.0;
+      for (int64_t j = 0; j < in; ++j) sum += static_cast<double>(row[j] * in_scale[j]) * (row[j] * in_scale[j]);
+      s[o] = static_cast<float>(std::sqrt(sum));
+    }
+  }, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(in, 1)));
+  if (!b.empty()) {
+    const std::vector<float> bias = b.f32();
+    for (int64_t o = 0; o < out; ++o) s[o] += std::fabs(bias[o]);
+  }
+  return s;
+}
+
+std::vector<int32_t> float_columns_for(const std::vector<float>& channel_scale) {
+  if (channel_scale.empty()) return {};
+  std::vector<float> sorted = channel_scale;
+  std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2, sorted.end());
+  const float median = sorted[sorted.size() / 2];
+  if (!(median > 0.0f)) return {};  // no typical magnitude to compare with
+  const float threshold = kFloatColumnRatio * median;
+  std::vector<int32_t> cols;
+  for (size_t j = 0; j < channel_scale.size(); ++j)
+    if (channel_scale[j] > threshold) cols.push_back(static_cast<int32_t>(j));  // NaN is never above
+  // The largest kMaxFloatColumns (ties: the lower column), then in column order.
+  std::stable_sort(cols.begin(), cols.end(), [&](int32_t a, int32_t b) { return channel_scale[a] > channel_scale[b]; });
+  if (cols.size() > static_cast<size_t>(kMaxFloatColumns)) cols.resize(kMaxFloatColumns);
+  std::sort(cols.begin(), cols.end());
+  return cols;
 }
 
 namespace {
@@ -71,12 +119,16 @@ namespace {
 // x quantized once (rows split between threads), then per tile of rows the output channels split between
 // threads, each streaming its share of the weight once per tile.
 //
-// Outlier columns (issue 14, kern::outlier_columns): the few input columns of each row far above that row's
-// typical magnitude are zeroed in a copy of x before it is quantized, so that they set no block scale, and
-// their contribution x[r, j] · w[:, j] is added in float (kern::add_columns) right after the integer product
-// of each chunk of kOutlierChunk output channels, while those weight rows are still in cache: for decoding
-// the extra reads are cache hits and the extra work at most 8 · out multiply-adds per row. Each row's choice
-// is its own, so batching leaves every row's result unchanged.
+// Outlier columns (issue 14) are taken out of the integer product: zeroed in a copy of x before it is
+// quantized, so that they set no block scale, and their contribution added in float right after the integer
+// product of each chunk of kOutlierChunk output channels, while those weight rows are still in cache (for
+// decoding the extra reads are cache hits, the extra work n · out multiply-adds per row). Two kinds:
+//  * the weight's float columns (Weight::float_columns, chosen at load where the model's weights show the
+//    input channel is large): their weights are float too, so neither the activation's rounding nor the
+//    weight's is amplified by the outlier (kern::add_float_columns);
+//  * each row's own outliers (kern::outlier_columns, found in the activations at run time), multiplied with
+//    the dequantized weight column (kern::add_columns): the activation's rounding goes, the weight's stays.
+// Each row's choice is its own, so batching leaves every row's result unchanged.
 constexpr int64_t kOutlierChunk = 32;
 
 void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
@@ -93,16 +145,32 @@ void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
   const int max = kern::max_outlier_columns();
   cols.resize(static_cast<size_t>(rows * std::max(max, 1)));
   counts.resize(static_cast<size_t>(rows));
-  const int n = kern::outlier_columns(x, rows, in, in, max, cols.data(), counts.data());
-  if (n > 0) xz.resize(static_cast<size_t>(rows * in));
+  int n = kern::outlier_columns(x, rows, in, in, max, cols.data(), counts.data());
+  const int nf = w.n_float_columns;
+  const int32_t* fc = w.float_columns;
+  if (n > 0 && nf > 0) {  // a float column needs no second, dequantized, addition
+    n = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      int32_t* c = cols.data() + r * max;
+      counts[r] = static_cast<int>(std::remove_if(c, c + counts[r], [&](int32_t j) {
+                    return std::binary_search(fc, fc + nf, j);
+                  }) - c);
+      n += counts[r];
+    }
+  }
+  const bool split = n > 0 || nf > 0;
+  if (split) xz.resize(static_cast<size_t>(rows * in));
   qx.resize(rows, w.ld, kern::act_block(w));
   par::parallel_for(rows, [&](int64_t r0, int64_t r1) {
     const float* src = x + r0 * in;
-    if (n > 0) {  // x without each row's outlier columns
+    if (split) {  // x without each row's outlier columns
       float* z = xz.data() + r0 * in;
       std::memcpy(z, src, static_cast<size_t>((r1 - r0) * in) * sizeof(float));
-      for (int64_t r = r0; r < r1; ++r)
-        for (int c = 0; c < counts[r]; ++c) z[(r - r0) * in + cols[r * max + c]] = 0.0f;
+      for (int64_t r = r0; r < r1; ++r) {
+        float* zr = z + (r - r0) * in;
+        for (int c = 0; c < counts[r]; ++c) zr[cols[r * max + c]] = 0.0f;
+        for (int k = 0; k < nf; ++k) zr[fc[k]] = 0.0f;
+      }
       src = z;
     }
     kern::quantize_rows(src, r1 - r0, in, in, qx, r0);
@@ -112,12 +180,14 @@ void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
     const int64_t r1 = std::min(rows, r0 + tile);
     const int64_t min_out = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(in * (r1 - r0), 1));
     par::parallel_for(out, [&](int64_t o0, int64_t o1) {
-      if (n == 0) return kern::gemv_q(qx, r0, r1, w, o0, o1, y, out);
+      if (!split) return kern::gemv_q(qx, r0, r1, w, o0, o1, y, out);
       for (int64_t c0 = o0; c0 < o1; c0 += kOutlierChunk) {
         const int64_t c1 = std::min(o1, c0 + kOutlierChunk);
         kern::gemv_q(qx, r0, r1, w, c0, c1, y, out);
-        kern::add_columns(x + r0 * in, in, r1 - r0, w, cols.data() + r0 * max, counts.data() + r0, max, c0, c1,
-                          y + r0 * out, out);
+        if (nf > 0) kern::add_float_columns(x + r0 * in, in, r1 - r0, w, c0, c1, y + r0 * out, out);
+        if (n > 0)
+          kern::add_columns(x + r0 * in, in, r1 - r0, w, cols.data() + r0 * max, counts.data() + r0, max, c0, c1,
+                            y + r0 * out, out);
       }
     }, min_out, 16);
   }

@@ -45,8 +45,27 @@ void set_quant_tile_bytes(int64_t bytes);
 void set_widen_rows(int64_t rows);
 
 // `w` in `format` (a load-time conversion; see LoadOptions in model/blip2.h), or `w` itself when that is
-// its format already. int4_group: 32, 64 or 128.
-Weight convert_weight(const Weight& w, WeightFormat format, int int4_group);
+// its format already. int4_group: 32, 64 or 128. For int8 / int4, float_columns (from float_columns_for) are
+// kept in float (Weight::float_columns); the float formats ignore them.
+Weight convert_weight(const Weight& w, WeightFormat format, int int4_group,
+                      const std::vector<int32_t>& float_columns = {});
+
+// ---- outlier input channels known at load (issue 14) ----------------------------------------------------
+// A quantized product rounds each weight w[o][j] by a few percent of its row's (or group's) largest value;
+// an input channel j that is always 20-100x the others (LLMs' outlier features) multiplies that rounding
+// error by as much, and the run-time decomposition in linear() removes only the activation's rounding. The
+// weights that produce a linear's input tell which channels those are, without data, so the loader keeps
+// their weight columns in float. Estimates of each input channel's typical magnitude:
+//  * after a norm (unit-variance channels scaled by gamma, shifted by beta): sqrt(gamma_j^2 + beta_j^2);
+//    beta may be empty (RMS norm);
+//  * after a product y = x · w^T (+ b) of inputs with magnitudes in_scale: ||w[j, :] ⊙ in_scale||_2 + |b_j|.
+std::vector<float> norm_output_scale(const Weight& gamma, const Weight& beta);
+std::vector<float> product_output_scale(const Weight& w, const std::vector<float>& in_scale, const Weight& b = {});
+// The channels worth keeping in float: those above kFloatColumnRatio × the median estimate, at most
+// kMaxFloatColumns (the largest), in ascending order. Measured on test_outliers (docs/PERFORMANCE.md).
+constexpr float kFloatColumnRatio = 6.0f;
+constexpr int kMaxFloatColumns = 16;
+std::vector<int32_t> float_columns_for(const std::vector<float>& channel_scale);
 
 // In-place normalisations over the last dimension.
 void layer_norm(Tensor& x, const Weight& gamma, const Weight& beta, float eps);

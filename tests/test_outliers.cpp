@@ -397,13 +397,14 @@ Accuracy measure(const Blip2Model& ref, const Blip2Model& m) {
 // and format:
 //  - clean: at most the error measured before issue 14 × 1.05 (outlier handling must not make clean models
 //    worse);
-//  - with outliers, T5 (int8, int4, lm-int8, lm-int4): at most 1.5× the clean model's error + 1e-3 (the slack:
-//    under a tenth of the errors bounded, far above run-to-run differences, which come from thread
-//    scheduling only at ~1e-6);
-//  - with outliers, OPT: at most the error measured when the bound was set × 1.1 (regression guards). These
-//    random OPT weights with outliers amplify any weight rounding: lm-bf16, which rounds no activation and
-//    every weight far finer than int8, goes from 4.1e-3 to 4.8e-2 (12×; its q/k see the ×40 channels
-//    uncompensated, so attention saturates), and lm-int8's 7.0e-2 is within 1.5× of that (docs/PERFORMANCE.md).
+//  - with outliers, T5 (int8, int4, lm-int8, lm-int4) and OPT int4 / lm-int4: at most 1.5× the clean model's
+//    error + 1e-3 (the slack: under a tenth of the errors bounded, far above run-to-run differences, which
+//    come from thread scheduling only at ~1e-6);
+//  - with outliers, OPT int8 / lm-int8: at most the error measured when the bound was set × 1.1 (regression
+//    guards), and lm-int8 at most 1.5× lm-bf16's on the same model. These random OPT weights with outliers
+//    amplify any weight rounding: lm-bf16, which rounds no activation and every weight far finer than int8,
+//    goes from 4.1e-3 to 4.8e-2 (12×; its q/k read the ×40 channels uncompensated, so attention saturates),
+//    so no weight format reaches 1.5× clean there; int8's own error is down to bf16's (docs/PERFORMANCE.md).
 struct Bound {
   const char* like;
   const char* format;
@@ -413,8 +414,8 @@ struct Bound {
 const Bound kBounds[] = {
     {"tiny", "int8", 1.23e-2, 0}, {"tiny", "lm-int8", 1.15e-2, 0},
     {"tiny", "int4", 0.129, 0},   {"tiny", "lm-int4", 0.123, 0},
-    {"tiny-opt", "int8", 2.39e-2, 9.22e-2 * 1.1}, {"tiny-opt", "lm-int8", 1.86e-2, 6.97e-2 * 1.1},
-    {"tiny-opt", "int4", 0.293, 0.555 * 1.1},     {"tiny-opt", "lm-int4", 0.240, 0.545 * 1.1}};
+    {"tiny-opt", "int8", 2.39e-2, 7.87e-2 * 1.1}, {"tiny-opt", "lm-int8", 1.86e-2, 4.50e-2 * 1.1},
+    {"tiny-opt", "int4", 0.293, 0},               {"tiny-opt", "lm-int4", 0.240, 0}};
 
 TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
   TempDir tmp;
@@ -431,6 +432,7 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
   std::printf("  %-9s %-9s %-8s %14s %14s\n", "model", "outliers", "format", "logits rel", "top-1 agree");
   for (const char* like : {"tiny", "tiny-opt"}) {
     std::map<std::string, double> clean_rel;  // this model's clean errors, by format
+    std::map<std::string, double> outliers_rel;  // and with outliers
     for (bool outliers : {false, true}) {
       const std::string dir = tmp.path(std::string(like) + (outliers ? "-outliers" : "-clean"));
       make_random_checkpoint(like, dir, make_options(outliers, 0));
@@ -446,6 +448,7 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
         std::printf("  %-9s %-9s %-8s %14.2e %9d/%d\n", like, outliers ? "yes" : "no", f.name, a.logits_rel,
                     a.top1_agree, a.positions);
         EXPECT_TRUE(std::isfinite(a.logits_rel)) << like << " " << f.name;
+        if (outliers) outliers_rel[f.name] = a.logits_rel;
         if (std::string(f.name) == "f32") {
           EXPECT_LT(a.logits_rel, 1e-5) << like;
         }
@@ -466,6 +469,8 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
         }
       }
     }
+    if (std::string(like) == "tiny-opt")
+      EXPECT_LE(outliers_rel["lm-int8"], 1.5 * outliers_rel["lm-bf16"]) << like << " with outliers";
   }
 }
 

@@ -9,7 +9,9 @@
 #include "cli_runner.h"
 #include "core/error.h"
 #include "io/checkpoint.h"
+#include "io/config.h"
 #include "io/make_random.h"
+#include "model/load_options.h"
 #include "io/safetensors.h"
 #include "model/quantize.h"
 #include "model/retrieval.h"
@@ -226,6 +228,39 @@ TEST(QuantizedCheckpoint, BrokenFloatColumnsFailWithTheTensorNamed) {
     bytes.resize(bytes.size() / shape[1] * (shape[1] - 1));
     shape[1] -= 1;
   }, "tensor '" + weights + "' is F32");
+}
+
+// OPT's tied embedding (no lm_head stored): quantized as the head, while lookups read the stored float
+// table, so input embeddings stay exact (transformers never quantizes embeddings); a float load shares one
+// tensor. A pre-quantized copy stores the two under the names taken_bytes lists (the bit-for-bit test above
+// covers the tied tiny-opt with outliers).
+TEST(QuantizedCheckpoint, TiedEmbeddingKeepsItsFloatTableForLookups) {
+  TempDir dir;
+  make_random_checkpoint("tiny-opt", dir.path(), MakeRandomOptions{});
+  const std::string embed = "language_model.model.decoder.embed_tokens.weight", head = "language_model.lm_head.weight";
+  const Blip2Config cfg = load_config(dir.path());
+  const Shape shape = {cfg.opt.vocab_size, cfg.opt.word_embed_proj_dim};
+  {
+    const auto ck = open_checkpoint(dir.path(), with_weights(WeightFormat::I4), cfg.family, nullptr);
+    ASSERT_FALSE(ck->has(head));
+    const auto tied = ck->take_tied_embedding(embed, head, shape);
+    EXPECT_EQ(tied.head.dtype, DType::I4);
+    EXPECT_EQ(tied.table.dtype, DType::BF16);
+    EXPECT_EQ(tied.table.data, ck->stored(embed).data);  // the file's bytes, in place
+    EXPECT_EQ(ck->taken_dtypes().at(head), DType::I4);
+    EXPECT_EQ(ck->taken_dtypes().at(embed), DType::BF16);
+  }
+  {
+    const auto ck = open_checkpoint(dir.path(), with_weights(WeightFormat::BF16), cfg.family, nullptr);
+    const auto tied = ck->take_tied_embedding(embed, head, shape);
+    EXPECT_EQ(tied.table.data, tied.head.data);
+    EXPECT_FALSE(ck->taken_dtypes().count(head));
+  }
+  TempDir q;
+  quantize_checkpoint(dir.path(), q.path(), with_weights(WeightFormat::I8), false);
+  const Checkpoint quantized(q.path());
+  EXPECT_TRUE(quantized.has(head));
+  EXPECT_EQ(quantized.stored(embed).dtype, DType::BF16);
 }
 
 // Only a quantized tensor's data and scales are left out of the stored tensors: a float tensor whose name

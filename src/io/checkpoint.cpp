@@ -165,6 +165,18 @@ Weight Checkpoint::quantized_weight(const std::string& name, const std::string& 
   return w;
 }
 
+Checkpoint::TiedEmbedding Checkpoint::take_tied_embedding(const std::string& name, const std::string& head_name,
+                                                          const Shape& shape) {
+  const Weight head = take(name, shape);
+  const Weight table = stored(name);
+  if (!head.quantized() || !host_memory(head.device) || table.empty()) return {head, head};
+  taken_bytes_[head_name] = taken_bytes_[name];
+  taken_dtypes_[head_name] = head.dtype;
+  taken_bytes_[name] = table.nbytes();
+  taken_dtypes_[name] = table.dtype;
+  return {table, head};
+}
+
 Weight Checkpoint::stored(const std::string& name) const {
   const auto it = where_.find(name);
   if (it == where_.end()) return {};

@@ -70,6 +70,16 @@ class Checkpoint {
   // The first of `names` that exists (tied aliases such as shared / encoder.embed_tokens); the others are
   // marked used too.
   Weight take_any(const std::vector<std::string>& names, const Shape& shape);
+  // An embedding `name` that is also the LM head (OPT stores no lm_head; `head_name` is what it would be
+  // called): the head, converted like any linear layer, and the lookup table. The table is the stored tensor,
+  // used in place (a lookup reads only the rows it needs), when the head was quantized on the host and the
+  // stored tensor is float, so that input embeddings stay exact as in transformers, which never quantizes
+  // embeddings; otherwise it is the head itself. taken_bytes / taken_dtypes then list the head as
+  // `head_name` and the table as `name`, as a pre-quantized copy stores them (model/quantize.h).
+  struct TiedEmbedding {
+    Weight table, head;
+  };
+  TiedEmbedding take_tied_embedding(const std::string& name, const std::string& head_name, const Shape& shape);
   // Marks tensors that are allowed to be present but are not used (e.g. HF's ignored keys).
   void ignore(const std::string& name);
   // Throws Error(Model) listing tensors present in the files that no model part took.

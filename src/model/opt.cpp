@@ -16,7 +16,16 @@ const std::string kPrefix = "language_model.model.decoder.";
 
 OPTModel::OPTModel(Checkpoint& ck, const OPTConfig& cfg) : cfg_(cfg) {
   const int64_t V = cfg.vocab_size, d = cfg.hidden_size, wd = cfg.word_embed_proj_dim, F = cfg.ffn_dim;
-  embed_tokens_ = ck.take(kPrefix + "embed_tokens.weight", {V, wd});
+  // OPT ties lm_head to the embedding; checkpoints may store it anyway. Absent means tied.
+  tied_ = !ck.has("language_model.lm_head.weight");
+  if (tied_) {
+    const auto tied = ck.take_tied_embedding(kPrefix + "embed_tokens.weight", "language_model.lm_head.weight", {V, wd});
+    embed_tokens_ = tied.table;
+    lm_head_ = tied.head;
+  } else {
+    embed_tokens_ = ck.take(kPrefix + "embed_tokens.weight", {V, wd});
+    lm_head_ = ck.take("language_model.lm_head.weight", {V, wd});
+  }
   embed_positions_ = ck.take(kPrefix + "embed_positions.weight", {cfg.max_position_embeddings + kPositionOffset, d});
   if (wd != d) {
     project_in_ = ck.take(kPrefix + "project_in.weight", {d, wd});
@@ -24,9 +33,6 @@ OPTModel::OPTModel(Checkpoint& ck, const OPTConfig& cfg) : cfg_(cfg) {
   }
   if (cfg.has_final_layer_norm())
     final_ln_ = {ck.take(kPrefix + "final_layer_norm.weight", {d}), ck.take(kPrefix + "final_layer_norm.bias", {d})};
-  // OPT ties lm_head to the embedding; checkpoints usually store it anyway. Absent means tied.
-  tied_ = !ck.has("language_model.lm_head.weight");
-  lm_head_ = tied_ ? embed_tokens_ : ck.take("language_model.lm_head.weight", {V, wd});
   for (int i = 0; i < cfg.num_layers; ++i) {
     const std::string p = kPrefix + "layers." + std::to_string(i) + ".";
     const auto norm = [&](const std::string& n) { return Norm{ck.take(p + n + ".weight", {d}), ck.take(p + n + ".bias", {d})}; };

@@ -14,6 +14,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
+const std::string kLmHead = "language_model.lm_head.weight";
+const std::string kOptEmbedding = "language_model.model.decoder.embed_tokens.weight";
+
 bool is_weights_file(const fs::path& p) {
   return p.extension() == ".safetensors" || p.filename() == "model.safetensors.index.json";
 }
@@ -68,7 +71,17 @@ QuantizeSummary quantize_checkpoint(const std::string& model_dir, const std::str
   summary.source_bytes = ck->total_bytes();
 
   std::vector<std::pair<std::string, Weight>> weights;
-  for (const auto& [name, shape] : ck->stored_shapes()) weights.emplace_back(name, ck->take(name, shape));
+  for (const auto& [name, shape] : ck->stored_shapes()) {
+    const Weight w = ck->take(name, shape);
+    // OPT's tied embedding, quantized as the head: written as the head (lm_head) and, for the lookups, the
+    // stored float table, which is what a load that converts uses (Checkpoint::take_tied_embedding).
+    if (w.quantized() && cfg.family == LanguageFamily::OPT && name == kOptEmbedding) {
+      weights.emplace_back(kLmHead, w);
+      weights.emplace_back(name, ck->stored(name));
+    } else {
+      weights.emplace_back(name, w);
+    }
+  }
 
   SafetensorsWriter writer;
   // The quantized data first, with 64-byte aligned sizes mostly, then the scales, float columns and the

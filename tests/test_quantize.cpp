@@ -230,6 +230,32 @@ TEST(QuantizedCheckpoint, BrokenFloatColumnsFailWithTheTensorNamed) {
   }, "tensor '" + weights + "' is F32");
 }
 
+// The loader reads the norms and first feed-forward products of a float checkpoint to choose float columns
+// before the model has checked them: mis-sized ones are skipped there, and the model's own checks name them.
+TEST(QuantizedCheckpoint, MisSizedNormsFailWithTheTensorNamedWhenChoosingFloatColumns) {
+  TempDir src;
+  MakeRandomOptions mo;
+  mo.outliers.enabled = true;
+  make_random_checkpoint("tiny-opt", src.path(), mo);
+  const std::string layer = "language_model.model.decoder.layers.0.";
+  for (const std::string& t : {layer + "self_attn_layer_norm.bias", layer + "final_layer_norm.weight", layer + "fc1.bias"}) {
+    SCOPED_TRACE(t);
+    TempDir dir;
+    for (const auto& e : fs::directory_iterator(src.path()))
+      if (e.path().filename() != "model.safetensors") fs::copy(e.path(), dir.path(e.path().filename().string()));
+    Rewrite r(src.path("model.safetensors"));
+    ASSERT_TRUE(r.tensors.count(t));
+    auto& [dtype, shape, bytes] = r.tensors[t];
+    shape = {shape[0] - 1};
+    bytes.resize(bytes.size() - 2);
+    r.write(dir.path("model.safetensors"));
+    for (WeightFormat f : {WeightFormat::I8, WeightFormat::I4}) {
+      const std::string e = error_of(ErrorKind::Model, [&] { Blip2Model m(dir.path(), with_weights(f)); });
+      EXPECT_NE(e.find(t), std::string::npos) << e;
+    }
+  }
+}
+
 // OPT's tied embedding (no lm_head stored): quantized as the head, while lookups read the stored float
 // table, so input embeddings stay exact (transformers never quantizes embeddings); a float load shares one
 // tensor. A pre-quantized copy stores the two under the names taken_bytes lists (the bit-for-bit test above

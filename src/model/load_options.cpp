@@ -54,8 +54,9 @@ Weight prequantized_weight(const std::string& name, const Weight& w, WeightForma
 
 // Where the input of a language model's linear layer comes from (issue 14, ops::float_columns_for): the norm
 // in front of it, and for the feed-forward's second product the first product(s) in between (those the
-// checkpoint has; their outputs multiply: T5's gated wi_0 · wi_1, LLaMA's gate · up). Empty `norm` for every other tensor (attention
-// outputs, which mix heads, and the vision and Q-Former towers, whose outliers this does not model).
+// checkpoint has; their outputs multiply: T5's gated wi_0 · wi_1, LLaMA's gate · up). Empty `norm` for every
+// other tensor: attention outputs, which mix heads, and the vision and Q-Former towers, whose outliers
+// `make-random --outliers` does not model.
 struct InputSource {
   std::string norm, norm_bias;        // the norm's weight (and bias, LayerNorm)
   std::vector<std::string> products;  // the first feed-forward products, after that norm
@@ -132,32 +133,36 @@ InputSource input_source(const std::string& name, LanguageFamily family, bool ti
   return src;
 }
 
-// The input columns of linear `name` to keep in float when it is quantized: ops::float_columns_for over the
-// estimate its input source gives, from the tensors as the checkpoint stores them. None when the source is
-// not in the checkpoint as a float tensor (a pre-quantized first product: its file holds the columns).
-std::vector<int32_t> float_columns_of(const std::string& name, LanguageFamily family, bool tied_lm_head,
-                                      const Checkpoint& ck) {
+// The input columns of linear `name` ([rows, cols] w) to keep in float when it is quantized:
+// ops::float_columns_for over the estimate its input source gives, from the tensors as the checkpoint stores
+// them. None when a source tensor is absent, pre-quantized (its file holds the columns) or of a size that does
+// not fit (the model's own take() then names the problem).
+std::vector<int32_t> float_columns_of(const std::string& name, const Weight& w, LanguageFamily family,
+                                      bool tied_lm_head, const Checkpoint& ck) {
   const InputSource src = input_source(name, family, tied_lm_head);
   if (src.norm.empty()) return {};
+  const auto sized = [](const Weight& t, int64_t n) { return !t.empty() && numel(t.shape) == n; };
   const Weight gamma = ck.stored(src.norm);
+  const int64_t d = numel(gamma.shape);
   const Weight beta = src.norm_bias.empty() ? Weight{} : ck.stored(src.norm_bias);
-  if (gamma.empty() || (!src.norm_bias.empty() && beta.empty())) return {};
+  if (gamma.empty() || (!src.norm_bias.empty() && !sized(beta, d))) return {};
   std::vector<float> scale = ops::norm_output_scale(gamma, beta);
-  if (!src.products.empty()) {
+  if (!src.products.empty()) {  // the second feed-forward product reads the first ones' outputs
     std::vector<float> product;
     for (const std::string& p : src.products) {
       if (!ck.has(p)) continue;  // T5 has wi_0 and wi_1, or (v1.0) wi alone
-      const Weight w = ck.stored(p);
-      if (w.empty() || w.cols() != static_cast<int64_t>(scale.size())) return {};
+      const Weight first = ck.stored(p);
+      if (first.empty() || first.shape.size() != 2 || first.cols() != d || first.rows() != w.cols()) return {};
       const Weight b = src.product_bias.empty() ? Weight{} : ck.stored(src.product_bias);
-      std::vector<float> s = ops::product_output_scale(w, scale, b);
+      if (!src.product_bias.empty() && !sized(b, first.rows())) return {};
+      std::vector<float> s = ops::product_output_scale(first, scale, b);
       if (product.empty()) product = std::move(s);
-      else if (product.size() == s.size()) for (size_t j = 0; j < s.size(); ++j) product[j] *= s[j];
-      else return {};
+      else for (size_t j = 0; j < s.size(); ++j) product[j] *= s[j];
     }
     if (product.empty()) return {};
     scale = std::move(product);
   }
+  if (static_cast<int64_t>(scale.size()) != w.cols()) return {};
   return ops::float_columns_for(scale);
 }
 
@@ -242,7 +247,7 @@ Checkpoint::Convert weight_converter(const LoadOptions& o, LanguageFamily family
       // Float columns only where the product runs on the host (a GPU copy would quantize them back).
       const bool quantized = f == WeightFormat::I8 || f == WeightFormat::I4;
       const std::vector<int32_t> columns = quantized && checkpoint && host_memory(device)
-                                               ? float_columns_of(name, family, tied_lm_head, *checkpoint)
+                                               ? float_columns_of(name, w, family, tied_lm_head, *checkpoint)
                                                : std::vector<int32_t>{};
       return ops::convert_weight(w, f, o.int4_group, columns).to(device);
     }

@@ -92,6 +92,9 @@ std::vector<float> product_output_scale(const Weight& w, const std::vector<float
   }, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(in, 1)));
   if (!b.empty()) {
     const std::vector<float> bias = b.f32();
+    if (static_cast<int64_t>(bias.size()) != out)
+      fail(ErrorKind::Internal, "product_output_scale: bias of " + std::to_string(bias.size()) + " for " +
+                                    shape_str(w.shape));
     for (int64_t o = 0; o < out; ++o) s[o] += std::fabs(bias[o]);
   }
   return s;
@@ -100,6 +103,7 @@ std::vector<float> product_output_scale(const Weight& w, const std::vector<float
 std::vector<int32_t> float_columns_for(const std::vector<float>& channel_scale) {
   if (channel_scale.empty()) return {};
   std::vector<float> sorted = channel_scale;
+  for (float& v : sorted) v = std::isnan(v) ? 0.0f : v;  // a strict weak order for nth_element
   std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2, sorted.end());
   const float median = sorted[sorted.size() / 2];
   if (!(median > 0.0f)) return {};  // no typical magnitude to compare with

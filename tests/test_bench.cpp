@@ -6,11 +6,13 @@
 #include <nlohmann/json.hpp>
 
 #include "cli_runner.h"
+#include "temp_dir.h"
 
 using nlohmann::json;
 
 using blip2::test::CliRun;
 using blip2::test::run_cli;
+using blip2::test::TempDir;
 
 namespace {
 
@@ -117,6 +119,39 @@ TEST(Bench, ReportsEachTowersFormat) {
   EXPECT_EQ(towers({"--weights", "int8", "--qformer-weights", "f32", "--lm-weights", "int4"}), "int8/f32/int4");
   EXPECT_EQ(towers({"--precision", "lavis"}), "f16/f32/bf16");
   EXPECT_EQ(towers({"--precision", "lavis", "--lm-weights", "int8"}), "f16/f32/int8");
+}
+
+// --accuracy: each stage's error and the forced logits' top-1 agreement against the checkpoint as stored.
+// Loaded as stored, the model is its own reference (exactly 0); int8 and int4 are measurably off, int4 more,
+// and the text table says so too. A pre-quantized checkpoint has no float reference: a usage error.
+TEST(Bench, AccuracyAgainstTheStoredCheckpoint) {
+  const auto accuracy = [](const std::string& weights) {
+    const CliRun r = run_cli({"--weights", weights, "bench", "--model", kModel, "--new-tokens", "3", "--repeat", "1",
+                              "--warmup", "0", "--batch", "2", "--quick", "--json", "--accuracy"});
+    EXPECT_EQ(r.status, 0) << r.err;
+    const json j = json::parse(r.out, nullptr, false);
+    return j.is_discarded() || !j.contains("accuracy") ? json{} : j["accuracy"];
+  };
+  const json stored = accuracy("stored"), i8 = accuracy("int8"), i4 = accuracy("int4");
+  ASSERT_TRUE(stored.is_object() && i8.is_object() && i4.is_object());
+  for (const char* stage : {"vision", "qformer", "projection", "encoder"}) {
+    EXPECT_EQ(stored["stages_rel"][stage].get<double>(), 0.0) << stage;
+    EXPECT_GT(i8["stages_rel"][stage].get<double>(), 1e-4) << stage;
+  }
+  EXPECT_EQ(stored["logits_rel"].get<double>(), 0.0);
+  EXPECT_EQ(stored["top1_agree"], 8);  // 2 images × (first logits + 3 forced steps)
+  EXPECT_EQ(stored["positions"], 8);
+  EXPECT_GT(i4["logits_rel"].get<double>(), i8["logits_rel"].get<double>());
+  EXPECT_LT(i8["logits_rel"].get<double>(), 0.2);
+  const CliRun text = run_cli({"--weights", "int8", "bench", "--model", kModel, "--new-tokens", "2", "--repeat", "1",
+                               "--warmup", "0", "--quick", "--accuracy"});
+  EXPECT_NE(text.out.find("top-1 agreement"), std::string::npos) << text.out;
+  TempDir q;
+  ASSERT_EQ(run_cli({"--weights", "int8", "quantize", "--model", kModel, "--out", q.path()}).status, 0);
+  const CliRun pre = run_cli({"bench", "--model", q.path(), "--new-tokens", "1", "--repeat", "1", "--warmup", "0",
+                              "--quick", "--accuracy"});
+  EXPECT_EQ(pre.status, 2) << pre.err;
+  EXPECT_NE(pre.err.find("pre-quantized"), std::string::npos) << pre.err;
 }
 
 TEST(Bench, TextTableNamesEveryStage) {

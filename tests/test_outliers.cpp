@@ -24,6 +24,7 @@
 #include "io/config.h"
 #include "io/make_random.h"
 #include "io/safetensors.h"
+#include "model/accuracy.h"
 #include "model/blip2.h"
 #include "model/load_options.h"
 #include "temp_dir.h"
@@ -343,53 +344,16 @@ TEST(OutlierCommand, FlagWritesTheSameFilesForTheSameSeedAndSaysWhatWasScaled) {
 
 // ---- measurement: every weight format against float32, clean and with outliers ----------------------------
 
-struct Accuracy {
-  double logits_rel = 0;  // ‖logits − float32's‖ / ‖float32's‖ over every teacher-forced step
-  int top1_agree = 0, positions = 0;
-};
-
-// Greedy ids of the float32 model (10 steps per row), then every model teacher-forced on them.
-Accuracy measure(const Blip2Model& ref, const Blip2Model& m) {
-  constexpr int kSteps = 10;
-  const auto run = [&](const Blip2Model& model, std::vector<std::vector<int32_t>>* ids) {
-    const Encoded e = encode_fixture(model);
-    auto dec = model.start_decoder(e);
-    std::vector<Tensor> out{on_host(dec->start())};
-    const int64_t R = out[0].dim(0), V = out[0].dim(1);
-    if (ids->empty()) {
-      for (int s = 0; s < kSteps; ++s) {
-        std::vector<int32_t> pick;
-        for (int64_t r = 0; r < R; ++r) {
-          const float* row = out.back().ptr() + r * V;
-          pick.push_back(static_cast<int32_t>(std::max_element(row, row + V) - row));
-        }
-        ids->push_back(pick);
-        out.push_back(on_host(dec->step(pick)));
-      }
-    } else {
-      for (const auto& pick : *ids) out.push_back(on_host(dec->step(pick)));
-    }
-    return out;
-  };
-  std::vector<std::vector<int32_t>> ids;
-  const std::vector<Tensor> want = run(ref, &ids), got = run(m, &ids);
-  Accuracy a;
-  double num = 0, den = 0;
-  for (size_t s = 0; s < want.size(); ++s) {
-    const int64_t R = want[s].dim(0), V = want[s].dim(1);
-    for (int64_t i = 0; i < R * V; ++i) {
-      const double dlt = static_cast<double>(got[s].data[i]) - want[s].data[i];
-      num += dlt * dlt;
-      den += static_cast<double>(want[s].data[i]) * want[s].data[i];
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const float *w = want[s].ptr() + r * V, *g = got[s].ptr() + r * V;
-      a.top1_agree += (std::max_element(w, w + V) - w) == (std::max_element(g, g + V) - g);
-      ++a.positions;
-    }
-  }
-  a.logits_rel = std::sqrt(num / std::max(den, 1e-30));
-  return a;
+// Greedy ids of the float32 model (10 steps per row), then every model teacher-forced on them: the logits'
+// error and top-1 agreement over the 11 logits × 4 rows, and each stage's error (compare_with_reference).
+AccuracyReport measure(const Blip2Model& ref, const Blip2Model& m) {
+  std::vector<RgbImage> imgs;
+  for (const char* n : {"chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg"})
+    imgs.push_back(load_image(kFixtures + "/images/" + n));
+  return compare_with_reference(ref, m, preprocess_images(imgs, ref.config().vision.image_size),
+                                {"a photo of", "Question: what is in the picture? Answer:", "the colour of the cup is",
+                                 "Question: where is it going? Answer:"},
+                                10);
 }
 
 // The quantized formats' logits error against float32 with the outliers taken out of the integer products
@@ -429,7 +393,8 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
                                     {"int8", WeightFormat::I8},   {"int4", WeightFormat::I4},
                                     {"lm-bf16", WeightFormat::AsStored}, {"lm-int8", WeightFormat::AsStored},
                                     {"lm-int4", WeightFormat::AsStored}};
-  std::printf("  %-9s %-9s %-8s %14s %14s\n", "model", "outliers", "format", "logits rel", "top-1 agree");
+  std::printf("  %-9s %-9s %-8s %14s %14s   %s\n", "model", "outliers", "format", "logits rel", "top-1 agree",
+              "stages rel (vision, qformer, projection, T5 encoder)");
   for (const char* like : {"tiny", "tiny-opt"}) {
     std::map<std::string, double> clean_rel;  // this model's clean errors, by format
     std::map<std::string, double> outliers_rel;  // and with outliers
@@ -444,9 +409,19 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
         if (std::string(f.name) == "lm-int8") o.lm_weights = WeightFormat::I8;
         if (std::string(f.name) == "lm-int4") o.lm_weights = WeightFormat::I4;
         const Blip2Model m(dir, o);
-        const Accuracy a = measure(ref, m);
-        std::printf("  %-9s %-9s %-8s %14.2e %9d/%d\n", like, outliers ? "yes" : "no", f.name, a.logits_rel,
-                    a.top1_agree, a.positions);
+        const AccuracyReport a = measure(ref, m);
+        std::string stages;
+        for (const auto& [stage, rel] : a.stage_rel) {
+          char buf[32];
+          std::snprintf(buf, sizeof buf, " %.2e", rel);
+          stages += buf;
+        }
+        std::printf("  %-9s %-9s %-8s %14.2e %9d/%d  %s\n", like, outliers ? "yes" : "no", f.name, a.logits_rel,
+                    a.top1_agree, a.positions, stages.c_str());
+        // Each tower's own error: converting only the language model leaves the image stages exact.
+        if (std::string(f.name).rfind("lm-", 0) == 0)
+          for (const auto& [stage, rel] : a.stage_rel)
+            if (stage != "encoder") EXPECT_LT(rel, 1e-6) << like << " " << f.name << " " << stage;
         EXPECT_TRUE(std::isfinite(a.logits_rel)) << like << " " << f.name;
         if (outliers) outliers_rel[f.name] = a.logits_rel;
         if (std::string(f.name) == "f32") {

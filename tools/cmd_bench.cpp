@@ -14,11 +14,13 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 
 #include "commands.h"
 #include "core/error.h"
 #include "cuda/cuda.h"
 #include "image/image.h"
+#include "model/accuracy.h"
 #include "model/blip2.h"
 #include "model/retrieval.h"
 #include "ops/kernels.h"
@@ -35,9 +37,12 @@ using clk = std::chrono::steady_clock;
 struct BenchArgs {
   std::string model, image, prompt;
   int batch = 1, new_tokens = 20, repeat = 3, warmup = 1, bw_mib = 1024;
-  bool json = false, quick = false;
+  bool json = false, quick = false, accuracy = false;
   std::vector<int> sweep;  // batch sizes for the throughput sweep, after the main runs
 };
+
+// Progress, on stderr.
+void note(const std::string& s) { std::fprintf(stderr, "bench: %s\n", s.c_str()); }
 
 double since(clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); }
 
@@ -143,13 +148,18 @@ RgbImage synthetic_image() {
 // One caption batch, every stage timed; `times` gains one sample per stage (decode_per_token: one per step
 // after the first), and `ops` each compute-bound stage's product operations (ops::product_ops; the same on
 // every run).
+// The batch run_once captions: --batch copies of the image.
+Tensor bench_pixels(const BenchArgs& a, int image_size) {
+  std::vector<RgbImage> imgs;
+  for (int b = 0; b < a.batch; ++b) imgs.push_back(a.image.empty() ? synthetic_image() : load_image(a.image));
+  return preprocess_images(imgs, image_size);
+}
+
 void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string, std::vector<double>>& times,
               std::map<std::string, double>& ops) {
   const auto start = clk::now();
   auto t = clk::now();
-  std::vector<RgbImage> imgs;
-  for (int b = 0; b < a.batch; ++b) imgs.push_back(a.image.empty() ? synthetic_image() : load_image(a.image));
-  const Tensor pixels = preprocess_images(imgs, model.config().vision.image_size);
+  const Tensor pixels = bench_pixels(a, model.config().vision.image_size);
   times["preprocess"].push_back(since(t));
 
   // On a GPU the work is queued: each stage waits for its own end, so that its time is its own.
@@ -205,7 +215,6 @@ nlohmann::ordered_json stats_json(const Stats& s) {
 // A retrieval checkpoint: image embeddings (ViT + Q-Former + projection) per image at batch 1, --batch and
 // each --sweep size, the best rate; text embeddings (text-only Q-Former pass) per text at batch 1 and --batch.
 void run_retrieval_bench(const BenchArgs& a, const LoadOptions& lo) {
-  const auto note = [&](const std::string& s) { std::fprintf(stderr, "bench: %s\n", s.c_str()); };
   note("loading " + a.model + " (retrieval, weights " + std::string(weight_format_name(lo.weights)) + ", device " +
        device_name(lo.device) + ")");
   const auto t_load = clk::now();
@@ -273,6 +282,22 @@ void run_retrieval_bench(const BenchArgs& a, const LoadOptions& lo) {
   std::printf("best: %.2f images/s at batch %d\n", best, best_batch);
 }
 
+// --accuracy: the same checkpoint loaded as stored on the CPU (float32 activations over the stored weights,
+// the reference every lossy format is measured against) and compared stage by stage, with the reference's
+// greedy tokens forced for --new-tokens steps (model/accuracy.h).
+AccuracyReport accuracy_against_stored(const Blip2Model& model, const BenchArgs& a) {
+  if (model.checkpoint().prequantized())
+    fail(ErrorKind::Usage, "--accuracy compares with the checkpoint as stored, which is pre-quantized here: "
+                           "bench the float checkpoint it came from");
+  note("accuracy: loading the reference (weights as stored, float32 activations, cpu)");
+  LoadOptions stored;
+  stored.threads = par::threads();
+  const Blip2Model reference(a.model, stored);
+  note("accuracy: " + std::to_string(a.new_tokens) + " forced steps");
+  return compare_with_reference(reference, model, bench_pixels(a, model.config().vision.image_size),
+                                std::vector<std::string>(static_cast<size_t>(a.batch), a.prompt), a.new_tokens);
+}
+
 void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   if (a.batch < 1 || a.batch > 4096) fail(ErrorKind::Usage, "--batch must be between 1 and 4096");
   if (a.new_tokens < 1 || a.new_tokens > 100000) fail(ErrorKind::Usage, "--new-tokens must be at least 1");
@@ -283,9 +308,11 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     if (b < 1 || b > 4096) fail(ErrorKind::Usage, "--sweep batch sizes must be between 1 and 4096");
   const std::string weights = weight_format_name(lo.weights);
   if (!a.image.empty()) load_image(a.image);  // a bad image fails now, before minutes of measuring and loading
-  if (load_config(a.model).task == Blip2Task::Retrieval) return run_retrieval_bench(a, lo);
+  if (load_config(a.model).task == Blip2Task::Retrieval) {
+    if (a.accuracy) fail(ErrorKind::Usage, "--accuracy measures captioning checkpoints (stages and logits)");
+    return run_retrieval_bench(a, lo);
+  }
 
-  const auto note = [&](const std::string& s) { std::fprintf(stderr, "bench: %s\n", s.c_str()); };
   // Ceilings first, before the model takes the memory; the peak RSS is then reset so that their buffers
   // do not count.
   par::set_threads(lo.threads);
@@ -343,6 +370,9 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     sweep.push_back({b, stats(t["total_per_caption"]).median, stats(t["vision"]).median / b});
   }
   const int64_t rss_end = status_bytes("VmRSS"), peak_end = peak_rss();
+  // After the memory figures, which the reference would inflate.
+  std::optional<AccuracyReport> accuracy;
+  if (a.accuracy) accuracy = accuracy_against_stored(model, a);
 
   std::map<std::string, Stats> st;
   for (const auto& [key, label] : kStages) st[key] = stats(times[key]);
@@ -459,6 +489,15 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
                       {"vision_per_image_s", r.vision_per_image_s}});
       j["sweep"] = sw;
     }
+    if (accuracy) {
+      nlohmann::ordered_json stage_rel;
+      for (const auto& [stage, rel] : accuracy->stage_rel) stage_rel[stage] = rel;
+      j["accuracy"] = {{"reference", "the checkpoint as stored, float32 activations, cpu"},
+                       {"stages_rel", stage_rel},
+                       {"logits_rel", accuracy->logits_rel},
+                       {"top1_agree", accuracy->top1_agree},
+                       {"positions", accuracy->positions}};
+    }
     std::cout << j.dump() << "\n" << std::flush;
     return;
   }
@@ -504,6 +543,12 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
                 label_of(c.key).c_str(), c.ops / 1e9, c.peak / 1e9, c.ceiling.c_str(), c.floor(), c.seconds,
                 100.0 * c.floor() / c.seconds, c.ceiling.c_str(), c.ops / c.seconds / 1e9);
   }
+  if (accuracy) {
+    std::printf("\naccuracy against the checkpoint as stored (float32 activations, cpu), relative error:\n ");
+    for (const auto& [stage, rel] : accuracy->stage_rel) std::printf(" %s %.2e,", stage.c_str(), rel);
+    std::printf(" logits %.2e (%d forced steps); top-1 agreement %d/%d\n", accuracy->logits_rel, a.new_tokens,
+                accuracy->top1_agree, accuracy->positions);
+  }
   if (!sweep.empty()) {
     std::printf("\nthroughput (%d new tokens per caption):\n%8s %14s %12s %22s\n", a.new_tokens, "batch",
                 "per caption ms", "captions/s", "vision per image ms");
@@ -541,6 +586,9 @@ void add_bench_command(CLI::App& app, std::function<LoadOptions()> load_options)
   sub->add_flag("--quick", args->quick,
                 "Short ceiling measurements (64 MiB, one sgemm trial each): for tests, not for numbers");
   sub->add_flag("--json", args->json, "Print one JSON object instead of the table");
+  sub->add_flag("--accuracy", args->accuracy,
+                "Then each stage's relative error and the forced logits' top-1 agreement against the checkpoint "
+                "as stored (loaded again, float32 activations; after the memory figures)");
   sub->footer(
       "Global options (--weights, --int4-group, --threads, --device) go before 'bench'. Progress goes to stderr.\n"
       "Floors: decode step = bytes of every weight a step reads (decoder stack without cross-attention K/V, plus\n"

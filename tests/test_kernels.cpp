@@ -358,6 +358,22 @@ TEST(Linear, QuantizedRowTilesGiveIdenticalResults) {
 // the integer product and added in float, so the product's error against the dequantized weights comes
 // back to what the same rows without outliers give, on both paths, for decoding and prefill row counts; with
 // the decomposition off (the products before issue 14) it is many times larger.
+// ‖ops::linear(x, w) − x · exact^T‖ / ‖x · exact^T‖ over rows × out, the exact product in double.
+double linear_rel_error(const std::vector<float>& x, int64_t rows, const Weight& w, const std::vector<float>& exact) {
+  const int64_t out = w.rows(), in = w.cols();
+  std::vector<float> y(static_cast<size_t>(rows * out));
+  ops::linear(x.data(), rows, w, Weight{}, y.data());
+  double num = 0, den = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double e = 0;
+      for (int64_t i = 0; i < in; ++i) e += static_cast<double>(x[r * in + i]) * exact[o * in + i];
+      num += (y[r * out + o] - e) * (y[r * out + o] - e);
+      den += e * e;
+    }
+  return std::sqrt(num / den);
+}
+
 TEST(Linear, OutlierColumnsAreAddedInFloat) {
   const int64_t out = 70, in = 512;
   const std::vector<int32_t> planted = {5, 130, 131, 400};
@@ -386,19 +402,7 @@ TEST(Linear, OutlierColumnsAreAddedInFloat) {
       std::vector<float> wd(wv.size());
       kern::dequant_rows(w, 0, out, wd.data(), in);
       // Relative error against the exact product with the dequantized weights (only activations rounded).
-      const auto rel = [&](const std::vector<float>& xs) {
-        std::vector<float> y(static_cast<size_t>(rows * out));
-        ops::linear(xs.data(), rows, w, Weight{}, y.data());
-        double num = 0, den = 0;
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t o = 0; o < out; ++o) {
-            double s = 0;
-            for (int64_t i = 0; i < in; ++i) s += static_cast<double>(xs[r * in + i]) * wd[o * in + i];
-            num += (y[r * out + o] - s) * (y[r * out + o] - s);
-            den += s * s;
-          }
-        return std::sqrt(num / den);
-      };
+      const auto rel = [&](const std::vector<float>& xs) { return linear_rel_error(xs, rows, w, wd); };
       for_each_isa([&](const char* isa) {
         const double e_clean = rel(clean), e_on = rel(x);
         kern::set_max_outlier_columns(0);
@@ -485,17 +489,7 @@ TEST(Linear, FloatColumnsKeepTheirWeightsExact) {
       for (int64_t r = 0; r < rows; ++r)
         for (int32_t c : planted) x[r * in + c] = x[r * in + c] < 0 ? -50.0f : 50.0f;
       const auto rel = [&](const Weight& wt, const std::vector<float>& xs) {  // against the float weights
-        std::vector<float> y(static_cast<size_t>(rows * out));
-        ops::linear(xs.data(), rows, wt, Weight{}, y.data());
-        double num = 0, den = 0;
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t o = 0; o < out; ++o) {
-            double e = 0;
-            for (int64_t i = 0; i < in; ++i) e += static_cast<double>(xs[r * in + i]) * wv[o * in + i];
-            num += (y[r * out + o] - e) * (y[r * out + o] - e);
-            den += e * e;
-          }
-        return std::sqrt(num / den);
+        return linear_rel_error(xs, rows, wt, wv);
       };
       for_each_isa([&](const char* isa) {
         const double e_float = rel(w, x), e_clean = rel(w, clean), e_runtime = rel(plain, x);

@@ -151,20 +151,30 @@ struct Rewrite {
   }
 };
 
+// The error loading a copy of checkpoint `good` (with `options`) whose model.safetensors went through `edit`
+// gives; `needs` must be in the file before the edit.
+std::string error_of_edited(const std::string& good, const std::string& needs,
+                            const std::function<void(Rewrite&)>& edit, const LoadOptions& options = {}) {
+  TempDir dir;
+  for (const auto& e : fs::directory_iterator(good))
+    if (e.path().filename() != "model.safetensors") fs::copy(e.path(), dir.path(e.path().filename().string()));
+  Rewrite r(good + "/model.safetensors");
+  if (!r.tensors.count(needs)) {
+    ADD_FAILURE() << "the test's tensor " << needs << " is not in the file";
+    return "";
+  }
+  edit(r);
+  r.write(dir.path("model.safetensors"));
+  return error_of(ErrorKind::Model, [&] { Blip2Model m(dir.path(), options); });
+}
+
 TEST(QuantizedCheckpoint, BrokenOrMismatchedFilesFailWithTheTensorNamed) {
   TempDir good;
   quantize_checkpoint(kT5, good.path(), with_weights(WeightFormat::I4), false);
   const std::string q = "language_model.encoder.block.0.layer.1.DenseReluDense.wo.weight";
   const std::string data = q + ".int4_g64", scales = data + "_scales";
   const auto broken = [&](const std::function<void(Rewrite&)>& edit, const std::string& expected) {
-    TempDir dir;
-    for (const auto& e : fs::directory_iterator(good.path()))
-      if (e.path().filename() != "model.safetensors") fs::copy(e.path(), dir.path(e.path().filename().string()));
-    Rewrite r(good.path("model.safetensors"));
-    ASSERT_TRUE(r.tensors.count(data)) << "the test's tensor is not in the quantized file";
-    edit(r);
-    r.write(dir.path("model.safetensors"));
-    const std::string e = error_of(ErrorKind::Model, [&] { Blip2Model m(dir.path()); });
+    const std::string e = error_of_edited(good.path(), data, edit);
     EXPECT_NE(e.find(expected), std::string::npos) << e;
   };
   broken([](Rewrite& r) { r.metadata.erase("blip2.quantized_layout"); },
@@ -200,14 +210,7 @@ TEST(QuantizedCheckpoint, BrokenFloatColumnsFailWithTheTensorNamed) {
   const std::string data = "language_model.encoder.block.0.layer.0.SelfAttention.q.weight.int8";
   const std::string columns = data + kColumnsSuffix, weights = data + kColumnWeightsSuffix;
   const auto broken = [&](const std::function<void(Rewrite&)>& edit, const std::string& expected) {
-    TempDir dir;
-    for (const auto& e : fs::directory_iterator(good.path()))
-      if (e.path().filename() != "model.safetensors") fs::copy(e.path(), dir.path(e.path().filename().string()));
-    Rewrite r(good.path("model.safetensors"));
-    ASSERT_TRUE(r.tensors.count(columns)) << "the test's tensor has no float columns";
-    edit(r);
-    r.write(dir.path("model.safetensors"));
-    const std::string e = error_of(ErrorKind::Model, [&] { Blip2Model m(dir.path()); });
+    const std::string e = error_of_edited(good.path(), columns, edit);
     EXPECT_NE(e.find(expected), std::string::npos) << e;
   };
   const auto set_index = [&](Rewrite& r, int k, int32_t v) {
@@ -239,19 +242,13 @@ TEST(QuantizedCheckpoint, MisSizedNormsFailWithTheTensorNamedWhenChoosingFloatCo
   make_random_checkpoint("tiny-opt", src.path(), mo);
   const std::string layer = "language_model.model.decoder.layers.0.";
   for (const std::string& t : {layer + "self_attn_layer_norm.bias", layer + "final_layer_norm.weight", layer + "fc1.bias"}) {
-    SCOPED_TRACE(t);
-    TempDir dir;
-    for (const auto& e : fs::directory_iterator(src.path()))
-      if (e.path().filename() != "model.safetensors") fs::copy(e.path(), dir.path(e.path().filename().string()));
-    Rewrite r(src.path("model.safetensors"));
-    ASSERT_TRUE(r.tensors.count(t));
-    auto& [dtype, shape, bytes] = r.tensors[t];
-    shape = {shape[0] - 1};
-    bytes.resize(bytes.size() - 2);
-    r.write(dir.path("model.safetensors"));
     for (WeightFormat f : {WeightFormat::I8, WeightFormat::I4}) {
-      const std::string e = error_of(ErrorKind::Model, [&] { Blip2Model m(dir.path(), with_weights(f)); });
-      EXPECT_NE(e.find(t), std::string::npos) << e;
+      const std::string e = error_of_edited(src.path(), t, [&](Rewrite& r) {
+        auto& [dtype, shape, bytes] = r.tensors[t];
+        shape = {shape[0] - 1};
+        bytes.resize(bytes.size() - 2);  // one bf16 element
+      }, with_weights(f));
+      EXPECT_NE(e.find(t), std::string::npos) << weight_format_name(f) << ": " << e;
     }
   }
 }

@@ -419,9 +419,12 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
         std::printf("  %-9s %-9s %-8s %14.2e %9d/%d  %s\n", like, outliers ? "yes" : "no", f.name, a.logits_rel,
                     a.top1_agree, a.positions, stages.c_str());
         // Each tower's own error: converting only the language model leaves the image stages exact.
-        if (std::string(f.name).rfind("lm-", 0) == 0)
+        if (std::string(f.name).rfind("lm-", 0) == 0) {
           for (const auto& [stage, rel] : a.stage_rel)
-            if (stage != "encoder") EXPECT_LT(rel, 1e-6) << like << " " << f.name << " " << stage;
+            if (stage != "encoder") {
+              EXPECT_LT(rel, 1e-6) << like << " " << f.name << " " << stage;
+            }
+        }
         EXPECT_TRUE(std::isfinite(a.logits_rel)) << like << " " << f.name;
         if (outliers) outliers_rel[f.name] = a.logits_rel;
         if (std::string(f.name) == "f32") {

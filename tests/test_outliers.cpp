@@ -447,8 +447,9 @@ TEST(OutlierAccuracy, EveryFormatAgainstFloat32CleanAndWithOutliers) {
         }
       }
     }
-    if (std::string(like) == "tiny-opt")
+    if (std::string(like) == "tiny-opt") {
       EXPECT_LE(outliers_rel["lm-int8"], 1.5 * outliers_rel["lm-bf16"]) << like << " with outliers";
+    }
   }
 }
 

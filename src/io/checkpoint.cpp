@@ -177,6 +177,11 @@ Checkpoint::TiedEmbedding Checkpoint::take_tied_embedding(const std::string& nam
   return {table, head};
 }
 
+void Checkpoint::release_pages(const std::string& name) const {
+  const auto it = where_.find(name);
+  if (it != where_.end()) it->second->release(name);
+}
+
 Weight Checkpoint::stored(const std::string& name) const {
   const auto it = where_.find(name);
   if (it == where_.end()) return {};

@@ -65,6 +65,9 @@ class Checkpoint {
   // The tensor `name` as stored, viewing the mapping, without taking it (a conversion reads other tensors
   // through this: the norms in front of a linear layer); empty when absent or pre-quantized.
   Weight stored(const std::string& name) const;
+  // Drops the pages of tensor `name` from this process's memory (they stay in the page cache and are read
+  // again on the next access): after reading a tensor through stored() that the model does not use in place.
+  void release_pages(const std::string& name) const;
   // The tensor `name`, which must have exactly `shape`. Throws Error(Model) naming tensor and file.
   Weight take(const std::string& name, const Shape& shape);
   // The first of `names` that exists (tied aliases such as shared / encoder.embed_tokens); the others are

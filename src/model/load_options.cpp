@@ -156,6 +156,7 @@ std::vector<int32_t> float_columns_of(const std::string& name, const Weight& w, 
       const Weight b = src.product_bias.empty() ? Weight{} : ck.stored(src.product_bias);
       if (!src.product_bias.empty() && !sized(b, first.rows())) return {};
       std::vector<float> s = ops::product_output_scale(first, scale, b);
+      ck.release_pages(p);  // converted already (or soon, from the page cache): not kept in this process
       if (product.empty()) product = std::move(s);
       else for (size_t j = 0; j < s.size(); ++j) product[j] *= s[j];
     }

@@ -374,6 +374,13 @@ double linear_rel_error(const std::vector<float>& x, int64_t rows, const Weight&
   return std::sqrt(num / den);
 }
 
+// x [rows, in] with the planted columns set to ±50 (keeping each value's sign).
+std::vector<float> with_planted(std::vector<float> x, int64_t rows, int64_t in, const std::vector<int32_t>& planted) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int32_t c : planted) x[r * in + c] = x[r * in + c] < 0 ? -50.0f : 50.0f;
+  return x;
+}
+
 TEST(Linear, OutlierColumnsAreAddedInFloat) {
   const int64_t out = 70, in = 512;
   const std::vector<int32_t> planted = {5, 130, 131, 400};
@@ -384,9 +391,7 @@ TEST(Linear, OutlierColumnsAreAddedInFloat) {
   for (int64_t rows : {1, 3, 40}) {
     std::vector<float> clean(static_cast<size_t>(rows * in));
     for (auto& v : clean) v = nd(g);
-    std::vector<float> x = clean;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int32_t c : planted) x[r * in + c] = x[r * in + c] < 0 ? -50.0f : 50.0f;
+    const std::vector<float> x = with_planted(clean, rows, in, planted);
     std::vector<int32_t> found(static_cast<size_t>(rows * 8));
     std::vector<int> counts(static_cast<size_t>(rows));
     ASSERT_EQ(kern::outlier_columns(x.data(), rows, in, in, 8, found.data(), counts.data()), 4 * rows) << rows;
@@ -485,9 +490,7 @@ TEST(Linear, FloatColumnsKeepTheirWeightsExact) {
     for (int64_t rows : {1, 3, 40}) {
       std::vector<float> clean(static_cast<size_t>(rows * in));
       for (auto& v : clean) v = nd(g);
-      std::vector<float> x = clean;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int32_t c : planted) x[r * in + c] = x[r * in + c] < 0 ? -50.0f : 50.0f;
+      const std::vector<float> x = with_planted(clean, rows, in, planted);
       const auto rel = [&](const Weight& wt, const std::vector<float>& xs) {  // against the float weights
         return linear_rel_error(xs, rows, wt, wv);
       };

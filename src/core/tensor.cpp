@@ -146,6 +146,12 @@ size_t Weight::scale_bytes() const {
   }
 }
 
+int first_bad_float_column(const int32_t* columns, int64_t n, int64_t cols) {
+  for (int64_t k = 0; k < n; ++k)
+    if (columns[k] < 0 || columns[k] >= cols || (k > 0 && columns[k] <= columns[k - 1])) return static_cast<int>(k);
+  return static_cast<int>(n);
+}
+
 size_t Weight::float_column_bytes() const {
   return static_cast<size_t>(n_float_columns) * (4 + static_cast<size_t>(rows()) * 4);
 }

@@ -48,6 +48,8 @@ std::string shape_str(const Shape& s);
 int64_t numel(const Shape& s);
 
 constexpr int kFloatColumnsLimit = 64;  // the most float columns a quantized Weight may have (below)
+// Float column indices must ascend within [0, cols): the first position k where columns[k] does not, or n.
+int first_bad_float_column(const int32_t* columns, int64_t n, int64_t cols);
 
 struct Weight {
   DType dtype = DType::F32;

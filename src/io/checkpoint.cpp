@@ -150,11 +150,10 @@ Weight Checkpoint::quantized_weight(const std::string& name, const std::string& 
       fail(ErrorKind::Model, columns_file->second->path() + ": tensor '" + columns_name + "' or '" + weights_name +
                                  "' is not aligned to its element size");
     const auto* idx = reinterpret_cast<const int32_t*>(c.data);
-    for (int64_t k = 0; k < n; ++k)
-      if (idx[k] < 0 || idx[k] >= cols || (k > 0 && idx[k] <= idx[k - 1]))
-        fail(ErrorKind::Model, columns_file->second->path() + ": tensor '" + columns_name +
-                                   "' holds column " + std::to_string(idx[k]) + " at " + std::to_string(k) +
-                                   ": columns must ascend within [0, " + std::to_string(cols) + ")");
+    if (const int k = first_bad_float_column(idx, n, cols); k != n)
+      fail(ErrorKind::Model, columns_file->second->path() + ": tensor '" + columns_name + "' holds column " +
+                                 std::to_string(idx[k]) + " at " + std::to_string(k) +
+                                 ": columns must ascend within [0, " + std::to_string(cols) + ")");
     w.float_columns = idx;
     w.column_weights = reinterpret_cast<const float*>(cw.data);
     w.n_float_columns = static_cast<int>(n);

@@ -498,9 +498,8 @@ Weight convert(const Weight& w, DType to, int group, const std::vector<int32_t>&
   if (nf > 0) {
     if (to != DType::I8 && to != DType::I4) fail(ErrorKind::Internal, "convert: float columns need int8 or int4");
     if (nf > kFloatColumnsLimit) fail(ErrorKind::Internal, "convert: too many float columns");
-    for (int k = 0; k < nf; ++k)
-      if (float_columns[k] < 0 || float_columns[k] >= w.cols() || (k > 0 && float_columns[k] <= float_columns[k - 1]))
-        fail(ErrorKind::Internal, "convert: float columns must be ascending column indices");
+    if (first_bad_float_column(float_columns.data(), nf, w.cols()) != nf)
+      fail(ErrorKind::Internal, "convert: float columns must be ascending column indices");
   }
   if (to == w.dtype) return w;
   if (to == DType::I4 && group != 32 && group != 64 && group != 128)

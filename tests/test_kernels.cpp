@@ -143,6 +143,24 @@ TEST(ThreadPool, CoversEveryIndexOnceForAnyShape) {
   par::set_threads(0);
 }
 
+// Jobs that take different numbers of threads, back to back, on more threads than cores: a worker left out
+// of one job can wake only as the next is set up. It once paired the old job's generation with the new job's
+// thread count, ran the new job twice and counted itself done twice, so that a caller returned while its
+// task still ran (hits below) or waited forever (this test's timeout); it showed as a rare hang of the test
+// above under load.
+TEST(ThreadPool, JobsOfDifferentWidthsEachRunOnce) {
+  par::set_threads(5);
+  for (int rep = 0; rep < 2000; ++rep) {
+    const int64_t n = 1 + rep % 5;  // one chunk per thread: 1 to 5 threads take part
+    std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+    par::parallel_for(n, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) ++hits[i];
+    });
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "job " << rep << " index " << i;
+  }
+  par::set_threads(0);
+}
+
 TEST(ThreadPool, NestedCallsRunSeriallyAndManyJobsDoNotLoseWakeups) {
   par::set_threads(2);
   std::atomic<int64_t> total{0};

@@ -37,7 +37,7 @@ class Pool {
     std::lock_guard<std::mutex> lock(run_mu_);
     if (!workers_.empty()) {
       stop_.store(true);
-      gen_.fetch_add(1);
+      publish(0);
       wake_workers();
       for (auto& t : workers_) t.join();
       workers_.clear();
@@ -45,7 +45,7 @@ class Pool {
     }
     // The generation is read here, not in the new thread: a job issued before the thread first runs must
     // still count as new to it.
-    const uint32_t g0 = gen_.load();
+    const uint32_t g0 = generation(job_.load());
     for (int i = 1; i < n; ++i) workers_.emplace_back([this, i, g0] { work(i, g0); });
   }
 
@@ -57,9 +57,8 @@ class Pool {
       return;
     }
     task_ = &task;
-    active_ = nt;
     pending_.store(nt - 1);
-    gen_.fetch_add(1);
+    publish(nt);
     wake_workers();
     t_in_job = true;
     task(0);
@@ -81,26 +80,38 @@ class Pool {
   }
 
  private:
+  // A job is its generation (high 32 bits) and the number of threads taking part (low 32 bits), published
+  // in one atomic: a worker that sleeps through a job it has no part in, and wakes as the next is being set
+  // up, must not pair one job's generation with another's thread count (it would run the new job twice and
+  // count itself done twice: the caller then returned while a thread still ran its task, or waited forever).
+  static uint32_t generation(uint64_t job) { return static_cast<uint32_t>(job >> 32); }
+  static int threads_of(uint64_t job) { return static_cast<int>(job & 0xffffffffu); }
+  void publish(int threads) {  // under run_mu_: the only writer
+    const uint64_t next_gen = static_cast<uint64_t>(generation(job_.load()) + 1);
+    job_.store(next_gen << 32 | static_cast<uint32_t>(threads));
+  }
+
   void work(int index, uint32_t seen) {
     for (;;) {
       const auto start = std::chrono::steady_clock::now();
-      uint32_t g;
+      uint64_t job;
       for (int i = 0;; ++i) {
-        g = gen_.load();
-        if (g != seen) break;
+        job = job_.load();
+        if (generation(job) != seen) break;
         if ((i & 63) == 63 && std::chrono::steady_clock::now() - start > kSpin) {
           std::unique_lock<std::mutex> lk(mu_);
           ++sleepers_;
-          work_cv_.wait(lk, [&] { return gen_.load() != seen; });
+          work_cv_.wait(lk, [&] { return generation(job_.load()) != seen; });
           --sleepers_;
-          g = gen_.load();
+          job = job_.load();
           break;
         }
         BLIP2_PAUSE();
       }
-      seen = g;
+      seen = generation(job);
       if (stop_.load()) return;
-      if (index < active_) {
+      // task_ is this job's: the caller waits for every thread taking part before it sets up another.
+      if (index < threads_of(job)) {
         t_in_job = true;
         (*task_)(index);
         t_in_job = false;
@@ -114,7 +125,7 @@ class Pool {
 
   // Sleeping (after the spin) is on condition variables; `sleepers_` lets the hot path skip the mutex. Both
   // sides use sequentially consistent atomics: either the waker sees a sleeper, or the sleeper's predicate
-  // sees the new value.
+  // sees the new job.
   void wake_workers() {
     if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lk(mu_);
@@ -127,11 +138,10 @@ class Pool {
   std::mutex mu_;
   std::condition_variable work_cv_, done_cv_;
   std::atomic<int> sleepers_{0};
-  std::atomic<uint32_t> gen_{0};
+  std::atomic<uint64_t> job_{0};
   std::atomic<uint32_t> pending_{0};
   std::atomic<bool> stop_{false};
   const std::function<void(int)>* task_ = nullptr;
-  int active_ = 0;
 };
 
 int default_threads() {

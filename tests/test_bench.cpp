@@ -79,11 +79,26 @@ TEST(Bench, CountsEachStagesOperationsAgainstItsFormatsCeiling) {
     EXPECT_EQ(by_stage[stage]["ceiling"], "int8") << stage;
     EXPECT_GT(by_stage[stage]["ops"].get<double>(), 0.0) << stage;
   }
+  // The vision operations split into the linear products (the patch embedding, qkv, projection, MLP) and
+  // attention's two products.
+  const double vision_attention_ops = batch * L * 4 * T * T * d;
+  EXPECT_EQ(by_stage["vision"]["attention_ops"].get<double>(), vision_attention_ops);
+  EXPECT_EQ(by_stage["vision"]["linear_ops"].get<double>(), vision_ops - vision_attention_ops);
   for (const auto& [stage, s] : by_stage) {
     EXPECT_GT(s["fraction_of_ceiling"].get<double>(), 0.0) << stage;
     EXPECT_DOUBLE_EQ(s["floor_s"].get<double>(), s["ops"].get<double>() / (s["ceiling_gops"].get<double>() * 1e9))
         << stage;
+    // Time inside the products is part of the stage's time (one run: the medians are the samples), and the
+    // rest is what remains of it.
+    EXPECT_EQ(s["linear_ops"].get<double>() + s["attention_ops"].get<double>(), s["ops"].get<double>()) << stage;
+    const double linear = s["linear_s"], attention = s["attention_s"], seconds = s["seconds"];
+    EXPECT_GT(linear, 0.0) << stage;
+    EXPECT_LE(linear + attention, seconds) << stage;
+    EXPECT_NEAR(s["rest_s"].get<double>(), seconds - linear - attention, 1e-12) << stage;
+    EXPECT_NEAR(s["linear_fraction_of_ceiling"].get<double>(),
+                s["linear_ops"].get<double>() / (s["ceiling_gops"].get<double>() * 1e9) / linear, 1e-9) << stage;
   }
+  EXPECT_GT(by_stage["vision"]["attention_s"].get<double>(), 0.0);
 }
 
 TEST(Bench, DecodeBytesFollowTheWeightFormat) {

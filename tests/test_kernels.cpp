@@ -351,6 +351,35 @@ TEST(Linear, EveryFormatWithinItsDerivedBoundOnBothPaths) {
   for (const auto& [name, v] : worst) std::printf("  %-9s worst error / allowed: %.3f\n", name.c_str(), v);
 }
 
+// ops::product_counters: each linear() and attention() call adds its operations (2 per multiply-add; attention
+// both products over every key) and the time inside it, each to its own counter.
+TEST(Linear, ProductCountersCountEachCallsOperationsAndTime) {
+  const int64_t out = 40, in = 64, rows = 9;
+  const Weight w = f32_weight(random_vec(static_cast<size_t>(out * in), 31), out, in);
+  const auto x = random_vec(static_cast<size_t>(rows * in), 32);
+  std::vector<float> y(static_cast<size_t>(rows * out));
+  const ops::ProductCounters before = ops::product_counters();
+  ops::linear(x.data(), rows, w, Weight{}, y.data());
+  const ops::ProductCounters after_linear = ops::product_counters(), linear = after_linear - before;
+  EXPECT_EQ(linear.linear_ops, 2 * rows * in * out);
+  EXPECT_EQ(linear.attention_ops, 0);
+  EXPECT_GT(linear.linear_seconds, 0.0);
+  EXPECT_EQ(linear.attention_seconds, 0.0);
+
+  const int heads = 2, hd = 8;
+  const int64_t tq = 5, tk = 7;
+  const auto q = random_vec(static_cast<size_t>(tq * heads * hd), 33), k = random_vec(static_cast<size_t>(tk * heads * hd), 34);
+  std::vector<float> o(static_cast<size_t>(tq * heads * hd));
+  ops::attention({.q = q.data(), .ldq = heads * hd, .tq = tq, .k = k.data(), .ldk = heads * hd, .v = k.data(),
+                  .ldv = heads * hd, .tk = tk, .heads = heads, .head_dim = hd, .scale = 0.5f, .out = o.data(),
+                  .ldo = heads * hd});
+  const ops::ProductCounters attention = ops::product_counters() - after_linear;
+  EXPECT_EQ(attention.attention_ops, 4 * heads * tq * tk * hd);
+  EXPECT_EQ(attention.linear_ops, 0);
+  EXPECT_GT(attention.attention_seconds, 0.0);
+  EXPECT_EQ(attention.ops(), attention.attention_ops);
+}
+
 // The integer products take rows in tiles (ops.h): any tiling gives the same bits, since each output is one
 // kernel's sum over the whole row either way. 16-row tiles (the smallest) against one tile for all rows.
 TEST(Linear, QuantizedRowTilesGiveIdenticalResults) {

@@ -146,8 +146,9 @@ RgbImage synthetic_image() {
 }
 
 // One caption batch, every stage timed; `times` gains one sample per stage (decode_per_token: one per step
-// after the first), and `ops` each compute-bound stage's product operations (ops::product_ops; the same on
-// every run).
+// after the first) and, per compute-bound stage, one of the time inside its products ("KEY.linear",
+// "KEY.attention"); `ops` gets each compute-bound stage's product operations (ops::product_counters; the
+// same on every run).
 // The batch run_once captions: --batch copies of the image.
 Tensor bench_pixels(const BenchArgs& a, int image_size) {
   std::vector<RgbImage> imgs;
@@ -156,7 +157,7 @@ Tensor bench_pixels(const BenchArgs& a, int image_size) {
 }
 
 void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string, std::vector<double>>& times,
-              std::map<std::string, double>& ops) {
+              std::map<std::string, ops::ProductCounters>& ops) {
   const auto start = clk::now();
   auto t = clk::now();
   const Tensor pixels = bench_pixels(a, model.config().vision.image_size);
@@ -164,11 +165,14 @@ void run_once(const Blip2Model& model, const BenchArgs& a, std::map<std::string,
 
   // On a GPU the work is queued: each stage waits for its own end, so that its time is its own.
   const Device dev = model.device();
-  int64_t ops0 = ops::product_ops();
-  const auto stage_done = [&](const char* key) {
+  ops::ProductCounters before = ops::product_counters();
+  const auto stage_done = [&](const std::string& key) {
     times[key].push_back(since(t));
-    ops[key] = static_cast<double>(ops::product_ops() - ops0);
-    ops0 = ops::product_ops();
+    const ops::ProductCounters now = ops::product_counters(), in_stage = now - before;
+    times[key + ".linear"].push_back(in_stage.linear_seconds);
+    times[key + ".attention"].push_back(in_stage.attention_seconds);
+    ops[key] = in_stage;
+    before = now;
   };
   t = clk::now();
   Encoded img;
@@ -344,7 +348,7 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   }
 
   std::map<std::string, std::vector<double>> times, discard;
-  std::map<std::string, double> ops, sweep_ops;
+  std::map<std::string, ops::ProductCounters> ops, sweep_ops;
   for (int i = 0; i < a.warmup; ++i) {
     note("warm-up run " + std::to_string(i + 1) + "/" + std::to_string(a.warmup));
     run_once(model, a, discard, ops);
@@ -395,12 +399,16 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   const double t_step = st["decode_per_token"].n ? st["decode_per_token"].median : st["first_decode_step"].median;
   // The compute-bound stages, each against the ceiling of the format its products ran in: int8/int4 weights
   // take the integer kernels at every row count (the int8 dot-product peak), float weights sgemm (its peak);
-  // on a GPU, the bf16 product rate. The operations are counted as issued (ops::product_ops), attention's
-  // included, which runs in sgemm whatever the weights.
+  // on a GPU, the bf16 product rate. The operations are counted as issued (ops::product_counters),
+  // attention's included, which runs in sgemm whatever the weights. Each stage's time is split into its
+  // linear products (the weights' format, against that ceiling), attention (against sgemm's) and the rest
+  // (norms, activations, residual adds, copies), each the median over the runs.
   struct ComputeStage {
     std::string key, ceiling;
     double ops, peak, seconds;
+    double linear_ops, linear_s, attention_ops, attention_s;
     double floor() const { return ops / peak; }
+    double rest_s() const { return std::max(0.0, seconds - linear_s - attention_s); }
   };
   const auto ceiling_of = [&](Tower t) -> std::pair<std::string, double> {
     if (gpu) return {"bf16", peak_floor};
@@ -408,14 +416,18 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     return f == WeightFormat::I8 || f == WeightFormat::I4 ? std::pair<std::string, double>{"int8", int8_peak}
                                                           : std::pair<std::string, double>{"sgemm", peak};
   };
+  const double attention_peak = gpu ? peak_floor : peak;
   std::vector<ComputeStage> compute;
   for (const auto& [key, tower] : std::vector<std::pair<std::string, Tower>>{{"vision", Tower::Vision},
                                                                              {"qformer", Tower::QFormer},
                                                                              {"prompt", Tower::Language},
                                                                              {"first_decode_step", Tower::Language}}) {
-    if (!st[key].n || ops[key] <= 0) continue;
+    const ops::ProductCounters& w = ops[key];
+    if (!st[key].n || w.ops() <= 0) continue;
     const auto [name, p] = ceiling_of(tower);
-    compute.push_back({key, name, ops[key], p, st[key].median});
+    compute.push_back({key, name, static_cast<double>(w.ops()), p, st[key].median, static_cast<double>(w.linear_ops),
+                       stats(times[key + ".linear"]).median, static_cast<double>(w.attention_ops),
+                       stats(times[key + ".attention"]).median});
   }
   const ComputeStage& vision = compute.front();
   const std::string image = a.image.empty() ? "(synthetic 640x480)" : a.image;
@@ -478,7 +490,15 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
                     {"ceiling_gops", c.peak / 1e9},
                     {"floor_s", c.floor()},
                     {"seconds", c.seconds},
-                    {"fraction_of_ceiling", c.floor() / c.seconds}});
+                    {"fraction_of_ceiling", c.floor() / c.seconds},
+                    {"linear_ops", c.linear_ops},
+                    {"linear_s", c.linear_s},
+                    {"linear_fraction_of_ceiling", c.linear_s > 0 ? c.linear_ops / c.peak / c.linear_s : 0.0},
+                    {"attention_ops", c.attention_ops},
+                    {"attention_s", c.attention_s},
+                    {"attention_fraction_of_sgemm", c.attention_s > 0 ? c.attention_ops / attention_peak / c.attention_s : 0.0},
+                    {"rest_s", c.rest_s()},
+                    {"rest_share", c.rest_s() / c.seconds}});
     j["compute_stages"] = cs;
     if (!sweep.empty()) {
       nlohmann::ordered_json sw = nlohmann::ordered_json::array();
@@ -542,6 +562,13 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     std::printf("  %s: %.1f G operations / %.1f G/s (%s peak) = %.3f s; measured %.3f s: %.0f%% of the %s peak (%.1f G/s)\n",
                 label_of(c.key).c_str(), c.ops / 1e9, c.peak / 1e9, c.ceiling.c_str(), c.floor(), c.seconds,
                 100.0 * c.floor() / c.seconds, c.ceiling.c_str(), c.ops / c.seconds / 1e9);
+    if (c.linear_s > 0)
+      std::printf("    of which: linear products %.3f s (%.0f%%) at %.0f%% of the %s peak; attention %.3f s (%.0f%%) at %.0f%% "
+                  "of the %s peak; the rest (norms, activations, adds, copies) %.3f s (%.0f%%)\n",
+                  c.linear_s, 100.0 * c.linear_s / c.seconds, 100.0 * c.linear_ops / c.peak / c.linear_s,
+                  c.ceiling.c_str(), c.attention_s, 100.0 * c.attention_s / c.seconds,
+                  c.attention_s > 0 ? 100.0 * c.attention_ops / attention_peak / c.attention_s : 0.0,
+                  gpu ? "bf16" : "sgemm", c.rest_s(), 100.0 * c.rest_s() / c.seconds);
   }
   if (accuracy) {
     std::printf("\naccuracy against the checkpoint as stored (float32 activations, cpu), relative error:\n ");

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -199,14 +200,45 @@ void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
 
 }  // namespace
 
-std::atomic<int64_t> g_product_ops{0};
+// ProductCounters, kept as atomics (nanoseconds for the times) since any thread may issue products.
+struct AtomicCounters {
+  std::atomic<int64_t> ops{0}, ns{0};
+};
+AtomicCounters g_linear, g_attention;
 
-int64_t product_ops() { return g_product_ops.load(std::memory_order_relaxed); }
+// Adds `ops` and the wall time from construction to destruction (every return path) to one counter.
+class Counted {
+ public:
+  Counted(AtomicCounters& c, int64_t ops) : c_(c), t0_(std::chrono::steady_clock::now()) {
+    c_.ops.fetch_add(ops, std::memory_order_relaxed);
+  }
+  ~Counted() {
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0_);
+    c_.ns.fetch_add(ns.count(), std::memory_order_relaxed);
+  }
+  Counted(const Counted&) = delete;
+  Counted& operator=(const Counted&) = delete;
+
+ private:
+  AtomicCounters& c_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+ProductCounters ProductCounters::operator-(const ProductCounters& o) const {
+  return {linear_ops - o.linear_ops, attention_ops - o.attention_ops, linear_seconds - o.linear_seconds,
+          attention_seconds - o.attention_seconds};
+}
+
+ProductCounters product_counters() {
+  const auto load = [](const std::atomic<int64_t>& v) { return v.load(std::memory_order_relaxed); };
+  return {load(g_linear.ops), load(g_attention.ops), 1e-9 * static_cast<double>(load(g_linear.ns)),
+          1e-9 * static_cast<double>(load(g_attention.ns))};
+}
 
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y) {
   const int64_t out = w.rows(), in = w.cols();
   if (rows == 0 || out == 0) return;
-  g_product_ops.fetch_add(2 * rows * in * out, std::memory_order_relaxed);
+  const Counted counted(g_linear, 2 * rows * in * out);
   check_weight("linear", w.device, b);
   if (on_gpu(w.device)) return cuda::linear(x, rows, w, b, y);
   if (w.quantized()) {
@@ -516,7 +548,7 @@ void softmax_row(float* p, int64_t tk, const float* bias, const uint8_t* key_mas
 void attention(const AttentionArgs& a) {
   const int64_t tq = a.tq, tk = a.tk, hd = a.head_dim;
   if (tq == 0) return;
-  g_product_ops.fetch_add(4 * a.heads * tq * tk * hd, std::memory_order_relaxed);  // q·kᵀ and scores·v
+  const Counted counted(g_attention, 4 * a.heads * tq * tk * hd);  // q·kᵀ and scores·v
   if (on_gpu(a.device)) return cuda::attention(a);
   const auto visible = [&](int64_t i) { return a.causal ? std::min(tk, i + (tk - tq) + 1) : tk; };
   if (tq >= 8 && tk >= 8) {

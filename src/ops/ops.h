@@ -28,10 +28,18 @@ bool cuda_available();
 //   F32/F16/BF16 weights, more rows: OpenBLAS's sgemm, F16/BF16 weights widened block by block into a
 //     scratch buffer first.
 void linear(const float* x, int64_t rows, const Weight& w, const Weight& b, float* y);
-// Operations (2 per multiply-add) of every product issued so far by linear() and attention(), on any device
-// and from any thread; attention counts both of its products over all tk keys (a causal one too). `bench`
-// reads it around each stage to set the stage's work against the ceiling of the format it ran in.
-int64_t product_ops();
+// The products issued so far by linear() and attention(), on any device and from any thread: their
+// operations (2 per multiply-add; attention counts both of its products over all tk keys, a causal one too)
+// and the wall time of the calls (linear's includes quantizing its activations and adding the bias; on a GPU
+// it is the time to queue the work). `bench` reads them around each stage to set the stage's work against
+// the ceiling of the format it ran in, and to split its time into products, attention and the rest.
+struct ProductCounters {
+  int64_t linear_ops = 0, attention_ops = 0;
+  double linear_seconds = 0, attention_seconds = 0;
+  int64_t ops() const { return linear_ops + attention_ops; }
+  ProductCounters operator-(const ProductCounters& o) const;
+};
+ProductCounters product_counters();
 Tensor linear(const Tensor& x, const Weight& w, const Weight& b = {});
 
 constexpr int64_t kGemvMaxRows = 8;

@@ -765,7 +765,10 @@ void axpy_avx2(float a, const float* x, float* y, int64_t n) {
 // has 32 vector registers), 6 for the AVX2 chain, whose only dependency on the accumulator is the add. Named
 // variables, not arrays, keep everything in registers; the empty asm makes the operands opaque, so every
 // round does every product.
-int64_t int8_dot_loop_avx2(int64_t iters, int32_t* sink) {
+// Sign (AVX2 only): each product also takes its vpsignb, as the I8 tile does: the ceiling of exact int8 × int8
+// on AVX2, where vpsignb competes with vpmaddubsw and vpmaddwd for the same two ports (docs/PERFORMANCE.md).
+template <bool Sign>
+int64_t int8_dot_rounds(int64_t iters, int32_t* sink) {
   __m256i u = _mm256_set1_epi8(3);
   __m256i s0 = _mm256_set1_epi8(-5), s1 = _mm256_set1_epi8(-4), s2 = _mm256_set1_epi8(-3),
           s3 = _mm256_set1_epi8(-2), s4 = _mm256_set1_epi8(-1), s5 = _mm256_set1_epi8(1);
@@ -777,19 +780,22 @@ int64_t int8_dot_loop_avx2(int64_t iters, int32_t* sink) {
 #else
   constexpr int K = 6;
 #endif
+  const auto product = [&u](__m256i acc, __m256i s) {
+    return dot_u8s8(acc, u, Sign ? _mm256_sign_epi8(s, u) : s);
+  };
   for (int64_t i = 0; i < iters; ++i) {
-    a0 = dot_u8s8(a0, u, s0);
-    a1 = dot_u8s8(a1, u, s1);
-    a2 = dot_u8s8(a2, u, s2);
-    a3 = dot_u8s8(a3, u, s3);
-    a4 = dot_u8s8(a4, u, s4);
-    a5 = dot_u8s8(a5, u, s5);
+    a0 = product(a0, s0);
+    a1 = product(a1, s1);
+    a2 = product(a2, s2);
+    a3 = product(a3, s3);
+    a4 = product(a4, s4);
+    a5 = product(a5, s5);
     __asm__ volatile("" : "+x"(u), "+x"(s0), "+x"(s1), "+x"(s2), "+x"(s3), "+x"(s4), "+x"(s5));
 #ifdef BLIP2_KERNELS_VNNI
-    a6 = dot_u8s8(a6, u, s6);
-    a7 = dot_u8s8(a7, u, s7);
-    a8 = dot_u8s8(a8, u, s8);
-    a9 = dot_u8s8(a9, u, s9);
+    a6 = product(a6, s6);
+    a7 = product(a7, s7);
+    a8 = product(a8, s8);
+    a9 = product(a9, s9);
     __asm__ volatile("" : "+x"(s6), "+x"(s7), "+x"(s8), "+x"(s9));
 #endif
   }
@@ -800,6 +806,15 @@ int64_t int8_dot_loop_avx2(int64_t iters, int32_t* sink) {
 #endif
   *sink = _mm256_extract_epi32(t, 0);
   return iters * K * 32;
+}
+
+int64_t int8_dot_loop_avx2(int64_t iters, int32_t* sink, bool with_sign) {
+#ifdef BLIP2_KERNELS_VNNI
+  (void)with_sign;  // the VNNI I8 tile has no per-product sign: (w + 128) × a
+  return int8_dot_rounds<false>(iters, sink);
+#else
+  return with_sign ? int8_dot_rounds<true>(iters, sink) : int8_dot_rounds<false>(iters, sink);
+#endif
 }
 
 #ifdef BLIP2_KERNELS_VNNI

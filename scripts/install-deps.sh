@@ -4,6 +4,7 @@ set -euo pipefail
 packages=(
   g++ cmake ninja-build pkg-config        # toolchain (g++ 12, cmake 3.25)
   libopenblas-dev                         # matrix products
+  libdnnl-dev                             # oneDNN: bench_onednn compares its matmul with ours (not linked by blip2)
   libsentencepiece-dev                    # T5 tokenizer
   libpcre2-dev                            # Unicode regex for the OPT (GPT-2 BPE) tokenizer
   libicu-dev                              # Unicode properties and normalisation for the BERT tokenizer

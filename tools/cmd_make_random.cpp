@@ -16,7 +16,7 @@ namespace {
 
 struct MakeRandomArgs {
   std::string like, out, dtype = "bf16", seed = "0";
-  bool force = false, outliers = false;
+  bool force = false, outliers = false, uncompensated = false;
 };
 
 uint64_t parse_seed(const std::string& s) {
@@ -39,7 +39,8 @@ void run_make_random(const MakeRandomArgs& a) {
   opt.dtype = parse_dtype_option(a.dtype);
   opt.seed = parse_seed(a.seed);
   opt.overwrite = a.force;
-  opt.outliers.enabled = a.outliers;
+  opt.outliers.enabled = a.outliers || a.uncompensated;
+  opt.outliers.compensate = !a.uncompensated;
   const RandomCheckpointPlan plan = plan_random_checkpoint(a.like, opt.dtype, opt.outliers, opt.seed);  // validates --like first
   const bool tty = isatty(STDERR_FILENO);
   const auto start = std::chrono::steady_clock::now();
@@ -107,8 +108,15 @@ void add_make_random_command(CLI::App& app) {
                     ", and the feed-forward's linear branch (T5 wi_1, OPT fc1 + bias, LLaMA up_proj) " +
                     std::to_string(defaults.ffn_channels) + " hidden channels x" +
                     std::to_string(static_cast<int>(defaults.ffn_scale)) +
-                    " (so they enter wo / fc2 / down_proj that large). Channels are drawn from --seed, the same "
-                    "in every layer; README.txt lists them. Default: off");
+                    " (so they enter wo / fc2 / down_proj that large). The weights reading those channels are "
+                    "divided by as much, so the model computes what the clean one of the same seed does and "
+                    "only its activations differ, as in a trained model. Channels are drawn from --seed, the "
+                    "same in every layer; README.txt lists them. Default: off");
+  sub->add_flag("--outliers-uncompensated", args->uncompensated,
+                "--outliers without dividing the reading weights: the x" +
+                    std::to_string(static_cast<int>(defaults.residual_scale)) +
+                    " channels then reach q and k at full size and sharpen attention, a model that amplifies any "
+                    "rounding (bf16 weights too); the --outliers models before compensation was added");
   sub->add_flag("--force", args->force,
                 "Write into a non-empty directory, replacing the checkpoint files there (config, tokenizer, "
                 "weights, index, README.txt); other files are left alone");

@@ -496,6 +496,13 @@ void apply_outliers(RandomCheckpointPlan& plan, const OutlierOptions& o, uint64_
     init.boost_stride = stride;
     init.boost = residual ? o.residual_scale : o.ffn_scale;
   };
+  // With `compensate`: the columns that read the boosted channels, divided by the boost (t.shape[1] columns).
+  const auto shrink = [&](PlannedTensor& t, bool residual) {
+    if (!o.compensate) return;
+    t.init.shrink_columns = residual ? plan.outlier_residual_channels : plan.outlier_ffn_channels;
+    t.init.cols = t.shape.at(1);
+    t.init.shrink = 1.0f / (residual ? o.residual_scale : o.ffn_scale);
+  };
   std::string norms, ffn;
   if (t5) {
     norms = "language_model.{encoder,decoder}.block.*.layer.*.layer_norm.weight";
@@ -514,15 +521,31 @@ void apply_outliers(RandomCheckpointPlan& plan, const OutlierOptions& o, uint64_
       if (n.rfind("language_model.encoder.block.", 0) != 0 && n.rfind("language_model.decoder.block.", 0) != 0) continue;
       if (ends(n, ".layer_norm.weight")) boost(t.init, true, 1);
       if (ends(n, c.text.is_gated_act ? ".DenseReluDense.wi_1.weight" : ".DenseReluDense.wi.weight")) boost(t.init, false, d);
+      // Readers of a boosted norm: self-attention q/k/v, cross-attention q (its k/v read the encoder), wi*.
+      if (ends(n, ".SelfAttention.q.weight") || ends(n, ".SelfAttention.k.weight") ||
+          ends(n, ".SelfAttention.v.weight") || ends(n, ".EncDecAttention.q.weight") ||
+          n.find(".DenseReluDense.wi") != std::string::npos)
+        shrink(t, true);
+      if (ends(n, ".DenseReluDense.wo.weight")) shrink(t, false);
     } else if (opt) {
       if (n.rfind("language_model.model.decoder.layers.", 0) != 0) continue;
       if (ends(n, ".self_attn_layer_norm.weight") || ends(n, ".final_layer_norm.weight")) boost(t.init, true, 1);
+      // LayerNorm's output is γ·x̂ + β: with β scaled too the channel is exactly residual_scale larger.
+      if (o.compensate && (ends(n, ".self_attn_layer_norm.bias") || ends(n, ".final_layer_norm.bias")))
+        boost(t.init, true, 1);
       if (ends(n, ".fc1.weight")) boost(t.init, false, d);
       if (ends(n, ".fc1.bias")) boost(t.init, false, 1);  // relu(x W^T + b): both scaled, so the channel is exactly
+      if (ends(n, ".q_proj.weight") || ends(n, ".k_proj.weight") || ends(n, ".v_proj.weight") || ends(n, ".fc1.weight"))
+        shrink(t, true);
+      if (ends(n, ".fc2.weight")) shrink(t, false);
     } else {
       if (n.rfind("language_model.model.layers.", 0) != 0) continue;
       if (ends(n, ".input_layernorm.weight") || ends(n, ".post_attention_layernorm.weight")) boost(t.init, true, 1);
       if (ends(n, ".mlp.up_proj.weight")) boost(t.init, false, d);
+      if (ends(n, ".q_proj.weight") || ends(n, ".k_proj.weight") || ends(n, ".v_proj.weight") ||
+          ends(n, ".mlp.gate_proj.weight") || ends(n, ".mlp.up_proj.weight"))
+        shrink(t, true);
+      if (ends(n, ".mlp.down_proj.weight")) shrink(t, false);
     }
   }
   const auto list = [](const std::vector<int64_t>& v) {
@@ -537,6 +560,13 @@ void apply_outliers(RandomCheckpointPlan& plan, const OutlierOptions& o, uint64_
   std::snprintf(buf, sizeof buf, "%g", static_cast<double>(o.ffn_scale));
   plan.outlier_notes.push_back(ffn + ": hidden channels " + list(plan.outlier_ffn_channels) + " of " +
                                std::to_string(F) + " x" + buf);
+  plan.outlier_notes.push_back(o.compensate
+                                   ? "compensated: the weights reading those channels (q/k/v, the first feed-forward "
+                                     "products, wo/fc2/down_proj) have those columns divided by as much" +
+                                         std::string(opt ? ", and the LayerNorm biases are scaled with their weights"
+                                                         : "") +
+                                         ", so the model computes what the clean model of this seed does"
+                                   : "uncompensated: the weights reading those channels are as drawn");
 }
 
 }  // namespace
@@ -613,6 +643,9 @@ void fill_random(const RandomInit& init, uint64_t key, int64_t begin, int64_t n,
     if (!init.boost_channels.empty() &&
         std::binary_search(init.boost_channels.begin(), init.boost_channels.end(), idx / init.boost_stride))
       out[i] *= init.boost;
+    if (!init.shrink_columns.empty() &&
+        std::binary_search(init.shrink_columns.begin(), init.shrink_columns.end(), idx % init.cols))
+      out[i] *= init.shrink;
   }
 }
 
@@ -785,7 +818,8 @@ void make_random_checkpoint(const std::string& like, const std::string& out_dir,
   std::string outlier_text;  // what --outliers scaled, so a reader of the numbers knows the model's shape
   if (!plan.outlier_notes.empty()) {
     outlier_text = "\nOUTLIERS (--outliers): activation outliers as in real LLMs, made by scaling these tensors'\n"
-                   "random values (the same channels in every layer; the weights reading them are not compensated):\n";
+                   "random values (the same channels in every layer; the last line says whether the weights reading\n"
+                   "them are compensated):\n";
     for (const auto& n : plan.outlier_notes) outlier_text += "  " + n + "\n";
   }
   write_text(dir / "README.txt",

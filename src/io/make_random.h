@@ -35,6 +35,11 @@ struct RandomInit {
   std::vector<int64_t> boost_channels = {};
   int64_t boost_stride = 1;
   float boost = 1.0f;
+  // --outliers with `compensate`: the elements of the columns in `shrink_columns` (sorted) of a [rows, cols]
+  // matrix (element idx is in column idx % cols) are multiplied by `shrink`.
+  std::vector<int64_t> shrink_columns = {};
+  int64_t cols = 1;
+  float shrink = 1.0f;
 };
 
 // `make-random --outliers`: the activation shape of real LLMs (LLM.int8(), SmoothQuant), where a few hidden
@@ -43,12 +48,20 @@ struct RandomInit {
 // `residual_scale` in `residual_channels` channels of d_model, and the rows of the feed-forward's linear
 // branch that make `ffn_channels` of its hidden channels (T5 wi_1, or wi if not gated; OPT fc1 with its
 // bias; LLaMA up_proj) get `ffn_scale`, so those channels enter wo / fc2 / down_proj that much larger.
-// The consuming weights are not compensated. The channels are drawn from the seed, the same in every layer
+// The consuming weights are compensated (below) unless asked otherwise. The channels are drawn from the seed, the same in every layer
 // (as real outlier dimensions are). ffn_scale is 50 rather than 30 because a gated feed-forward's hidden
 // channels already vary about 2x around the median by themselves (tiny T5: a chosen channel at 17x with 30),
 // and the point is that every chosen one enters wo at >= 20x the median.
 struct OutlierOptions {
   bool enabled = false;
+  // The consuming weights' columns of those channels divided by the same scale (q/k/v, T5's cross-attention
+  // q and the first feed-forward products for the residual channels, with OPT's LayerNorm biases scaled like
+  // their weights; wo / fc2 / down_proj for the hidden ones), so that the model computes what the clean
+  // model of the same seed computes and only its activations differ, as in a trained model whose weights
+  // absorb its outlier channels. Without it the ×40 channels also reach q and k at full size, which sharpens
+  // attention: that model amplifies any rounding (bf16 weights: 3.7× the clean model's logits error on XL,
+  // 12× on tiny OPT), so it cannot tell a quantizer that handles outliers from one that does not.
+  bool compensate = true;
   int residual_channels = 4;
   float residual_scale = 40.0f;
   int ffn_channels = 3;

@@ -266,7 +266,8 @@ std::unique_ptr<Checkpoint> open_checkpoint(const std::string& dir, const LoadOp
   par::set_threads(options.threads);
   if (options.device.kind == Device::CUDA) cuda::select_device(options.device.index);
   auto ck = std::make_unique<Checkpoint>(dir, progress);
-  ck->set_convert(weight_converter(options, family, !ck->has("language_model.lm_head.weight"), ck.get()));
+  ck->set_convert(weight_converter(options, family, !ck->has("language_model.lm_head.weight"),
+                                   options.float_columns ? ck.get() : nullptr));
   return ck;
 }
 

@@ -31,6 +31,10 @@ struct LoadOptions {
   int threads = 0;                     // worker threads for the kernels and OpenBLAS; 0 = all cores
   // Where the model runs: every weight is placed there as it loads, and every stage computes there.
   DeviceSpec device;
+  // int8 / int4 language-model products keep the input channels their weights show to be outliers in float
+  // (issue 14; weight_converter). false quantizes them like the rest: how tests show what the float columns
+  // are for.
+  bool float_columns = true;
 };
 
 // True for the tensors a weight format converts: the matrices of linear layers — ViT qkv / projection /

@@ -48,10 +48,10 @@ struct RandomInit {
 // `residual_scale` in `residual_channels` channels of d_model, and the rows of the feed-forward's linear
 // branch that make `ffn_channels` of its hidden channels (T5 wi_1, or wi if not gated; OPT fc1 with its
 // bias; LLaMA up_proj) get `ffn_scale`, so those channels enter wo / fc2 / down_proj that much larger.
-// The consuming weights are compensated (below) unless asked otherwise. The channels are drawn from the seed, the same in every layer
-// (as real outlier dimensions are). ffn_scale is 50 rather than 30 because a gated feed-forward's hidden
-// channels already vary about 2x around the median by themselves (tiny T5: a chosen channel at 17x with 30),
-// and the point is that every chosen one enters wo at >= 20x the median.
+// The consuming weights are compensated (below) unless asked otherwise. The channels are drawn from the
+// seed, the same in every layer (as real outlier dimensions are). ffn_scale is 50 rather than 30 because a
+// gated feed-forward's hidden channels already vary about 2x around the median by themselves (tiny T5: a
+// chosen channel at 17x with 30), and the point is that every chosen one enters wo at >= 20x the median.
 struct OutlierOptions {
   bool enabled = false;
   // The consuming weights' columns of those channels divided by the same scale (q/k/v, T5's cross-attention

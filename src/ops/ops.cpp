@@ -200,6 +200,8 @@ void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
 
 }  // namespace
 
+namespace {
+
 // ProductCounters, kept as atomics (nanoseconds for the times) since any thread may issue products.
 struct AtomicCounters {
   std::atomic<int64_t> ops{0}, ns{0};
@@ -223,6 +225,8 @@ class Counted {
   AtomicCounters& c_;
   std::chrono::steady_clock::time_point t0_;
 };
+
+}  // namespace
 
 ProductCounters ProductCounters::operator-(const ProductCounters& o) const {
   return {linear_ops - o.linear_ops, attention_ops - o.attention_ops, linear_seconds - o.linear_seconds,

@@ -4,10 +4,10 @@
 //
 //   rate        GOP/s (2 per multiply-add) of each format on each shape, best of 3 × ≥ 0.3 s, both libraries
 //               on the same number of threads, against the sgemm and int8 dot-product peaks of the same run
-//   exactness   oneDNN's s8 × s8 product into int32 on int8 data quantized as the engine quantizes (activations
-//               per block of 128, weights per row, both to ±127), against the exact integer sums: how many
-//               outputs differ, and by how much. The engine's integer kernels compute exact sums (test_kernels
-//               checks every vector kernel against the scalar one bit for bit).
+//   exactness   oneDNN's s8 × s8 product into int32 on int8 data quantized by the engine's own functions
+//               (activations per block of 128, weights per row, both to ±127), against the exact integer
+//               sums: how many outputs differ, and by how much. The engine's integer kernels compute exact
+//               sums (test_kernels checks every vector kernel against the scalar one bit for bit).
 //
 // Usage: bench_onednn [--threads N] [--quick]
 #include <omp.h>
@@ -72,24 +72,20 @@ double engine_rate(int64_t M, int64_t N, int64_t K, DType d) {
   return 2.0 * M * N * K / t;
 }
 
-// Rows of n values drawn from N(0,1), each run of `block` values scaled to ±127 and rounded (the engine's
-// symmetric int8 quantization: activations per block of 128, weights per row).
-std::vector<int8_t> quantized(int64_t rows, int64_t n, int64_t block, uint32_t seed) {
-  const auto v = machine::random_floats(static_cast<size_t>(rows * n), seed);
-  std::vector<int8_t> q(v.size());
-  for (int64_t b = 0; b < rows * n; b += block) {
-    float m = 0;
-    for (int64_t i = b; i < b + block; ++i) m = std::max(m, std::fabs(v[i]));
-    for (int64_t i = b; i < b + block; ++i) q[i] = static_cast<int8_t>(std::lrint(v[i] / m * 127.0f));
-  }
-  return q;
-}
-
+// The int8 data is the engine's own: activations through kern::quantize_rows (per block of kI8ActBlock),
+// weights through kern::convert (per row). K must need no padding (a multiple of 32).
 void exactness(dnnl::engine& eng, dnnl::stream& s, int64_t M, int64_t N, int64_t K) {
-  const auto a = quantized(M, K, 128, 11), w = quantized(N, K, K, 12);  // w [N, K]: oneDNN reads it as [K, N] "ba"
+  const auto x = machine::random_floats(static_cast<size_t>(M * K), 11);
+  kern::QuantRows qx;
+  qx.resize(M, K, kern::kI8ActBlock);
+  kern::quantize_rows(x.data(), M, K, K, qx);
+  const auto wv = machine::random_floats(static_cast<size_t>(N * K), 12, 0.02f);
+  const Weight wq = kern::convert(f32_weight(wv, N, K), DType::I8, 0);
+  const int8_t* a = qx.q.data();
+  const auto* w = static_cast<const int8_t*>(wq.data);  // [N, K]: oneDNN reads it as [K, N] "ba"
   const dnnl::memory::desc a_md({M, K}, dt::s8, tag::ab), b_md({K, N}, dt::s8, tag::ba), c_md({M, N}, dt::s32, tag::ab);
   const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), eng);
-  dnnl::memory A(a_md, eng, const_cast<int8_t*>(a.data())), B(b_md, eng, const_cast<int8_t*>(w.data())), C(c_md, eng);
+  dnnl::memory A(a_md, eng, const_cast<int8_t*>(a)), B(b_md, eng, const_cast<int8_t*>(w)), C(c_md, eng);
   dnnl::matmul(pd).execute(s, {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}});
   s.wait();
   const auto* c = static_cast<const int32_t*>(C.get_data_handle());

@@ -406,9 +406,12 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
   struct ComputeStage {
     std::string key, ceiling;
     double ops, peak, seconds;
-    double linear_ops, linear_s, attention_ops, attention_s;
+    double linear_ops, linear_s, attention_ops, attention_s, attention_peak;
     double floor() const { return ops / peak; }
     double rest_s() const { return std::max(0.0, seconds - linear_s - attention_s); }
+    // Each part's rate as a fraction of its ceiling (0 when it took no time).
+    double linear_fraction() const { return linear_s > 0 ? linear_ops / peak / linear_s : 0.0; }
+    double attention_fraction() const { return attention_s > 0 ? attention_ops / attention_peak / attention_s : 0.0; }
   };
   const auto ceiling_of = [&](Tower t) -> std::pair<std::string, double> {
     if (gpu) return {"bf16", peak_floor};
@@ -427,7 +430,7 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     const auto [name, p] = ceiling_of(tower);
     compute.push_back({key, name, static_cast<double>(w.ops()), p, st[key].median, static_cast<double>(w.linear_ops),
                        stats(times[key + ".linear"]).median, static_cast<double>(w.attention_ops),
-                       stats(times[key + ".attention"]).median});
+                       stats(times[key + ".attention"]).median, attention_peak});
   }
   const ComputeStage& vision = compute.front();
   const std::string image = a.image.empty() ? "(synthetic 640x480)" : a.image;
@@ -493,10 +496,10 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
                     {"fraction_of_ceiling", c.floor() / c.seconds},
                     {"linear_ops", c.linear_ops},
                     {"linear_s", c.linear_s},
-                    {"linear_fraction_of_ceiling", c.linear_s > 0 ? c.linear_ops / c.peak / c.linear_s : 0.0},
+                    {"linear_fraction_of_ceiling", c.linear_fraction()},
                     {"attention_ops", c.attention_ops},
                     {"attention_s", c.attention_s},
-                    {"attention_fraction_of_sgemm", c.attention_s > 0 ? c.attention_ops / attention_peak / c.attention_s : 0.0},
+                    {"attention_fraction_of_sgemm", c.attention_fraction()},
                     {"rest_s", c.rest_s()},
                     {"rest_share", c.rest_s() / c.seconds}});
     j["compute_stages"] = cs;
@@ -565,9 +568,9 @@ void run_bench(const BenchArgs& a, const LoadOptions& lo) {
     if (c.linear_s > 0)
       std::printf("    of which: linear products %.3f s (%.0f%%) at %.0f%% of the %s peak; attention %.3f s (%.0f%%) at %.0f%% "
                   "of the %s peak; the rest (norms, activations, adds, copies) %.3f s (%.0f%%)\n",
-                  c.linear_s, 100.0 * c.linear_s / c.seconds, 100.0 * c.linear_ops / c.peak / c.linear_s,
+                  c.linear_s, 100.0 * c.linear_s / c.seconds, 100.0 * c.linear_fraction(),
                   c.ceiling.c_str(), c.attention_s, 100.0 * c.attention_s / c.seconds,
-                  c.attention_s > 0 ? 100.0 * c.attention_ops / attention_peak / c.attention_s : 0.0,
+                  100.0 * c.attention_fraction(),
                   gpu ? "bf16" : "sgemm", c.rest_s(), 100.0 * c.rest_s() / c.seconds);
   }
   if (accuracy) {

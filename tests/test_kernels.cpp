@@ -355,7 +355,8 @@ TEST(Linear, EveryFormatWithinItsDerivedBoundOnBothPaths) {
 // both products over every key) and the time inside it, each to its own counter.
 TEST(Linear, ProductCountersCountEachCallsOperationsAndTime) {
   const int64_t out = 40, in = 64, rows = 9;
-  const Weight w = f32_weight(random_vec(static_cast<size_t>(out * in), 31), out, in);
+  const auto wv = random_vec(static_cast<size_t>(out * in), 31);
+  const Weight w = f32_weight(wv, out, in);  // a view of wv
   const auto x = random_vec(static_cast<size_t>(rows * in), 32);
   std::vector<float> y(static_cast<size_t>(rows * out));
   const ops::ProductCounters before = ops::product_counters();

@@ -94,6 +94,7 @@ struct Weight {
 // A float32 [rows, cols] Weight viewing v's elements (not owned: v must outlive it). For tests and
 // benchmarks that make weights in memory.
 Weight f32_weight(const std::vector<float>& v, int64_t rows, int64_t cols);
+Weight f32_weight(std::vector<float>&& v, int64_t rows, int64_t cols) = delete;  // the view would dangle
 
 struct Tensor {
   Shape shape;

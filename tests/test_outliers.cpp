@@ -231,7 +231,7 @@ TEST_P(OutlierShape, TheLoaderKeepsTheOutlierChannelsInFloat) {
     const std::string dir = tmp.path(outliers ? "outliers" : "clean");
     make_random_checkpoint(like, dir, make_options(outliers, seed));
     const Blip2Config cfg = load_config(dir);
-    const int64_t d = t5 ? cfg.text.d_model : cfg.opt.hidden_size, F = t5 ? cfg.text.d_ff : cfg.opt.ffn_dim;
+    const int64_t d = cfg.lm_hidden_size(), F = cfg.lm_ffn_size();
     for (WeightFormat f : {WeightFormat::I8, WeightFormat::I4, WeightFormat::BF16}) {
       LoadOptions o;
       o.weights = f;
@@ -308,12 +308,7 @@ TEST(OutlierPlan, ScalesNormsAndTheFeedForwardOfEveryFamily) {
       const RandomInit r = init(reader);
       EXPECT_EQ(r.shrink_columns, norm ? p.outlier_residual_channels : p.outlier_ffn_channels) << reader;
       EXPECT_EQ(r.shrink, norm ? 1.0f / 40.0f : 1.0f / 50.0f) << reader;
-      const Blip2Config& c = p.config;
-      const int64_t d = c.family == LanguageFamily::T5 ? c.text.d_model
-                        : c.family == LanguageFamily::OPT ? c.opt.hidden_size : c.llama.hidden_size;
-      const int64_t f = c.family == LanguageFamily::T5 ? c.text.d_ff
-                        : c.family == LanguageFamily::OPT ? c.opt.ffn_dim : c.llama.intermediate_size;
-      EXPECT_EQ(r.cols, norm ? d : f) << reader;
+      EXPECT_EQ(r.cols, norm ? p.config.lm_hidden_size() : p.config.lm_ffn_size()) << reader;
     }
     EXPECT_TRUE(init(w.plain).shrink_columns.empty()) << w.like;
     if (std::string(w.like) == "opt-6.7b") {  // LayerNorm's bias scaled with its weight: the channel is exactly x40

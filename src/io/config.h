@@ -142,6 +142,15 @@ struct Blip2Config {
     return family == LanguageFamily::T5 ? text.d_model : family == LanguageFamily::OPT ? opt.word_embed_proj_dim
                                                                                          : llama.hidden_size;
   }
+  // The width of its residual stream (d_model / hidden_size) and of its feed-forward's hidden layer.
+  int lm_hidden_size() const {
+    return family == LanguageFamily::T5 ? text.d_model : family == LanguageFamily::OPT ? opt.hidden_size
+                                                                                         : llama.hidden_size;
+  }
+  int lm_ffn_size() const {
+    return family == LanguageFamily::T5 ? text.d_ff : family == LanguageFamily::OPT ? opt.ffn_dim
+                                                                                      : llama.intermediate_size;
+  }
   int lm_vocab_size() const {
     return family == LanguageFamily::T5 ? text.vocab_size : family == LanguageFamily::OPT ? opt.vocab_size
                                                                                             : llama.vocab_size;

@@ -484,8 +484,7 @@ void apply_outliers(RandomCheckpointPlan& plan, const OutlierOptions& o, uint64_
   const Blip2Config& c = plan.config;
   if (!o.enabled || c.task == Blip2Task::Retrieval) return;
   const bool t5 = c.family == LanguageFamily::T5, opt = c.family == LanguageFamily::OPT;
-  const int64_t d = t5 ? c.text.d_model : opt ? c.opt.hidden_size : c.llama.hidden_size;
-  const int64_t F = t5 ? c.text.d_ff : opt ? c.opt.ffn_dim : c.llama.intermediate_size;
+  const int64_t d = c.lm_hidden_size(), F = c.lm_ffn_size();
   plan.outlier_residual_channels = draw_channels(seed, "outliers/residual", o.residual_channels, d);
   plan.outlier_ffn_channels = draw_channels(seed, "outliers/ffn", o.ffn_channels, F);
   const auto ends = [](const std::string& s, const std::string& tail) {

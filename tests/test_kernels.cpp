@@ -402,6 +402,39 @@ TEST(Linear, QuantizedRowTilesGiveIdenticalResults) {
   }
 }
 
+// A row's integer product is the same bits alone or in a batch of any size, though a batch of more than 5 rows
+// goes through other kernels (I8 on AVX2: the packed 16-channel tiles, with the channels that do not fill one
+// in the row tiles): every kernel adds each activation block's exact int32 sum into the output with the same
+// float operations in the same order (kernels_avx2.cpp). For I8 the AVX2 and scalar paths also agree bit for
+// bit. 53 channels: three packed groups and a tail; 384 inputs: three 128-input activation blocks, or one.
+TEST(Linear, QuantizedRowsGiveTheSameBitsAloneAndInABatch) {
+  const int64_t out = 53, in = 384, most = 40;
+  const auto wv = random_vec(static_cast<size_t>(out * in), 31, 0.05f);
+  const auto x = random_vec(static_cast<size_t>(most * in), 32);
+  for (const Fmt& f : kFormats) {
+    if (f.dtype != DType::I8 && f.dtype != DType::I4) continue;
+    const Weight w = kern::convert(f32_weight(wv, out, in), f.dtype, f.group == 0 ? 64 : f.group);
+    for (int block : {kern::kI8ActBlock, 0}) {
+      kern::set_i8_act_block(block);
+      std::vector<std::vector<float>> alone_per_isa;
+      for_each_isa([&](const char* isa) {
+        std::vector<float> alone(static_cast<size_t>(most * out));
+        for (int64_t r = 0; r < most; ++r) ops::linear(x.data() + r * in, 1, w, Weight{}, alone.data() + r * out);
+        for (int64_t rows : {int64_t{2}, int64_t{5}, int64_t{6}, int64_t{7}, int64_t{9}, most}) {
+          std::vector<float> batch(static_cast<size_t>(rows * out));
+          ops::linear(x.data(), rows, w, Weight{}, batch.data());
+          for (int64_t i = 0; i < rows * out; ++i)
+            ASSERT_EQ(batch[i], alone[i]) << f.name << " " << isa << " block " << block << " rows " << rows
+                                          << " row " << i / out << " channel " << i % out;
+        }
+        alone_per_isa.push_back(std::move(alone));
+      });
+      if (f.dtype == DType::I8 && alone_per_isa.size() == 2) EXPECT_EQ(alone_per_isa[0], alone_per_isa[1]) << block;
+    }
+    kern::set_i8_act_block(kern::kI8ActBlock);
+  }
+}
+
 // Outlier input columns (issue 14, kern::outlier_columns): a few columns 50x the rest are found, taken out of
 // the integer product and added in float, so the product's error against the dequantized weights comes
 // back to what the same rows without outliers give, on both paths, for decoding and prefill row counts; with

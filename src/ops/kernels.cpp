@@ -42,7 +42,7 @@ void gemv_float_scalar(const float* x, int64_t ldx, int R, const WView& w, int64
     }
 }
 
-void gemv_i8_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+void gemv_i8_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy, int8_t*) {
   const int64_t ld = w.ld, B = x.block, nb = ld / B;
   const auto* q = static_cast<const int8_t*>(w.data);
   const auto* sw = static_cast<const float*>(w.scales);
@@ -54,7 +54,7 @@ void gemv_i8_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, floa
         const int8_t* wq = q + o * ld + b * B;
         const int8_t* aq = x.q + r * ld + b * B;
         for (int64_t i = 0; i < B; ++i) d += static_cast<int32_t>(wq[i]) * aq[i];
-        acc += static_cast<float>(d) * x.scale[r * nb + b];
+        acc = std::fma(static_cast<float>(d), x.scale[r * nb + b], acc);  // as every I8 kernel (kernels_avx2.cpp)
       }
       y[r * ldy + o] = acc * sw[o];
     }
@@ -454,7 +454,11 @@ void gemv_q(const QuantRows& x, int64_t r0, int64_t r1, const Weight& w, int64_t
   if (r0 < 0 || r1 > x.rows || r0 > r1) fail(ErrorKind::Internal, "gemv_q: rows out of range");
   if (x.ld != w.ld || x.block != act_block(w))
     fail(ErrorKind::Internal, "gemv_q: activations not quantized for this weight (ld " + std::to_string(x.ld) + " vs " + std::to_string(w.ld) + ", block " + std::to_string(x.block) + " vs " + std::to_string(act_block(w)) + ")");
-  if (w.dtype == DType::I8) impl().gemv_i8(view(x, r0, r1), view(w), o0, o1, y + r0 * ldy, ldy);
+  if (w.dtype == DType::I8) {
+    thread_local std::vector<int8_t> scratch;
+    scratch.resize(static_cast<size_t>(detail::kI8PackedOutputs * w.ld));
+    impl().gemv_i8(view(x, r0, r1), view(w), o0, o1, y + r0 * ldy, ldy, scratch.data());
+  }
   else impl().gemv_i4(view(x, r0, r1), view(w), o0, o1, y + r0 * ldy, ldy);
 }
 

@@ -3,11 +3,12 @@
 //
 // Matrix-vector products read each weight row once for all activation rows (in chunks of up to 5 rows; a
 // second chunk finds the row in L1). The integer ones also serve many rows (the ViT's 257, taken in tiles by
-// ops::linear): there two weight rows share each activation load, since the work is bound by instructions.
+// ops::linear), where the work is bound by instructions: I8 then repacks 16 weight rows at a time so that
+// each vector holds 8 output channels (see i8_packed_tile).
 // Integer products (I8, I4) use vpmaddubsw (unsigned × signed bytes → int16 pairs) and vpmaddwd:
 //   I8: |w| × sign(a, w) (w, a in [-127, 127]: pair sums ≤ 32258, never saturate), int32 per block of
 //       activations, then one float multiply-add per block with the activation scale; the weight's
-//       per-row scale multiplies the final sum.
+//       per-row scale multiplies the final sum (the same operations in every kernel: see i8_tile).
 //   I4: stored nibbles are u = q + 8 in [0, 15], used directly as the unsigned operand: Σ u·a = Σ q·a + 8 Σ a,
 //       and the offset is removed in integers with the block's Σa (computed when quantizing the
 //       activations). Pair sums are ≤ 2·15·127 = 3810, so the int16 products of a whole group (up to 4
@@ -168,11 +169,27 @@ void gemv_float_avx2(const float* x, int64_t ldx, int R, const WView& w, int64_t
 
 // ---- I8 weights × quantized activations -----------------------------------------------------------------
 
-// NO output rows × NR activation rows. Per block of B activations and row pair: the int32 dot product, then
-// one float multiply-add with the activation scale; the weight's per-row scale multiplies the final sum.
-// AVX2: |w| × sign(a, w) (vpmaddubsw needs one unsigned operand). VNNI: (w + 128) × a as unsigned × signed
-// bytes, one instruction per vector and row, and the offset 128·Σa (the block's activation sum) subtracted
-// in integers.
+// Every I8 kernel, the scalar one included, computes an output the same way: acc = fma(d_b, s_a,b, acc) over
+// the activation blocks b in order, where d_b is the block's exact int32 dot product, then y = acc · s_w. The
+// same float operations in the same order whatever the tile, the number of rows or the instruction set: a
+// row's result never depends on its batch-mates (batched captioning and serving rely on it), and the vector
+// and scalar kernels agree bit for bit.
+
+// Few rows (decoding): NO output rows × NR activation rows, one weight row streamed at a time. The int32 lanes
+// hold partial sums of one output, added up exactly per block, eight blocks at a time (fewer instructions
+// than a horizontal sum per block: decoding is bound by memory, but not by much), before the float
+// multiply-adds. AVX2: |w| × sign(a, w) (vpmaddubsw needs one unsigned operand). VNNI: (w + 128) × a
+// as unsigned × signed bytes, one instruction per vector and row, and the offset 128·Σa (the block's
+// activation sum) subtracted in integers.
+// acc = fma(d_k, s_k, acc) for k < n (n ≤ 4) in order, in lane 0.
+inline __m128 fma_lanes(__m128 acc, __m128 d, const float* s, int n) {
+  acc = _mm_fmadd_ss(d, _mm_set_ss(s[0]), acc);
+  if (n > 1) acc = _mm_fmadd_ss(_mm_movehdup_ps(d), _mm_set_ss(s[1]), acc);
+  if (n > 2) acc = _mm_fmadd_ss(_mm_movehl_ps(d, d), _mm_set_ss(s[2]), acc);
+  if (n > 3) acc = _mm_fmadd_ss(_mm_shuffle_ps(d, d, 3), _mm_set_ss(s[3]), acc);
+  return acc;
+}
+
 template <int NO, int NR>
 void i8_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int64_t ldy) {
   const int64_t ld = w.ld, B = x.block, nb = ld / B;
@@ -180,9 +197,10 @@ void i8_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, in
   const int8_t* aq = x.q + r0 * ld;
   const float* as = x.scale + r0 * nb;
   [[maybe_unused]] const int32_t* asum = x.sum + r0 * nb;
-  __m256 acc[NO][NR];
+  __m128 acc[NO][NR];
+  __m256i part[NO][NR][8];  // the int32 lanes of the last blocks
   for (int a = 0; a < NO; ++a)
-    for (int r = 0; r < NR; ++r) acc[a][r] = _mm256_setzero_ps();
+    for (int r = 0; r < NR; ++r) acc[a][r] = _mm_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     // VNNI: the sums start from −128·Σa, the offset of (w + 128)·a (see the file comment).
     __m256i s32[NO][NR];
@@ -213,14 +231,30 @@ void i8_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, in
         }
       }
     }
-    for (int r = 0; r < NR; ++r) {
-      const __m256 sa = _mm256_set1_ps(as[r * nb + b]);
-      for (int a = 0; a < NO; ++a) acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[a][r]), sa, acc[a][r]);
+    // Every eighth block (and the last) the eight blocks' totals come out of three rounds of horizontal adds
+    // at once, and go into the sum in block order.
+    const int j = static_cast<int>(b & 7);
+    for (int a = 0; a < NO; ++a)
+      for (int r = 0; r < NR; ++r) part[a][r][j] = s32[a][r];
+    if (j == 7 || b == nb - 1) {
+      const int64_t b0 = b - j;
+      for (int a = 0; a < NO; ++a)
+        for (int r = 0; r < NR; ++r) {
+          __m256i* p = part[a][r];
+          for (int k = j + 1; k < 8; ++k) p[k] = _mm256_setzero_si256();
+          const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+          const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+          const __m256 d = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20),
+                                                               _mm256_permute2x128_si256(h0, h1, 0x31)));
+          const float* sa = as + r * nb + b0;
+          acc[a][r] = fma_lanes(acc[a][r], _mm256_castps256_ps128(d), sa, imin(j + 1, 4));
+          if (j >= 4) acc[a][r] = fma_lanes(acc[a][r], _mm256_extractf128_ps(d, 1), sa + 4, j - 3);
+        }
     }
   }
   for (int a = 0; a < NO; ++a) {
     const float sw = static_cast<const float*>(w.scales)[o + a];
-    for (int r = 0; r < NR; ++r) y[(r0 + r) * ldy + o + a] = hsum(acc[a][r]) * sw;
+    for (int r = 0; r < NR; ++r) y[(r0 + r) * ldy + o + a] = _mm_cvtss_f32(acc[a][r]) * sw;
   }
 }
 
@@ -240,10 +274,105 @@ void i8_rows(const QView& x, const WView& w, int64_t o, float* y, int64_t ldy) {
   }
 }
 
+#ifndef BLIP2_KERNELS_VNNI
+// Many rows (the ViT's 257, a prompt, a batch of decoding rows), AVX2: the weight rows of kI8PackedOutputs
+// output channels are first repacked into `scratch` so that one vector holds 8 channels × 4 consecutive inputs
+// ([i/4][channel][4] bytes); each step then broadcasts 4 bytes of an activation row against two such vectors.
+// Every int32 lane is one channel's sum, so no horizontal add is needed, and the block's float multiply-add
+// serves 8 channels at once. Measured on the ViT's shapes (docs/PERFORMANCE.md): 1.3× the row tile above,
+// which spends a horizontal add and a float multiply-add per channel and block. The repacking reads each
+// weight byte once per call and tile of rows, against the tile's rows × 2 multiply-adds per byte.
+// (The VNNI build keeps the row tile for every row count: this layout has not run on a VNNI machine.)
+
+// Rows [0, 8) of w (row stride ld, a multiple of 32) as ld / 4 vectors: vector j holds inputs 4j..4j+3 of
+// each row in turn (an 8 × 8 transpose of 32-bit words per 32 inputs).
+void pack8_i8(const int8_t* w, int64_t ld, int8_t* out) {
+  for (int64_t i = 0; i < ld; i += 32) {
+    __m256i r[8];
+    for (int o = 0; o < 8; ++o) r[o] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + o * ld + i));
+    const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+    const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+    // u_j holds words j and j + 4 (one per 128-bit lane) of rows 0-3 (u0..u3) or 4-7 (u4..u7).
+    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+    const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+    const __m256i lo[4] = {u0, u1, u2, u3}, hi[4] = {u4, u5, u6, u7};
+    auto* v = reinterpret_cast<__m256i*>(out + i * 8);
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_si256(v + j, _mm256_permute2x128_si256(lo[j], hi[j], 0x20));
+      _mm256_storeu_si256(v + j + 4, _mm256_permute2x128_si256(lo[j], hi[j], 0x31));
+    }
+  }
+}
+
+// kI8PackedOutputs (16) channels from o, packed in pw, × NR activation rows from r0.
+template <int NR>
+void i8_packed_tile(const QView& x, int64_t r0, const int8_t* pw, const float* sw, int64_t o, float* y,
+                    int64_t ldy) {
+  constexpr int NG = kI8PackedOutputs / 8;
+  const int64_t ld = x.ld, B = x.block, nb = ld / B;
+  const int8_t* aq = x.q + r0 * ld;
+  const float* as = x.scale + r0 * nb;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[NG][NR];
+  for (int g = 0; g < NG; ++g)
+    for (int r = 0; r < NR; ++r) acc[g][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i s32[NG][NR];
+    for (int g = 0; g < NG; ++g)
+      for (int r = 0; r < NR; ++r) s32[g][r] = _mm256_setzero_si256();
+    for (int64_t i = b * B; i < (b + 1) * B; i += 4) {
+      __m256i wv[NG], aw[NG];
+      for (int g = 0; g < NG; ++g) {
+        wv[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw + g * 8 * ld + i * 8));
+        aw[g] = _mm256_abs_epi8(wv[g]);
+      }
+      for (int r = 0; r < NR; ++r) {
+        int32_t a4;
+        memcpy(&a4, aq + r * ld + i, 4);
+        const __m256i av = _mm256_set1_epi32(a4);
+        for (int g = 0; g < NG; ++g)
+          s32[g][r] = _mm256_add_epi32(
+              s32[g][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[g], _mm256_sign_epi8(av, wv[g])), ones));
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256 sa = _mm256_set1_ps(as[r * nb + b]);
+      for (int g = 0; g < NG; ++g) acc[g][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[g][r]), sa, acc[g][r]);
+    }
+  }
+  for (int g = 0; g < NG; ++g) {
+    const __m256 s = _mm256_loadu_ps(sw + o + 8 * g);
+    for (int r = 0; r < NR; ++r) _mm256_storeu_ps(y + (r0 + r) * ldy + o + 8 * g, _mm256_mul_ps(acc[g][r], s));
+  }
+}
+#endif
+
 // Decoding (a few rows) streams one weight row at a time; with many rows the products are bound by
-// instructions, not bytes, and two weight rows share each activation load.
-void gemv_i8_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+// instructions, not bytes: AVX2 packs 16 channels at a time (above), the VNNI build lets two weight rows share
+// each activation load.
+void gemv_i8_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy,
+                  int8_t* scratch) {
   int64_t o = o0;
+#ifndef BLIP2_KERNELS_VNNI
+  if (x.rows > kMaxNR && scratch != nullptr) {
+    constexpr int kRows = 3;  // 2 × 3 int32 sums: the fastest of 1-3 × 3-8 tiles measured
+    const auto* wq = static_cast<const int8_t*>(w.data);
+    const auto* sw = static_cast<const float*>(w.scales);
+    for (; o + kI8PackedOutputs <= o1; o += kI8PackedOutputs) {
+      for (int g = 0; g < kI8PackedOutputs; g += 8) pack8_i8(wq + (o + g) * w.ld, w.ld, scratch + g * w.ld);
+      int64_t r = 0;
+      for (; r + kRows <= x.rows; r += kRows) i8_packed_tile<kRows>(x, r, scratch, sw, o, y, ldy);
+      if (x.rows - r == 2) i8_packed_tile<2>(x, r, scratch, sw, o, y, ldy);
+      if (x.rows - r == 1) i8_packed_tile<1>(x, r, scratch, sw, o, y, ldy);
+    }
+  }
+#else
+  (void)scratch;
+#endif
   if (x.rows > kMaxNR)
     for (; o + 2 <= o1; o += 2) i8_rows<2>(x, w, o, y, ldy);
   for (; o < o1; ++o) i8_rows<1>(x, w, o, y, ldy);

@@ -40,7 +40,9 @@ struct Impl {
   // F32 / F16 / BF16 weights
   void (*gemv_float)(const float* x, int64_t ldx, int R, const WView& w, int64_t o0, int64_t o1, float* y,
                      int64_t ldy);
-  void (*gemv_i8)(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
+  // scratch: kI8PackedOutputs · w.ld bytes the many-row AVX2 kernel repacks weight rows into (the kernels
+  // file may not allocate: see above), or null.
+  void (*gemv_i8)(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy, int8_t* scratch);
   void (*gemv_i4)(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
   void (*gemv_i8_float)(const float* x, int64_t ldx, int R, const WView& w, int64_t o0, int64_t o1, float* y,
                         int64_t ldy);
@@ -60,6 +62,9 @@ struct Impl {
   // with_sign: each product also takes the vpsignb that AVX2's exact int8 × int8 needs (see kernels_avx2.cpp).
   int64_t (*int8_dot_loop)(int64_t iters, int32_t* sink, bool with_sign);
 };
+
+// Output channels the many-row I8 kernel packs together (kernels_avx2.cpp).
+constexpr int kI8PackedOutputs = 16;
 
 extern const Impl kScalar;
 // Null when the library was built without the AVX2 file (non-x86 targets).

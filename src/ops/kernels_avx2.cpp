@@ -401,12 +401,12 @@ void i4_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, in
   const int32_t* asum = x.sum + r0 * ng;
   const __m256i m4 = _mm256_set1_epi8(0x0f);
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
-  // With few rows, groups alternate between two accumulators so that the FMA latency does not bound the loop.
-  constexpr int A = NO * NR <= 2 ? 2 : 1;
-  __m256 acc[A][NO][NR];
-  for (int k = 0; k < A; ++k)
-    for (int a = 0; a < NO; ++a)
-      for (int r = 0; r < NR; ++r) acc[k][a][r] = _mm256_setzero_ps();
+  // One accumulator per output and row, whatever NO and NR, so that a row's sums are added in the same order
+  // alone or in a batch (two alternating accumulators for one or two rows, hiding the FMA latency, made a row
+  // alone differ from the same row among five).
+  __m256 acc[NO][NR];
+  for (int a = 0; a < NO; ++a)
+    for (int r = 0; r < NR; ++r) acc[a][r] = _mm256_setzero_ps();
   alignas(32) float P[NO][NR][kChunk];
   for (int64_t g0 = 0; g0 < ng; g0 += kChunk) {
     const int64_t gn = imin(static_cast<int64_t>(kChunk), ng - g0);
@@ -447,19 +447,14 @@ void i4_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, in
             for (int v = 1; v < NV; ++v) t = _mm256_add_epi16(t, _mm256_maddubs_epi16(wv[a][gi * NV + v], av[v]));
             t = _mm256_add_epi32(_mm256_madd_epi16(t, ones), off);
 #endif
-            __m256& acc_ = acc[A == 2 ? (gl & 1) : 0][a][r];
-            acc_ = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(P[a][r][gl]), acc_);
+            acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(P[a][r][gl]), acc[a][r]);
           }
         }
       }
     }
   }
   for (int a = 0; a < NO; ++a)
-    for (int r = 0; r < NR; ++r) {
-      __m256 t = acc[0][a][r];
-      if constexpr (A == 2) t = _mm256_add_ps(t, acc[A - 1][a][r]);
-      y[(r0 + r) * ldy + o + a] = hsum(t);
-    }
+    for (int r = 0; r < NR; ++r) y[(r0 + r) * ldy + o + a] = hsum(acc[a][r]);
 }
 
 template <int NV, int NO>

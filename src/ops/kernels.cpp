@@ -42,7 +42,8 @@ void gemv_float_scalar(const float* x, int64_t ldx, int R, const WView& w, int64
     }
 }
 
-void gemv_i8_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy, int8_t*) {
+void gemv_i8_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy, int8_t*,
+                    const CView* columns) {
   const int64_t ld = w.ld, B = x.block, nb = ld / B;
   const auto* q = static_cast<const int8_t*>(w.data);
   const auto* sw = static_cast<const float*>(w.scales);
@@ -56,7 +57,13 @@ void gemv_i8_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, floa
         for (int64_t i = 0; i < B; ++i) d += static_cast<int32_t>(wq[i]) * aq[i];
         acc = std::fma(static_cast<float>(d), x.scale[r * nb + b], acc);  // as every I8 kernel (kernels_avx2.cpp)
       }
-      y[r * ldy + o] = acc * sw[o];
+      acc *= sw[o];
+      if (columns != nullptr)
+        for (int c = 0; c < columns->counts[r]; ++c) {
+          const int32_t j = columns->cols[r * columns->max + c];
+          acc = add_i8_column(acc, columns->x[r * columns->ldx + j], q[o * ld + j], sw[o]);
+        }
+      y[r * ldy + o] = acc;
     }
 }
 
@@ -396,29 +403,26 @@ int outlier_columns(const float* x, int64_t rows, int64_t cols, int64_t ldx, int
   return total.load();
 }
 
-void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, const int32_t* cols, const int* counts,
-                 int max, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+namespace {
+
+// gemv_q's outlier columns for I4 weights (I8 kernels add their own), after the integer product.
+void add_i4_columns(const RowColumns& c, int64_t rows, const Weight& w, int64_t o0, int64_t o1, float* y,
+                    int64_t ldy) {
+  const int64_t rb = w.ld / 2, ng = w.ld / w.group;
+  const auto* q = static_cast<const uint8_t*>(w.data);
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = y + r * ldy;
-    for (int c = 0; c < counts[r]; ++c) {
-      const int64_t j = cols[r * max + c];
-      const float a = x[r * ldx + j];
-      if (w.dtype == DType::I8) {
-        const auto* q = static_cast<const int8_t*>(w.data) + j;
-        const auto* sw = static_cast<const float*>(w.scales);
-        for (int64_t o = o0; o < o1; ++o) yr[o] += a * (static_cast<float>(q[o * w.ld]) * sw[o]);
-      } else if (w.dtype == DType::I4) {
-        const int64_t rb = w.ld / 2, ng = w.ld / w.group;
-        const auto* q = static_cast<const uint8_t*>(w.data);
-        const auto* sw = static_cast<const uint16_t*>(w.scales) + j / w.group;
-        for (int64_t o = o0; o < o1; ++o)
-          yr[o] += a * (static_cast<float>(i4_nibble(q + o * rb, j) - 8) * f16_to_f32(sw[o * ng]));
-      } else {
-        fail(ErrorKind::Internal, "add_columns: the weight is not int8 or int4");
-      }
+    for (int k = 0; k < c.counts[r]; ++k) {
+      const int64_t j = c.cols[r * c.max + k];
+      const float a = c.x[r * c.ldx + j];
+      const auto* sw = static_cast<const uint16_t*>(w.scales) + j / w.group;
+      for (int64_t o = o0; o < o1; ++o)
+        yr[o] += a * (static_cast<float>(i4_nibble(q + o * rb, j) - 8) * f16_to_f32(sw[o * ng]));
     }
   }
 }
+
+}  // namespace
 
 void add_float_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, int64_t o0, int64_t o1, float* y,
                        int64_t ldy) {
@@ -450,16 +454,20 @@ void gemv(const float* x, int64_t ldx, int R, const Weight& w, int64_t o0, int64
 }
 
 void gemv_q(const QuantRows& x, int64_t r0, int64_t r1, const Weight& w, int64_t o0, int64_t o1, float* y,
-            int64_t ldy) {
+            int64_t ldy, const RowColumns* columns) {
   if (r0 < 0 || r1 > x.rows || r0 > r1) fail(ErrorKind::Internal, "gemv_q: rows out of range");
   if (x.ld != w.ld || x.block != act_block(w))
     fail(ErrorKind::Internal, "gemv_q: activations not quantized for this weight (ld " + std::to_string(x.ld) + " vs " + std::to_string(w.ld) + ", block " + std::to_string(x.block) + " vs " + std::to_string(act_block(w)) + ")");
   if (w.dtype == DType::I8) {
     thread_local std::vector<int8_t> scratch;
     scratch.resize(static_cast<size_t>(detail::kI8PackedOutputs * w.ld));
-    impl().gemv_i8(view(x, r0, r1), view(w), o0, o1, y + r0 * ldy, ldy, scratch.data());
+    const detail::CView c =
+        columns ? detail::CView{columns->x, columns->ldx, columns->cols, columns->counts, columns->max} : detail::CView{};
+    impl().gemv_i8(view(x, r0, r1), view(w), o0, o1, y + r0 * ldy, ldy, scratch.data(), columns ? &c : nullptr);
+  } else {
+    impl().gemv_i4(view(x, r0, r1), view(w), o0, o1, y + r0 * ldy, ldy);
+    if (columns != nullptr) add_i4_columns(*columns, r1 - r0, w, o0, o1, y + r0 * ldy, ldy);
   }
-  else impl().gemv_i4(view(x, r0, r1), view(w), o0, o1, y + r0 * ldy, ldy);
 }
 
 void gemv_i8_float(const float* x, int64_t ldx, int R, const Weight& w, int64_t o0, int64_t o1, float* y,

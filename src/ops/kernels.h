@@ -65,13 +65,16 @@ int outlier_columns(const float* x, int64_t rows, int64_t cols, int64_t ldx, int
 // decomposition off (the products before issue 14).
 void set_max_outlier_columns(int n);
 int max_outlier_columns();
-// y[r·ldy + o] += Σ_c x[r·ldx + j] · w[o][j] over row r's columns j = cols[r·max + c], c < counts[r], for
-// r < rows and o in [o0, o1) (I8 and I4 weights only): dequantized to exactly the value the integer kernels multiply
-// with, so the weight's own rounding stays and only the activation's goes. Plain C++ shared by both
-// instruction sets (the same sums in the same order whichever kernels run).
-void add_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, const int32_t* cols, const int* counts,
-                 int max, int64_t o0, int64_t o1, float* y, int64_t ldy);
-// The same for the weight's own float columns (Weight::float_columns, chosen at load), with their float
+// Each row's outlier columns for gemv_q: row r (counted from gemv_q's r0) has counts[r] of them,
+// j = cols[r·max + c] for c < counts[r], with its float activations x[r·ldx + j].
+struct RowColumns {
+  const float* x;
+  int64_t ldx;
+  const int32_t* cols;
+  const int* counts;
+  int max;
+};
+// The weight's own float columns (Weight::float_columns, chosen at load), added in float with their float
 // weights: y[r·ldy + o] += Σ_k x[r·ldx + float_columns[k]] · column_weights[o][k], for r < rows, o in [o0, o1).
 void add_float_columns(const float* x, int64_t ldx, int64_t rows, const Weight& w, int64_t o0, int64_t o1, float* y,
                        int64_t ldy);
@@ -83,8 +86,13 @@ void add_float_columns(const float* x, int64_t ldx, int64_t rows, const Weight& 
 //   gemv_q: I8/I4 weights and quantized rows r in [r0, r1) of x (QuantRows with block == act_block(w)): any
 //   number of rows, which ops::linear passes in tiles.
 void gemv(const float* x, int64_t ldx, int R, const Weight& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
+//   With `columns` (rows r0.., zeroed in x before it was quantized), each output then gets, after its integer
+//   sum, y[r·ldy + o] += x[r][j] · w[o][j] for row r's columns in order, the weight dequantized to exactly
+//   the value the integer kernels multiply with: the activation's rounding goes, the weight's stays. The
+//   same float operations on every path (the I8 AVX2 kernel adds them to each group of packed channels
+//   while it is in cache; a scalar loop over strided weight bytes cost the ViT's fc2 a fifth of its time).
 void gemv_q(const QuantRows& x, int64_t r0, int64_t r1, const Weight& w, int64_t o0, int64_t o1, float* y,
-            int64_t ldy);
+            int64_t ldy, const RowColumns* columns = nullptr);
 // I8 alternative kept for the benchmark: weights widened to float and multiplied with float x (no
 // activation quantization).
 void gemv_i8_float(const float* x, int64_t ldx, int R, const Weight& w, int64_t o0, int64_t o1, float* y,

@@ -349,13 +349,46 @@ void i8_packed_tile(const QView& x, int64_t r0, const int8_t* pw, const float* s
     for (int r = 0; r < NR; ++r) _mm256_storeu_ps(y + (r0 + r) * ldy + o + 8 * g, _mm256_mul_ps(acc[g][r], s));
   }
 }
+
+// The outlier columns (add_i8_column) of the kI8PackedOutputs channels packed at pw from o, for every row:
+// column j of 8 channels is byte j % 4 of each 32-bit word of packed vector j / 4, one load for all 8.
+void add_packed_columns(const CView& c, int64_t rows, const int8_t* pw, int64_t ld, const float* sw, int64_t o,
+                        float* y, int64_t ldy) {
+  constexpr int NG = kI8PackedOutputs / 8;
+  __m256 s[NG];
+  for (int g = 0; g < NG; ++g) s[g] = _mm256_loadu_ps(sw + o + 8 * g);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int k = 0; k < c.counts[r]; ++k) {
+      const int64_t j = c.cols[r * c.max + k];
+      const __m256 a = _mm256_set1_ps(c.x[r * c.ldx + j]);
+      const __m128i up = _mm_cvtsi32_si128(8 * (3 - static_cast<int>(j & 3)));  // byte j % 4 to the top
+      for (int g = 0; g < NG; ++g) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw + g * 8 * ld + (j & ~int64_t{3}) * 8));
+        const __m256 wq = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_sll_epi32(v, up), 24)), s[g]);
+        float* yp = y + r * ldy + o + 8 * g;
+        _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(yp), _mm256_mul_ps(a, wq)));
+      }
+    }
+}
 #endif
+
+// The outlier columns of outputs [o0, o1), for every row, one output at a time.
+void add_row_columns(const CView& c, int64_t rows, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  const auto* q = static_cast<const int8_t*>(w.data);
+  const auto* sw = static_cast<const float*>(w.scales);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int k = 0; k < c.counts[r]; ++k) {
+      const int64_t j = c.cols[r * c.max + k];
+      const float a = c.x[r * c.ldx + j];
+      for (int64_t o = o0; o < o1; ++o) y[r * ldy + o] = add_i8_column(y[r * ldy + o], a, q[o * w.ld + j], sw[o]);
+    }
+}
 
 // Decoding (a few rows) streams one weight row at a time; with many rows the products are bound by
 // instructions, not bytes: AVX2 packs 16 channels at a time (above), the VNNI build lets two weight rows share
 // each activation load.
-void gemv_i8_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy,
-                  int8_t* scratch) {
+void gemv_i8_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy, int8_t* scratch,
+                  const CView* columns) {
   int64_t o = o0;
 #ifndef BLIP2_KERNELS_VNNI
   if (x.rows > kMaxNR && scratch != nullptr) {
@@ -368,14 +401,17 @@ void gemv_i8_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float*
       for (; r + kRows <= x.rows; r += kRows) i8_packed_tile<kRows>(x, r, scratch, sw, o, y, ldy);
       if (x.rows - r == 2) i8_packed_tile<2>(x, r, scratch, sw, o, y, ldy);
       if (x.rows - r == 1) i8_packed_tile<1>(x, r, scratch, sw, o, y, ldy);
+      if (columns != nullptr) add_packed_columns(*columns, x.rows, scratch, w.ld, sw, o, y, ldy);
     }
   }
 #else
   (void)scratch;
 #endif
+  const int64_t unpacked = o;
   if (x.rows > kMaxNR)
     for (; o + 2 <= o1; o += 2) i8_rows<2>(x, w, o, y, ldy);
   for (; o < o1; ++o) i8_rows<1>(x, w, o, y, ldy);
+  if (columns != nullptr) add_row_columns(*columns, x.rows, w, unpacked, o1, y, ldy);
 }
 
 // ---- I4 weights × quantized activations -----------------------------------------------------------------

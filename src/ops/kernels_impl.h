@@ -27,6 +27,15 @@ struct QView {  // quantized activation rows (see QuantRows)
   int block;
 };
 
+// Each activation row's outlier columns (kern::RowColumns), rows counted from the product's first row.
+struct CView {
+  const float* x;
+  int64_t ldx;
+  const int32_t* cols;
+  const int* counts;
+  int max;
+};
+
 struct QOut {
   int8_t* q;
   float* scale;
@@ -41,8 +50,10 @@ struct Impl {
   void (*gemv_float)(const float* x, int64_t ldx, int R, const WView& w, int64_t o0, int64_t o1, float* y,
                      int64_t ldy);
   // scratch: kI8PackedOutputs · w.ld bytes the many-row AVX2 kernel repacks weight rows into (the kernels
-  // file may not allocate: see above), or null.
-  void (*gemv_i8)(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy, int8_t* scratch);
+  // file may not allocate: see above), or null. columns: null, or each row's outlier columns, added to each
+  // output after its integer sum as add_i8_column says.
+  void (*gemv_i8)(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy, int8_t* scratch,
+                  const CView* columns);
   void (*gemv_i4)(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
   void (*gemv_i8_float)(const float* x, int64_t ldx, int R, const WView& w, int64_t o0, int64_t o1, float* y,
                         int64_t ldy);
@@ -79,5 +90,13 @@ static inline float bits_to_f32(uint32_t b) {
   return f;
 }
 static inline float bf16_bits_to_f32(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
+
+// One outlier column's float contribution to an I8 product, the one definition every I8 kernel follows (the
+// AVX2 one in vector form: the same two multiplies and the add, unfused; these files are built with
+// -ffp-contract=off): y + a · (q · s_w), with q · s_w the weight as the integer kernels multiply it.
+static inline float add_i8_column(float y, float a, int8_t q, float sw) {
+  const float wq = static_cast<float>(q) * sw;
+  return y + a * wq;
+}
 
 }  // namespace blip2::kern::detail

@@ -132,7 +132,7 @@ namespace {
 //    input channel is large): their weights are float too, so neither the activation's rounding nor the
 //    weight's is amplified by the outlier (kern::add_float_columns);
 //  * each row's own outliers (kern::outlier_columns, found in the activations at run time), multiplied with
-//    the dequantized weight column (kern::add_columns): the activation's rounding goes, the weight's stays.
+//    the dequantized weight column inside kern::gemv_q: the activation's rounding goes, the weight's stays.
 // Each row's choice is its own, so batching leaves every row's result unchanged.
 constexpr int64_t kOutlierChunk = 32;
 
@@ -184,15 +184,14 @@ void linear_quantized(const float* x, int64_t rows, const Weight& w, float* y) {
   for (int64_t r0 = 0; r0 < rows; r0 += tile) {
     const int64_t r1 = std::min(rows, r0 + tile);
     const int64_t min_out = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(in * (r1 - r0), 1));
+    const kern::RowColumns tile_columns{x + r0 * in, in, cols.data() + r0 * max, counts.data() + r0, max};
+    const kern::RowColumns* columns = n > 0 ? &tile_columns : nullptr;
     par::parallel_for(out, [&](int64_t o0, int64_t o1) {
       if (!split) return kern::gemv_q(qx, r0, r1, w, o0, o1, y, out);
       for (int64_t c0 = o0; c0 < o1; c0 += kOutlierChunk) {
         const int64_t c1 = std::min(o1, c0 + kOutlierChunk);
-        kern::gemv_q(qx, r0, r1, w, c0, c1, y, out);
+        kern::gemv_q(qx, r0, r1, w, c0, c1, y, out, columns);
         if (nf > 0) kern::add_float_columns(x + r0 * in, in, r1 - r0, w, c0, c1, y + r0 * out, out);
-        if (n > 0)
-          kern::add_columns(x + r0 * in, in, r1 - r0, w, cols.data() + r0 * max, counts.data() + r0, max, c0, c1,
-                            y + r0 * out, out);
       }
     }, min_out, 16);
   }

@@ -16,6 +16,9 @@ class VisionModel {
   Tensor forward(const Tensor& pixels) const;
 
  private:
+  // forward for pixels already on the weights' device.
+  Tensor encode(const Tensor& px) const;
+
   struct Layer {
     Weight ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b;
   };

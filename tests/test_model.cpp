@@ -2,6 +2,7 @@
 // and every greedy sequence exactly.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -105,5 +106,23 @@ TEST_P(Blip2Fixture, GreedySequencesExact) {
 }
 
 INSTANTIATE_TEST_SUITE_P(TinyT5, Blip2Fixture, ::testing::Values("caption", "vqa", "seed_question", "batch2"));
+
+// On the CPU a batch's images go through the vision encoder one at a time (vision.cpp: a batch's activations
+// outgrew the cache), so each image's vision output is bit for bit what it gets alone, with float weights too
+// (sgemm alone would block a batch's rows differently).
+TEST(VisionBatch, EachImageGetsTheBitsItGetsAlone) {
+  const Blip2Model m(BLIP2_TINY_T5_DIR);
+  const std::vector<std::string> names = {"astronaut.png", "chelsea.png", "coffee.png"};
+  std::vector<RgbImage> imgs;
+  for (const auto& n : names) imgs.push_back(load_image(kFixtures + "/images/" + n));
+  const Tensor batch = m.encode_image(preprocess_images(imgs, 224)).vision_last_hidden_state;
+  ASSERT_EQ(batch.dim(0), 3);
+  const int64_t per_image = batch.size() / 3;
+  for (size_t i = 0; i < imgs.size(); ++i) {
+    const Tensor alone = m.encode_image(preprocess_images({imgs[i]}, 224)).vision_last_hidden_state;
+    ASSERT_EQ(alone.size(), per_image);
+    EXPECT_TRUE(std::equal(alone.data.begin(), alone.data.end(), batch.data.begin() + i * per_image)) << names[i];
+  }
+}
 
 }  // namespace

@@ -175,12 +175,6 @@ void gemv_float_avx2(const float* x, int64_t ldx, int R, const WView& w, int64_t
 // row's result never depends on its batch-mates (batched captioning and serving rely on it), and the vector
 // and scalar kernels agree bit for bit.
 
-// Few rows (decoding): NO output rows × NR activation rows, one weight row streamed at a time. The int32 lanes
-// hold partial sums of one output, added up exactly per block, eight blocks at a time (fewer instructions
-// than a horizontal sum per block: decoding is bound by memory, but not by much), before the float
-// multiply-adds. AVX2: |w| × sign(a, w) (vpmaddubsw needs one unsigned operand). VNNI: (w + 128) × a
-// as unsigned × signed bytes, one instruction per vector and row, and the offset 128·Σa (the block's
-// activation sum) subtracted in integers.
 // acc = fma(d_k, s_k, acc) for k < n (n ≤ 4) in order, in lane 0.
 inline __m128 fma_lanes(__m128 acc, __m128 d, const float* s, int n) {
   acc = _mm_fmadd_ss(d, _mm_set_ss(s[0]), acc);
@@ -190,6 +184,12 @@ inline __m128 fma_lanes(__m128 acc, __m128 d, const float* s, int n) {
   return acc;
 }
 
+// Few rows (decoding): NO output rows × NR activation rows, one weight row streamed at a time. The int32 lanes
+// hold partial sums of one output, added up exactly per block, eight blocks at a time (fewer instructions
+// than a horizontal sum per block: decoding is bound by memory, but not by much), before the float
+// multiply-adds. AVX2: |w| × sign(a, w) (vpmaddubsw needs one unsigned operand). VNNI: (w + 128) × a
+// as unsigned × signed bytes, one instruction per vector and row, and the offset 128·Σa (the block's
+// activation sum) subtracted in integers.
 template <int NO, int NR>
 void i8_tile(const QView& x, int64_t r0, const WView& w, int64_t o, float* y, int64_t ldy) {
   const int64_t ld = w.ld, B = x.block, nb = ld / B;
@@ -316,7 +316,6 @@ void i8_packed_tile(const QView& x, int64_t r0, const int8_t* pw, const float* s
   const int64_t ld = x.ld, B = x.block, nb = ld / B;
   const int8_t* aq = x.q + r0 * ld;
   const float* as = x.scale + r0 * nb;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[NG][NR];
   for (int g = 0; g < NG; ++g)
     for (int r = 0; r < NR; ++r) acc[g][r] = _mm256_setzero_ps();
@@ -334,9 +333,7 @@ void i8_packed_tile(const QView& x, int64_t r0, const int8_t* pw, const float* s
         int32_t a4;
         memcpy(&a4, aq + r * ld + i, 4);
         const __m256i av = _mm256_set1_epi32(a4);
-        for (int g = 0; g < NG; ++g)
-          s32[g][r] = _mm256_add_epi32(
-              s32[g][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[g], _mm256_sign_epi8(av, wv[g])), ones));
+        for (int g = 0; g < NG; ++g) s32[g][r] = dot_u8s8(s32[g][r], aw[g], _mm256_sign_epi8(av, wv[g]));
       }
     }
     for (int r = 0; r < NR; ++r) {

@@ -57,14 +57,9 @@ void gemv_i8_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, floa
         for (int64_t i = 0; i < B; ++i) d += static_cast<int32_t>(wq[i]) * aq[i];
         acc = std::fma(static_cast<float>(d), x.scale[r * nb + b], acc);  // as every I8 kernel (kernels_avx2.cpp)
       }
-      acc *= sw[o];
-      if (columns != nullptr)
-        for (int c = 0; c < columns->counts[r]; ++c) {
-          const int32_t j = columns->cols[r * columns->max + c];
-          acc = add_i8_column(acc, columns->x[r * columns->ldx + j], q[o * ld + j], sw[o]);
-        }
-      y[r * ldy + o] = acc;
+      y[r * ldy + o] = acc * sw[o];
     }
+  if (columns != nullptr) add_i8_columns(*columns, x.rows, w, o0, o1, y, ldy);
 }
 
 void gemv_i4_scalar(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {

@@ -369,18 +369,6 @@ void add_packed_columns(const CView& c, int64_t rows, const int8_t* pw, int64_t 
 }
 #endif
 
-// The outlier columns of outputs [o0, o1), for every row, one output at a time.
-void add_row_columns(const CView& c, int64_t rows, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-  const auto* q = static_cast<const int8_t*>(w.data);
-  const auto* sw = static_cast<const float*>(w.scales);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int k = 0; k < c.counts[r]; ++k) {
-      const int64_t j = c.cols[r * c.max + k];
-      const float a = c.x[r * c.ldx + j];
-      for (int64_t o = o0; o < o1; ++o) y[r * ldy + o] = add_i8_column(y[r * ldy + o], a, q[o * w.ld + j], sw[o]);
-    }
-}
-
 // Decoding (a few rows) streams one weight row at a time; with many rows the products are bound by
 // instructions, not bytes: AVX2 packs 16 channels at a time (above), the VNNI build lets two weight rows share
 // each activation load.
@@ -408,7 +396,7 @@ void gemv_i8_avx2(const QView& x, const WView& w, int64_t o0, int64_t o1, float*
   if (x.rows > kMaxNR)
     for (; o + 2 <= o1; o += 2) i8_rows<2>(x, w, o, y, ldy);
   for (; o < o1; ++o) i8_rows<1>(x, w, o, y, ldy);
-  if (columns != nullptr) add_row_columns(*columns, x.rows, w, unpacked, o1, y, ldy);
+  if (columns != nullptr) add_i8_columns(*columns, x.rows, w, unpacked, o1, y, ldy);
 }
 
 // ---- I4 weights × quantized activations -----------------------------------------------------------------

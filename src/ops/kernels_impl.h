@@ -51,7 +51,7 @@ struct Impl {
                      int64_t ldy);
   // scratch: kI8PackedOutputs · w.ld bytes the many-row AVX2 kernel repacks weight rows into (the kernels
   // file may not allocate: see above), or null. columns: null, or each row's outlier columns, added to each
-  // output after its integer sum as add_i8_column says.
+  // output after its integer sum as add_i8_columns does.
   void (*gemv_i8)(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy, int8_t* scratch,
                   const CView* columns);
   void (*gemv_i4)(const QView& x, const WView& w, int64_t o0, int64_t o1, float* y, int64_t ldy);
@@ -97,6 +97,20 @@ static inline float bf16_bits_to_f32(uint16_t h) { return bits_to_f32(static_cas
 static inline float add_i8_column(float y, float a, int8_t q, float sw) {
   const float wq = static_cast<float>(q) * sw;
   return y + a * wq;
+}
+
+// Every row's outlier columns added to outputs [o0, o1) of an I8 product, each row's in order (the scalar
+// kernel's, and the AVX2 kernel's for the channels it does not pack).
+static inline void add_i8_columns(const CView& c, int64_t rows, const WView& w, int64_t o0, int64_t o1, float* y,
+                                  int64_t ldy) {
+  const auto* q = static_cast<const int8_t*>(w.data);
+  const auto* sw = static_cast<const float*>(w.scales);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int k = 0; k < c.counts[r]; ++k) {
+      const int64_t j = c.cols[r * c.max + k];
+      const float a = c.x[r * c.ldx + j];
+      for (int64_t o = o0; o < o1; ++o) y[r * ldy + o] = add_i8_column(y[r * ldy + o], a, q[o * w.ld + j], sw[o]);
+    }
 }
 
 }  // namespace blip2::kern::detail

@@ -74,7 +74,7 @@ TEST(Bench, CountsEachStagesOperationsAgainstItsFormatsCeiling) {
   EXPECT_EQ(j["floors"]["vision_flops"].get<double>(), vision_ops);
   EXPECT_EQ(by_stage["vision"]["ceiling"], "sgemm");
   EXPECT_EQ(j["floors"]["vision_ceiling"], "sgemm");
-  for (const char* stage : {"qformer", "prompt", "first_decode_step"}) {
+  for (const char* stage : {"qformer", "prompt", "first_decode_step", "decode_per_token"}) {
     ASSERT_TRUE(by_stage.count(stage)) << stage;
     EXPECT_EQ(by_stage[stage]["ceiling"], "int8") << stage;
     EXPECT_GT(by_stage[stage]["ops"].get<double>(), 0.0) << stage;

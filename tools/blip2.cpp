@@ -4,12 +4,9 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
-#include <climits>
 #include <chrono>
+#include <climits>
 #include <cstdio>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -25,6 +22,10 @@
 #include "model/retrieval.h"
 #include "text/text_stream.h"
 #include "commands.h"
+
+#if defined(__GLIBC__)
+#include <malloc.h>  // mallopt
+#endif
 
 using namespace blip2;
 
@@ -429,7 +430,7 @@ void reject_unknown_command(const CLI::App& app, int argc, char** argv) {
 // Every image allocates and frees the same activation buffers (up to a few MiB each, per layer). glibc's
 // defaults hand that memory back to the kernel (trimming the heap's top, or unmapping blocks over its moving
 // mmap threshold) and fault it back in on the next allocation: measured 9–12 % of the vision encoder's time in
-// `blip2 caption` (docs/PERFORMANCE.md, "Freed memory kept"). So the heap keeps what it frees; blocks of 32 MiB
+// `blip2 caption` (docs/PERFORMANCE.md, the fifth captioning run). So the heap keeps what it frees; blocks of 32 MiB
 // and more (weights while they are converted at load) are still mapped on their own and returned at once.
 void keep_freed_memory() {
 #if defined(__GLIBC__)

@@ -429,7 +429,7 @@ void reject_unknown_command(const CLI::App& app, int argc, char** argv) {
 
 // Every image allocates and frees the same activation buffers (up to a few MiB each, per layer). glibc's
 // defaults hand that memory back to the kernel (trimming the heap's top, or unmapping blocks over its moving
-// mmap threshold) and fault it back in on the next allocation: measured 9–12 % of the vision encoder's time in
+// mmap threshold) and fault it back in on the next allocation: measured 10–12 % of the vision encoder's time in
 // `blip2 caption` (docs/PERFORMANCE.md, the fifth captioning run). So the heap keeps what it frees; blocks of 32 MiB
 // and more (weights while they are converted at load) are still mapped on their own and returned at once.
 void keep_freed_memory() {

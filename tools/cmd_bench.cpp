@@ -148,7 +148,7 @@ RgbImage synthetic_image() {
 // One caption batch, every stage timed; `times` gains one sample per stage (decode_per_token: one per step
 // after the first) and, per compute-bound stage, one of the time inside its products ("KEY.linear",
 // "KEY.attention"); `ops` gets each compute-bound stage's product operations (ops::product_counters; the
-// same on every run).
+// same on every run; for decode_per_token the last step's, whose attention reads the most keys).
 // The batch run_once captions: --batch copies of the image.
 Tensor bench_pixels(const BenchArgs& a, int image_size) {
   std::vector<RgbImage> imgs;

@@ -56,11 +56,15 @@ void bench_sgemm(double bw) {
   std::printf("\n== sgemm, %d threads (GFLOP/s; OpenBLAS %s)\n", par::threads(), openblas_get_config());
   // The integer products' ceiling (blip2 bench sets int8/int4 stages against it): the kernels' own dot-product
   // instructions in a register-only loop, in operations/s like the GFLOP/s columns.
-  const double int8_peak = machine::int8_dot_peak(), with_sign = machine::int8_dot_peak(5, 0.15, true);
+  const double int8_peak = machine::int8_dot_peak(),
+               with_sign = machine::int8_dot_peak(5, 0.15, kern::DotLoop::Sign),
+               int16 = machine::int8_dot_peak(5, 0.15, kern::DotLoop::Int16);
   std::printf("int8 dot-product peak (%s kernels): %.1f GOP/s; the int8 and int4 columns are GOP/s of the same count\n",
               kern::isa_name(), int8_peak / 1e9);
   std::printf("  the same loop with the vpsignb per product of exact int8 x int8 (the I8 tile's sign trick; AVX2 "
               "without VNNI only): %.1f GOP/s, %.0f%% of the peak\n", with_sign / 1e9, 100.0 * with_sign / int8_peak);
+  std::printf("  exact int8 x int8 widened to int16 instead (vpmaddwd + vpaddd, 16 per vector; AVX2 without VNNI "
+              "only): %.1f GOP/s, %.0f%% of the peak\n", int16 / 1e9, 100.0 * int16 / int8_peak);
   const int shapes[][3] = {{1024, 1024, 1024}, {257, 1408, 1408}, {257, 6144, 1408}, {257, 1408, 6144},
                            {257, 4224, 1408}, {45, 4096, 4096},   {45, 10240, 4096}};
   std::printf("%-18s %9s %9s %9s %9s %9s\n", "M x N x K", "f32", "bf16", "f16", "int8", "int4g64");

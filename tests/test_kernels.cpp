@@ -741,6 +741,59 @@ TEST(Attention, BothPathsMatchDoubleWithBiasMaskAndStrides) {
         }
 }
 
+// Decoding passes every row's problem (its own cache length, mask, bias) in one call; a problem with many
+// queries (a prefill) may sit among them. Each problem's output must be the bits of its own call.
+TEST(Attention, SeveralProblemsInOneCallGiveEachTheBitsOfItsOwnCall) {
+  struct Case {
+    int64_t tq, tk;
+    int heads, hd;
+    bool bias, mask, causal;
+  };
+  const std::vector<Case> cases = {{1, 1, 4, 16, true, false, false},  {1, 33, 4, 16, false, true, false},
+                                   {1, 7, 3, 20, true, false, false},  {3, 12, 2, 8, false, true, true},
+                                   {0, 5, 4, 16, false, false, false}, {12, 30, 5, 16, true, true, true},
+                                   {1, 64, 1, 16, false, false, true}};
+  std::vector<std::vector<float>> q, k, v, bias, alone, together;
+  std::vector<std::vector<uint8_t>> mask;
+  std::vector<ops::AttentionArgs> problems;
+  for (size_t p = 0; p < cases.size(); ++p) {
+    const Case& c = cases[p];
+    const int64_t ld = c.heads * c.hd + 3;
+    const auto seed = static_cast<uint32_t>(40 + 4 * p);
+    q.push_back(random_vec(static_cast<size_t>(std::max<int64_t>(c.tq, 1) * ld), seed));
+    k.push_back(random_vec(static_cast<size_t>(c.tk * ld), seed + 1));
+    v.push_back(random_vec(static_cast<size_t>(c.tk * ld), seed + 2));
+    bias.push_back(random_vec(static_cast<size_t>(c.heads * std::max<int64_t>(c.tq, 1) * c.tk), seed + 3));
+    mask.emplace_back(static_cast<size_t>(c.tk), 1);
+    for (int64_t j = 1; j < c.tk; j += 4) mask.back()[j] = 0;
+    alone.emplace_back(static_cast<size_t>(std::max<int64_t>(c.tq, 1) * ld), 5.0f);
+    together.push_back(alone.back());
+  }
+  const auto args = [&](size_t p, std::vector<float>& out) {
+    const Case& c = cases[p];
+    const int64_t ld = c.heads * c.hd + 3;
+    return ops::AttentionArgs{.q = q[p].data(), .ldq = ld, .tq = c.tq, .k = k[p].data(), .ldk = ld, .v = v[p].data(),
+                              .ldv = ld, .tk = c.tk, .heads = c.heads, .head_dim = c.hd, .scale = 0.25f,
+                              .bias = c.bias ? bias[p].data() : nullptr, .key_mask = c.mask ? mask[p].data() : nullptr,
+                              .out = out.data(), .ldo = ld, .causal = c.causal};
+  };
+  par::set_threads(3);  // heads split between threads inside problems
+  for_each_isa([&](const char* isa) {
+    problems.clear();
+    for (size_t p = 0; p < cases.size(); ++p) {
+      ops::attention(args(p, alone[p]));
+      problems.push_back(args(p, together[p]));
+    }
+    ops::attention(problems);
+    for (size_t p = 0; p < cases.size(); ++p) {
+      ASSERT_EQ(0, std::memcmp(alone[p].data(), together[p].data(), alone[p].size() * sizeof(float)))
+          << isa << " problem " << p;
+      if (cases[p].tq == 0) EXPECT_EQ(together[p][0], 5.0f) << "no queries: nothing written";
+    }
+  });
+  par::set_threads(0);
+}
+
 TEST(RowOps, LargeNormsAndActivationsOnThePoolMatchSerial) {
   // Big enough to be split between threads.
   const int64_t rows = 300, d = 1408;

@@ -57,6 +57,7 @@ void LlamaModel::forward(Tensor& x, const std::vector<int64_t>& positions, const
     ops::rotary(q, H, hd, positions, cfg_.rope_theta);
     ops::rotary(k, KH, hd, positions, cfg_.rope_theta);
     Tensor ctx({x.rows(), d}, dev);
+    std::vector<ops::AttentionArgs> problems;  // one per sequence (per query head with grouped keys), one call
     for (size_t s = 0; s < S; ++s) {
       auto& seq = cache.seqs[s];
       const int64_t r0 = seq_start[s], tq = seq_start[s + 1] - r0;
@@ -69,7 +70,7 @@ void LlamaModel::forward(Tensor& x, const std::vector<int64_t>& positions, const
                            .key_mask = static_cast<const uint8_t*>(seq_mask[s].data()),
                            .out = ctx.data_ptr() + r0 * d, .ldo = d, .causal = true};
       if (group == 1) {
-        ops::attention(a);
+        problems.push_back(a);
         continue;
       }
       // Grouped-query attention: query heads h·group … h·group + group − 1 read key/value head h. The routine
@@ -82,9 +83,10 @@ void LlamaModel::forward(Tensor& x, const std::vector<int64_t>& positions, const
         g.k += (h / group) * hd;
         g.v += (h / group) * hd;
         g.out += h * hd;
-        ops::attention(g);
+        problems.push_back(g);
       }
     }
+    ops::attention(problems);
     ops::add(x, ops::linear(ctx, L.o));
 
     // SwiGLU feed-forward: down(silu(gate(x)) · up(x))

@@ -86,18 +86,20 @@ void OPTModel::forward(Tensor& x, const std::vector<int64_t>& seq_start, const u
     if (pre) ops::layer_norm(n, L.attn_ln.w, L.attn_ln.b, eps);
     const Tensor q = ops::linear(n, L.q, L.q_b), k = ops::linear(n, L.k, L.k_b), v = ops::linear(n, L.v, L.v_b);
     Tensor ctx({x.rows(), d}, dev);
+    std::vector<ops::AttentionArgs> seqs(S);  // one problem per sequence, one call for all
     for (size_t s = 0; s < S; ++s) {
       auto& seq = cache.seqs[s];
       const int64_t r0 = seq_start[s], tq = seq_start[s + 1] - r0;
       seq.k[l].append(k, r0, tq);
       seq.v[l].append(v, r0, tq);
       const int64_t tk = static_cast<int64_t>(seq.mask.size());
-      ops::attention({.device = dev, .q = q.data_ptr() + r0 * d, .ldq = d, .tq = tq, .k = seq.k[l].data(), .ldk = d,
-                      .v = seq.v[l].data(), .ldv = d, .tk = tk, .heads = cfg_.num_heads,
-                      .head_dim = static_cast<int>(hd), .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
-                      .key_mask = static_cast<const uint8_t*>(seq_mask[s].data()), .out = ctx.data_ptr() + r0 * d,
-                      .ldo = d, .causal = true});
+      seqs[s] = {.device = dev, .q = q.data_ptr() + r0 * d, .ldq = d, .tq = tq, .k = seq.k[l].data(), .ldk = d,
+                 .v = seq.v[l].data(), .ldv = d, .tk = tk, .heads = cfg_.num_heads,
+                 .head_dim = static_cast<int>(hd), .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
+                 .key_mask = static_cast<const uint8_t*>(seq_mask[s].data()), .out = ctx.data_ptr() + r0 * d,
+                 .ldo = d, .causal = true};
     }
+    ops::attention(seqs);
     ops::add(x, ops::linear(ctx, L.o, L.o_b));
     if (!pre) ops::layer_norm(x, L.attn_ln.w, L.attn_ln.b, eps);
 

@@ -125,8 +125,8 @@ Tensor T5Model::encode(Tensor x, const std::vector<uint8_t>& mask) const {
 }
 
 // The decoder's state, per row: a self-attention key/value cache per layer that grows by one position per
-// step, the row's position, and the batch item whose cross-attention keys/values (computed once per item,
-// shared by its beams) it reads. Rows are independent, so a decoder can take rows from another (append) and
+// step, the row's position, and the batch item whose cross-attention keys/values it reads (computed once, in
+// one product for all the items the decoder starts with; each item reads its slice, shared by its beams). Rows are independent, so a decoder can take rows from another (append) and
 // drop or duplicate rows (reorder): the server's continuous batching runs requests at different positions
 // in one step.
 class T5Decoder final : public Decoder {
@@ -135,21 +135,17 @@ class T5Decoder final : public Decoder {
       : m_(m), dev_(enc_out.device) {
     const auto& blocks = m.decoder_.blocks;
     const int64_t B = enc_out.dim(0), T = enc_out.dim(1), I = m.cfg_.inner_dim();
-    std::vector<Tensor> k(blocks.size()), v(blocks.size());
-    for (size_t l = 0; l < blocks.size(); ++l) {
-      k[l] = ops::linear(enc_out, blocks[l].cross_attn.k);
-      v[l] = ops::linear(enc_out, blocks[l].cross_attn.v);
+    auto kv = std::make_shared<CrossKV>();
+    for (const auto& blk : blocks) {
+      kv->k.push_back(ops::linear(enc_out, blk.cross_attn.k));
+      kv->v.push_back(ops::linear(enc_out, blk.cross_attn.v));
     }
     for (int64_t b = 0; b < B; ++b) {
       auto item = std::make_shared<Item>();
+      item->kv = kv;
+      item->first = b * T;
       item->len = T;
       item->mask = Buffer::copy_of(enc_mask.data() + b * T, static_cast<size_t>(T), dev_);
-      for (size_t l = 0; l < blocks.size(); ++l) {
-        item->k.emplace_back(Shape{T, I}, dev_);
-        item->v.emplace_back(Shape{T, I}, dev_);
-        ops::copy_rows(k[l], b * T, item->k.back(), 0, T);
-        ops::copy_rows(v[l], b * T, item->v.back(), 0, T);
-      }
       for (int e = 0; e < expand; ++e) rows_.push_back({item, 0});
     }
     self_k_.assign(blocks.size(), std::vector<ops::RowCache>(rows_.size(), ops::RowCache(I, dev_)));
@@ -182,16 +178,18 @@ class T5Decoder final : public Decoder {
       const Tensor q = ops::linear(n, blk.self_attn.q), k = ops::linear(n, blk.self_attn.k),
                    v = ops::linear(n, blk.self_attn.v);
       Tensor ctx({R, I}, dev_);
+      std::vector<ops::AttentionArgs> rows(static_cast<size_t>(R));  // one problem per row, one call for all
       for (int r = 0; r < R; ++r) {
         auto& kc = self_k_[l][r];
         auto& vc = self_v_[l][r];
         kc.append(k, r, 1);
         vc.append(v, r, 1);
         const int64_t t = rows_[r].pos;
-        ops::attention({.device = dev_, .q = q.data_ptr() + r * I, .ldq = I, .tq = 1, .k = kc.data(), .ldk = I,
-                        .v = vc.data(), .ldv = I, .tk = t + 1, .heads = c.num_heads, .head_dim = c.d_kv,
-                        .scale = 1.0f, .bias = bias[t].data_ptr(), .out = ctx.data_ptr() + r * I, .ldo = I});
+        rows[r] = {.device = dev_, .q = q.data_ptr() + r * I, .ldq = I, .tq = 1, .k = kc.data(), .ldk = I,
+                   .v = vc.data(), .ldv = I, .tk = t + 1, .heads = c.num_heads, .head_dim = c.d_kv,
+                   .scale = 1.0f, .bias = bias[t].data_ptr(), .out = ctx.data_ptr() + r * I, .ldo = I};
       }
+      ops::attention(rows);
       ops::add(x, ops::linear(ctx, blk.self_attn.o));
 
       // cross-attention to the encoder output of this row's batch item
@@ -200,12 +198,13 @@ class T5Decoder final : public Decoder {
       const Tensor cq = ops::linear(n, blk.cross_attn.q);
       for (int r = 0; r < R; ++r) {
         const Item& item = *rows_[r].item;
-        ops::attention({.device = dev_, .q = cq.data_ptr() + r * I, .ldq = I, .tq = 1, .k = item.k[l].data_ptr(),
-                        .ldk = I, .v = item.v[l].data_ptr(), .ldv = I, .tk = item.len, .heads = c.num_heads,
-                        .head_dim = c.d_kv, .scale = 1.0f,
-                        .key_mask = static_cast<const uint8_t*>(item.mask.data()), .out = ctx.data_ptr() + r * I,
-                        .ldo = I});
+        rows[r] = {.device = dev_, .q = cq.data_ptr() + r * I, .ldq = I, .tq = 1,
+                   .k = item.kv->k[l].data_ptr() + item.first * I, .ldk = I,
+                   .v = item.kv->v[l].data_ptr() + item.first * I, .ldv = I, .tk = item.len, .heads = c.num_heads,
+                   .head_dim = c.d_kv, .scale = 1.0f, .key_mask = static_cast<const uint8_t*>(item.mask.data()),
+                   .out = ctx.data_ptr() + r * I, .ldo = I};
       }
+      ops::attention(rows);
       ops::add(x, ops::linear(ctx, blk.cross_attn.o));
       m_.feed_forward(blk.ffn, x);
     }
@@ -249,10 +248,13 @@ class T5Decoder final : public Decoder {
   }
 
  private:
-  struct Item {  // one batch item's encoder side
-    std::vector<Tensor> k, v;  // [layer] -> cross-attention keys/values [len, I]
-    Buffer mask;               // [len] bytes, on the decoder's device
-    int64_t len = 0;
+  struct CrossKV {  // the cross-attention keys/values of the items started together, made in one product
+    std::vector<Tensor> k, v;  // [layer] -> [items · len, I]
+  };
+  struct Item {  // one batch item's encoder side: rows [first, first + len) of its start's keys/values
+    std::shared_ptr<const CrossKV> kv;  // kept while any row of any item started with it decodes
+    int64_t first = 0, len = 0;
+    Buffer mask;  // [len] bytes, on the decoder's device
   };
   struct Row {
     std::shared_ptr<const Item> item;

@@ -218,7 +218,7 @@ void axpy_scalar(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-int64_t int8_dot_loop_scalar(int64_t iters, int32_t* sink, bool /*with_sign*/) {
+int64_t int8_dot_loop_scalar(int64_t iters, int32_t* sink, DotLoop /*loop*/) {
   int32_t acc[8] = {};
   int32_t s = 3;
   for (int64_t i = 0; i < iters; ++i) {
@@ -482,8 +482,8 @@ void gelu_tanh(float* p, int64_t n) { impl().gelu_tanh(p, n); }
 float exp_sum(float* p, int64_t n, float mx) { return impl().exp_sum(p, n, mx); }
 float dot(const float* a, const float* b, int64_t n) { return impl().dot(a, b, n); }
 void axpy(float a, const float* x, float* y, int64_t n) { impl().axpy(a, x, y, n); }
-int64_t int8_dot_loop(int64_t iters, int32_t* sink, bool with_sign) {
-  return impl().int8_dot_loop(iters, sink, with_sign);
+int64_t int8_dot_loop(int64_t iters, int32_t* sink, DotLoop loop) {
+  return impl().int8_dot_loop(iters, sink, loop);
 }
 
 // ---- conversion at load ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "ops/dot_loop.h"
 
 namespace blip2::kern {
 
@@ -110,9 +111,8 @@ float exp_sum(float* p, int64_t n, float mx);
 float dot(const float* a, const float* b, int64_t n);
 void axpy(float a, const float* x, float* y, int64_t n);  // y += a·x
 // `iters` rounds of the integer products' instructions on registers alone (machine::int8_dot_peak); returns
-// the multiply-adds done. with_sign adds, on AVX2 without VNNI, the vpsignb per product that the I8 kernels
-// need (the same loop elsewhere).
-int64_t int8_dot_loop(int64_t iters, int32_t* sink, bool with_sign = false);
+// the multiply-adds done. Sign and Int16 are AVX2 loops (without VNNI); elsewhere they run Peak.
+int64_t int8_dot_loop(int64_t iters, int32_t* sink, DotLoop loop = DotLoop::Peak);
 
 // ---- conversion at load ---------------------------------------------------------------------------------
 // A [rows, cols] matrix (any stored dtype) as `to` (F32, F16, BF16, I8 or I4 with `group`), in new buffers

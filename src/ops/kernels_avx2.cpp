@@ -912,7 +912,9 @@ void axpy_avx2(float a, const float* x, float* y, int64_t n) {
 // round does every product.
 // Sign (AVX2 only): each product also takes its vpsignb, as the I8 tile does: the ceiling of exact int8 × int8
 // on AVX2, where vpsignb competes with vpmaddubsw and vpmaddwd for the same two ports (docs/PERFORMANCE.md).
-template <bool Sign>
+// Int16 (AVX2 only): vpmaddwd + vpaddd on int16 lanes, 16 multiply-adds per product: the other exact route
+// (bytes widened), measured there to reach no more than Sign.
+template <DotLoop Loop>
 int64_t int8_dot_rounds(int64_t iters, int32_t* sink) {
   __m256i u = _mm256_set1_epi8(3);
   __m256i s0 = _mm256_set1_epi8(-5), s1 = _mm256_set1_epi8(-4), s2 = _mm256_set1_epi8(-3),
@@ -926,7 +928,8 @@ int64_t int8_dot_rounds(int64_t iters, int32_t* sink) {
   constexpr int K = 6;
 #endif
   const auto product = [&u](__m256i acc, __m256i s) {
-    return dot_u8s8(acc, u, Sign ? _mm256_sign_epi8(s, u) : s);
+    if constexpr (Loop == DotLoop::Int16) return _mm256_add_epi32(acc, _mm256_madd_epi16(u, s));
+    return dot_u8s8(acc, u, Loop == DotLoop::Sign ? _mm256_sign_epi8(s, u) : s);
   };
   for (int64_t i = 0; i < iters; ++i) {
     a0 = product(a0, s0);
@@ -950,15 +953,19 @@ int64_t int8_dot_rounds(int64_t iters, int32_t* sink) {
   t = _mm256_add_epi32(t, _mm256_add_epi32(_mm256_add_epi32(a6, a7), _mm256_add_epi32(a8, a9)));
 #endif
   *sink = _mm256_extract_epi32(t, 0);
-  return iters * K * 32;
+  return iters * K * (Loop == DotLoop::Int16 ? 16 : 32);
 }
 
-int64_t int8_dot_loop_avx2(int64_t iters, int32_t* sink, bool with_sign) {
+int64_t int8_dot_loop_avx2(int64_t iters, int32_t* sink, DotLoop loop) {
 #ifdef BLIP2_KERNELS_VNNI
-  (void)with_sign;  // the VNNI I8 tile has no per-product sign: (w + 128) × a
-  return int8_dot_rounds<false>(iters, sink);
+  (void)loop;  // the VNNI I8 tile needs neither: (w + 128) × a
+  return int8_dot_rounds<DotLoop::Peak>(iters, sink);
 #else
-  return with_sign ? int8_dot_rounds<true>(iters, sink) : int8_dot_rounds<false>(iters, sink);
+  switch (loop) {
+    case DotLoop::Sign: return int8_dot_rounds<DotLoop::Sign>(iters, sink);
+    case DotLoop::Int16: return int8_dot_rounds<DotLoop::Int16>(iters, sink);
+    default: return int8_dot_rounds<DotLoop::Peak>(iters, sink);
+  }
 #endif
 }
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "core/tensor.h"
+#include "ops/dot_loop.h"
 
 namespace blip2::kern::detail {
 
@@ -70,8 +71,8 @@ struct Impl {
   void (*axpy)(float a, const float* x, float* y, int64_t n);
   // The int8 dot-product ceiling: `iters` rounds of the integer products' instructions on registers only
   // (no loads); returns the multiply-adds done. Its result is only there to keep the work from being removed.
-  // with_sign: each product also takes the vpsignb that AVX2's exact int8 × int8 needs (see kernels_avx2.cpp).
-  int64_t (*int8_dot_loop)(int64_t iters, int32_t* sink, bool with_sign);
+  // loop: which instructions (ops/dot_loop.h; see kernels_avx2.cpp).
+  int64_t (*int8_dot_loop)(int64_t iters, int32_t* sink, DotLoop loop);
 };
 
 // Output channels the many-row I8 kernel packs together (kernels_avx2.cpp).

@@ -138,7 +138,7 @@ double best_flops(const std::vector<SgemmShape>& shapes) {
   return best;
 }
 
-double int8_dot_peak(int trials, double min_s, bool with_sign) {
+double int8_dot_peak(int trials, double min_s, kern::DotLoop loop) {
   constexpr int64_t kIters = 1 << 16;  // ~0.1–0.5 ms per call and thread: pool hand-offs do not count
   const int n = par::threads();
   std::vector<int32_t> sink(static_cast<size_t>(n));
@@ -146,7 +146,7 @@ double int8_dot_peak(int trials, double min_s, bool with_sign) {
   const double t = time_best([&](int) {
     std::atomic<int64_t> done{0};
     par::parallel_for(n, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) done += kern::int8_dot_loop(kIters, &sink[static_cast<size_t>(i)], with_sign);
+      for (int64_t i = b; i < e; ++i) done += kern::int8_dot_loop(kIters, &sink[static_cast<size_t>(i)], loop);
     });
     macs = done.load();
   }, trials, min_s);

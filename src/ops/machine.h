@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "ops/dot_loop.h"
+
 namespace blip2::machine {
 
 // Best over `trials` of the mean time of fn(k) over enough calls to take at least `min_s` seconds (k counts
@@ -38,9 +40,9 @@ double best_flops(const std::vector<SgemmShape>& shapes);
 // The int8 dot-product peak in operations/s (2 per multiply-add, like FLOP/s): the integer kernels' own
 // instructions (vpdpbusd where the CPU has AVX-512 VNNI, else vpmaddubsw + vpmaddwd) in a register-only
 // loop on every pool thread, best of `trials`. What products on int8/int4 weights with many rows can reach.
-// with_sign: the same loop with the vpsignb per product that exact int8 × int8 takes on AVX2 without VNNI (the
-// I8 tile's sign trick; bench_kernels reports it beside the peak); elsewhere the same as without.
-double int8_dot_peak(int trials = 5, double min_s = 0.15, bool with_sign = false);
+// loop: Sign and Int16 are AVX2's two routes to exact int8 × int8 without VNNI (ops/dot_loop.h;
+// bench_kernels reports them beside the peak); elsewhere the same as Peak.
+double int8_dot_peak(int trials = 5, double min_s = 0.15, kern::DotLoop loop = kern::DotLoop::Peak);
 
 // n values drawn from N(0, scale²), the same for the same seed: the data of the measured products.
 std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1.0f);

@@ -546,64 +546,100 @@ void softmax_row(float* p, int64_t tk, const float* bias, const uint8_t* key_mas
   for (int64_t j = 0; j < tk; ++j) p[j] *= inv;
 }
 
+int64_t attention_ops(const AttentionArgs& a) { return 4 * a.heads * a.tq * a.tk * a.head_dim; }  // q·kᵀ, scores·v
+
+int64_t visible_keys(const AttentionArgs& a, int64_t i) {
+  return a.causal ? std::min(a.tk, i + (a.tk - a.tq) + 1) : a.tk;
+}
+
+// Few queries (decoding) are dot products and axpys per head; many (ViT, Q-Former, T5 encoder, a prefill)
+// are two sgemm per head.
+bool few_queries(const AttentionArgs& a) { return a.tq < 8 || a.tk < 8; }
+
+// Head h of a problem with few queries. p: tk floats of scratch.
+void few_query_head(const AttentionArgs& a, int64_t h, float* p) {
+  const int64_t tk = a.tk, hd = a.head_dim, off = h * hd;
+  for (int64_t i = 0; i < a.tq; ++i) {
+    const float* qi = a.q + i * a.ldq + off;
+    for (int64_t j = 0; j < tk; ++j)
+      p[j] = (a.key_mask && !a.key_mask[j]) ? 0.0f : kern::dot(qi, a.k + j * a.ldk + off, hd) * a.scale;
+    softmax_row(p, tk, a.bias ? a.bias + (h * a.tq + i) * tk : nullptr, a.key_mask, visible_keys(a, i));
+    float* oi = a.out + i * a.ldo + off;
+    std::fill(oi, oi + hd, 0.0f);
+    for (int64_t j = 0; j < tk; ++j)
+      if (p[j] != 0.0f) kern::axpy(p[j], a.v + j * a.ldv + off, oi, hd);
+  }
+}
+
+// One problem with many queries: scores and context as two sgemm per head, softmax between. One head = two
+// small products (ViT-g: 257×257×88): with at least as many heads as threads, each pool thread takes whole
+// heads with OpenBLAS single-threaded (2–3× faster than threading each small product); otherwise OpenBLAS
+// threads the products and the pool the softmax rows.
+void many_query_attention(const AttentionArgs& a) {
+  const int64_t tq = a.tq, tk = a.tk, hd = a.head_dim;
+  const auto one_head = [&](int64_t h, float* s, bool rows_on_pool) {
+    const int64_t off = h * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tq), static_cast<int>(tk),
+                static_cast<int>(hd), a.scale, a.q + off, static_cast<int>(a.ldq), a.k + off,
+                static_cast<int>(a.ldk), 0.0f, s, static_cast<int>(tk));
+    const float* bias = a.bias ? a.bias + h * tq * tk : nullptr;
+    const auto rows = [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        softmax_row(s + i * tk, tk, bias ? bias + i * tk : nullptr, a.key_mask, visible_keys(a, i));
+    };
+    if (rows_on_pool) par::parallel_for(tq, rows, std::max<int64_t>(1, kMinWorkPerThread / 16 / tk));
+    else rows(0, tq);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(tq), static_cast<int>(hd),
+                static_cast<int>(tk), 1.0f, s, static_cast<int>(tk), a.v + off, static_cast<int>(a.ldv),
+                0.0f, a.out + off, static_cast<int>(a.ldo));
+  };
+  if (par::threads() > 1 && a.heads >= par::threads()) {
+    par::SerialBlas serial;
+    par::parallel_for(a.heads, [&](int64_t h0, int64_t h1) {
+      std::vector<float> s(static_cast<size_t>(tq * tk));
+      for (int64_t h = h0; h < h1; ++h) one_head(h, s.data(), false);
+    });
+  } else {
+    std::vector<float> s(static_cast<size_t>(tq * tk));
+    for (int64_t h = 0; h < a.heads; ++h) one_head(h, s.data(), true);
+  }
+}
+
 }  // namespace
 
-void attention(const AttentionArgs& a) {
-  const int64_t tq = a.tq, tk = a.tk, hd = a.head_dim;
-  if (tq == 0) return;
-  const Counted counted(g_attention, 4 * a.heads * tq * tk * hd);  // q·kᵀ and scores·v
-  if (on_gpu(a.device)) return cuda::attention(a);
-  const auto visible = [&](int64_t i) { return a.causal ? std::min(tk, i + (tk - tq) + 1) : tk; };
-  if (tq >= 8 && tk >= 8) {
-    // Many queries (ViT, Q-Former, T5 encoder): scores and context as two sgemm per head, softmax between.
-    // One head = two small products (ViT-g: 257×257×88): with at least as many heads as threads, each
-    // pool thread takes whole heads with OpenBLAS single-threaded (2–3× faster than threading each small
-    // product); otherwise OpenBLAS threads the products and the pool the softmax rows.
-    const auto one_head = [&](int64_t h, float* s, bool rows_on_pool) {
-      const int64_t off = h * hd;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tq), static_cast<int>(tk),
-                  static_cast<int>(hd), a.scale, a.q + off, static_cast<int>(a.ldq), a.k + off,
-                  static_cast<int>(a.ldk), 0.0f, s, static_cast<int>(tk));
-      const float* bias = a.bias ? a.bias + h * tq * tk : nullptr;
-      const auto rows = [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i)
-          softmax_row(s + i * tk, tk, bias ? bias + i * tk : nullptr, a.key_mask, visible(i));
-      };
-      if (rows_on_pool) par::parallel_for(tq, rows, std::max<int64_t>(1, kMinWorkPerThread / 16 / tk));
-      else rows(0, tq);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(tq), static_cast<int>(hd),
-                  static_cast<int>(tk), 1.0f, s, static_cast<int>(tk), a.v + off, static_cast<int>(a.ldv),
-                  0.0f, a.out + off, static_cast<int>(a.ldo));
-    };
-    if (par::threads() > 1 && a.heads >= par::threads()) {
-      par::SerialBlas serial;
-      par::parallel_for(a.heads, [&](int64_t h0, int64_t h1) {
-        std::vector<float> s(static_cast<size_t>(tq * tk));
-        for (int64_t h = h0; h < h1; ++h) one_head(h, s.data(), false);
-      });
+void attention(const AttentionArgs& a) { attention(std::span(&a, 1)); }
+
+void attention(std::span<const AttentionArgs> problems) {
+  int64_t ops = 0;
+  for (const AttentionArgs& a : problems) ops += attention_ops(a);
+  const Counted counted(g_attention, ops);
+  // The few-query problems' heads, numbered through all of them: problem p owns [first[p], first[p + 1]).
+  std::vector<const AttentionArgs*> few;
+  std::vector<int64_t> first{0};
+  int64_t work = 0, max_tk = 0;
+  for (const AttentionArgs& a : problems) {
+    if (a.tq == 0) continue;
+    if (on_gpu(a.device)) {
+      cuda::attention(a);
+    } else if (!few_queries(a)) {
+      many_query_attention(a);
     } else {
-      std::vector<float> s(static_cast<size_t>(tq * tk));
-      for (int64_t h = 0; h < a.heads; ++h) one_head(h, s.data(), true);
+      few.push_back(&a);
+      first.push_back(first.back() + a.heads);
+      work += a.heads * a.tq * a.tk * a.head_dim;
+      max_tk = std::max(max_tk, a.tk);
     }
-    return;
   }
-  // Few queries (decoding): dot products and axpys per head, heads split between threads.
-  par::parallel_for(a.heads, [&](int64_t h0, int64_t h1) {
-    std::vector<float> p(static_cast<size_t>(tk));
+  if (few.empty()) return;
+  const int64_t heads = first.back();
+  par::parallel_for(heads, [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(static_cast<size_t>(max_tk));
+    size_t k = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), h0) - first.begin()) - 1;
     for (int64_t h = h0; h < h1; ++h) {
-      const int64_t off = h * hd;
-      for (int64_t i = 0; i < tq; ++i) {
-        const float* qi = a.q + i * a.ldq + off;
-        for (int64_t j = 0; j < tk; ++j)
-          p[j] = (a.key_mask && !a.key_mask[j]) ? 0.0f : kern::dot(qi, a.k + j * a.ldk + off, hd) * a.scale;
-        softmax_row(p.data(), tk, a.bias ? a.bias + (h * tq + i) * tk : nullptr, a.key_mask, visible(i));
-        float* oi = a.out + i * a.ldo + off;
-        std::fill(oi, oi + hd, 0.0f);
-        for (int64_t j = 0; j < tk; ++j)
-          if (p[j] != 0.0f) kern::axpy(p[j], a.v + j * a.ldv + off, oi, hd);
-      }
+      while (h >= first[k + 1]) ++k;
+      few_query_head(*few[k], h - first[k], p.data());
     }
-  }, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(tq * tk * hd, 1)));
+  }, std::max<int64_t>(1, kMinWorkPerThread * heads / std::max<int64_t>(work, 1)));
 }
 
 }  // namespace blip2::ops

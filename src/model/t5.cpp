@@ -126,9 +126,9 @@ Tensor T5Model::encode(Tensor x, const std::vector<uint8_t>& mask) const {
 
 // The decoder's state, per row: a self-attention key/value cache per layer that grows by one position per
 // step, the row's position, and the batch item whose cross-attention keys/values it reads (computed once, in
-// one product for all the items the decoder starts with; each item reads its slice, shared by its beams). Rows are independent, so a decoder can take rows from another (append) and
-// drop or duplicate rows (reorder): the server's continuous batching runs requests at different positions
-// in one step.
+// one product for all the items the decoder starts with; each item reads its slice, shared by its beams).
+// Rows are independent, so a decoder can take rows from another (append) and drop or duplicate rows
+// (reorder): the server's continuous batching runs requests at different positions in one step.
 class T5Decoder final : public Decoder {
  public:
   T5Decoder(const T5Model& m, const Tensor& enc_out, const std::vector<uint8_t>& enc_mask, int expand)

@@ -605,19 +605,17 @@ void many_query_attention(const AttentionArgs& a) {
   }
 }
 
-}  // namespace
-
-void attention(const AttentionArgs& a) { attention(std::span(&a, 1)); }
-
-void attention(std::span<const AttentionArgs> problems) {
+// The n problems from `problems` (both attention() overloads).
+void attention_problems(const AttentionArgs* problems, size_t n) {
   int64_t ops = 0;
-  for (const AttentionArgs& a : problems) ops += attention_ops(a);
+  for (size_t i = 0; i < n; ++i) ops += attention_ops(problems[i]);
   const Counted counted(g_attention, ops);
   // The few-query problems' heads, numbered through all of them: problem p owns [first[p], first[p + 1]).
   std::vector<const AttentionArgs*> few;
   std::vector<int64_t> first{0};
   int64_t work = 0, max_tk = 0;
-  for (const AttentionArgs& a : problems) {
+  for (size_t i = 0; i < n; ++i) {
+    const AttentionArgs& a = problems[i];
     if (a.tq == 0) continue;
     if (on_gpu(a.device)) {
       cuda::attention(a);
@@ -641,5 +639,10 @@ void attention(std::span<const AttentionArgs> problems) {
     }
   }, std::max<int64_t>(1, kMinWorkPerThread * heads / std::max<int64_t>(work, 1)));
 }
+
+}  // namespace
+
+void attention(const AttentionArgs& a) { attention_problems(&a, 1); }
+void attention(const std::vector<AttentionArgs>& problems) { attention_problems(problems.data(), problems.size()); }
 
 }  // namespace blip2::ops

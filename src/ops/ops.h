@@ -7,7 +7,6 @@
 // pointers take the device from their weight (linear, embedding) or their arguments (attention).
 #pragma once
 #include <cstdint>
-#include <span>
 #include <vector>
 
 #include "core/tensor.h"
@@ -157,6 +156,6 @@ void attention(const AttentionArgs& a);
 // Several independent problems (decoding: one per row over that row's cache, or one per query head), with
 // the results of one call each. Problems with few queries run as one job on the pool for all of them, where
 // one call each would issue one job per problem (a T5-XL decoding step over 8 rows issues 384).
-void attention(std::span<const AttentionArgs> problems);
+void attention(const std::vector<AttentionArgs>& problems);  // (a vector: the CUDA files are C++17, no span)
 
 }  // namespace blip2::ops

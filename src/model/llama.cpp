@@ -74,8 +74,8 @@ void LlamaModel::forward(Tensor& x, const std::vector<int64_t>& positions, const
         continue;
       }
       // Grouped-query attention: query heads h·group … h·group + group − 1 read key/value head h. The routine
-      // pairs query head i with key head i, so each group is one call whose key/value "heads" are that
-      // group's one head repeated (head stride 0 is not expressible): one call per query head.
+      // pairs query head i with key head i, and a group's key/value "heads" would be its one head repeated
+      // (head stride 0 is not expressible): one problem per query head, all in the layer's one call.
       for (int64_t h = 0; h < H; ++h) {
         ops::AttentionArgs g = a;
         g.heads = 1;
